@@ -1,0 +1,252 @@
+"""UniversalTrainer: trains any method expressible as per-layer loss weights, and evaluates
+it with max-softmax routing (DESIGN §2–3)."""
+import math
+import time
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from fastexit.kernels import exit_confidence, resolve_backend, weighted_linear_cross_entropy
+
+from .config import UniversalConfig
+from . import routing
+
+Batch = Tuple[torch.Tensor, torch.Tensor]
+EVAL_MODES = ("exact", "compact")
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
+    """Multiplier of every group's base LR at ``step``: linear warmup, then cosine decay to
+    ``min_lr_ratio``. The same factor for all groups keeps the layer-wise ratios."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps)
+    p = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+
+
+class UniversalTrainer:
+    """Loss, optimizer, training loop and routed evaluation for one ``UniversalConfig``.
+
+    ``progress`` (step / total steps) is owned by ``fit``; outside it, ``compute_loss`` uses the
+    progress of the last step run (0 before any), which sets the alpha schedule's weights.
+    """
+
+    def __init__(self, config: UniversalConfig, vocab_size: int, device="cpu", backend: str = "auto"):
+        if not isinstance(config, UniversalConfig):
+            raise TypeError(f"config must be a UniversalConfig, got {type(config).__name__}")
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:
+            raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}")
+        resolve_backend(backend)  # rejects unknown names now rather than at the first step
+        self.config, self.vocab_size, self.backend = config, vocab_size, backend
+        self.device = torch.device(device)
+        self.step, self.total_steps, self.optimizer = 0, None, None
+
+    @property
+    def progress(self) -> float:
+        return 0.0 if not self.total_steps else min(1.0, self.step / self.total_steps)
+
+    def layer_weights(self, n_layers: int) -> Dict[int, float]:
+        """Loss weight of each layer 1..n_layers at the current progress."""
+        self.config.validate_for(n_layers)
+        return self.config.weights_at(self.progress, n_layers)
+
+    # ----------------------------------------------------------------------------- loss
+    def compute_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """sum over layers with weight > 0 of weight * mean CE(layer logits, y).
+
+        x, y: (B, T) int64. An ``EarlyExitTransformer`` goes through the fused kernel and runs
+        no block above the deepest weighted layer; any other model whose forward returns a list
+        of per-layer logits (B, T, V) (the seed's style) is scored from those logits.
+        """
+        x, y = x.to(self.device), y.to(self.device)
+        if not hasattr(model, "exit_hidden_states"):
+            return self._loss_from_logits(model(x), y)
+        self._check_vocab(model.lm_head.weight.shape[0])
+        weights = self.layer_weights(model.n_layers)
+        layers = [i for i, w in weights.items() if w > 0]
+        hiddens = model.exit_hidden_states(x, layers)
+        return weighted_linear_cross_entropy(
+            [h.reshape(-1, h.shape[-1]) for h in hiddens], model.lm_head.weight, y.reshape(-1),
+            [weights[i] for i in layers], backend=self.backend)
+
+    def _loss_from_logits(self, logits: Sequence[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+        if not isinstance(logits, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in logits):
+            raise TypeError("compute_loss needs an EarlyExitTransformer or a model whose forward "
+                            f"returns a list of per-layer logits, got {type(logits).__name__}")
+        self._check_vocab(logits[0].shape[-1])
+        weights = self.layer_weights(len(logits))
+        terms = [w * F.cross_entropy(logits[i - 1].reshape(-1, self.vocab_size), y.reshape(-1))
+                 for i, w in weights.items() if w > 0]
+        return torch.stack(terms).sum()
+
+    def _check_vocab(self, model_vocab: int) -> None:
+        if model_vocab != self.vocab_size:
+            raise ValueError(f"vocab_size={self.vocab_size} does not match the model's {model_vocab}")
+
+    # ------------------------------------------------------------------------ optimizer
+    def create_optimizer(self, model: nn.Module, base_lr: float, **adamw_kwargs) -> torch.optim.AdamW:
+        """AdamW whose param groups carry ``base_lr * layer_lr_scales[i]`` for block i.
+
+        Parameters outside the blocks (embeddings, exit norms, head) keep ``base_lr``. Matrices
+        get weight decay, vectors (norm gains) do not. Each group records ``initial_lr`` so a
+        scheduler multiplying every group by one factor keeps the layer ratios.
+        """
+        if not isinstance(base_lr, (int, float)) or not math.isfinite(base_lr) or base_lr <= 0:
+            raise ValueError(f"base_lr must be a finite number > 0, got {base_lr!r}")
+        blocks = getattr(model, "blocks", None)
+        if blocks is None and self.config.layer_lr_scales:
+            raise ValueError("layer_lr_scales needs a model with a `blocks` ModuleList")
+        n_layers = len(blocks) if blocks is not None else 0
+        if n_layers:
+            self.config.validate_for(n_layers)
+        weight_decay = adamw_kwargs.pop("weight_decay", 0.1)
+        groups, seen = [], set()
+        for layer, module in [(i + 1, b) for i, b in enumerate(blocks or [])] + [(0, model)]:
+            lr = base_lr * (self.config.lr_scale(layer) if layer else 1.0)
+            groups += self._param_groups(module, layer, lr, weight_decay, seen)
+        return torch.optim.AdamW(groups, lr=base_lr, **adamw_kwargs)
+
+    @staticmethod
+    def _param_groups(module: nn.Module, layer: int, lr: float, weight_decay: float, seen: set) -> List[dict]:
+        params = [p for p in module.parameters() if p.requires_grad and id(p) not in seen]
+        seen.update(id(p) for p in params)
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        return [dict(params=ps, lr=lr, initial_lr=lr, weight_decay=wd, layer=layer)
+                for ps, wd in ((decay, weight_decay), (no_decay, 0.0)) if ps]
+
+    # ---------------------------------------------------------------------------- train
+    def fit(self, model: nn.Module, train_batches: Iterable[Batch], steps: int, base_lr: float = 1e-3, *,
+            warmup_steps: int = 0, min_lr_ratio: float = 0.1, grad_clip: Optional[float] = 1.0,
+            val_batches: Optional[Sequence[Batch]] = None, eval_every: int = 0, start_step: int = 0,
+            optimizer: Optional[torch.optim.Optimizer] = None, progress_bar: bool = True,
+            callback: Optional[Callable[["UniversalTrainer", dict], None]] = None, **adamw_kwargs) -> List[dict]:
+        """Train for ``steps`` optimizer steps (continuing at ``start_step`` when resuming).
+
+        ``train_batches`` yields (x, y) int64 (B, T). Each step sets ``progress = step / steps``
+        (which drives the alpha schedule), the LR factor of ``lr_factor``, clips gradients, and
+        calls ``callback(trainer, record)``. Returns one record per step (with eval results on
+        eval steps).
+        """
+        self._check_fit_args(steps, start_step, warmup_steps, eval_every, val_batches)
+        self.total_steps, self.optimizer = steps, optimizer or self.create_optimizer(model, base_lr, **adamw_kwargs)
+        model.to(self.device).train()
+        batches, history = iter(train_batches), []
+        bar = tqdm(range(start_step, steps), initial=start_step, total=steps, disable=not progress_bar,
+                   desc="train", dynamic_ncols=True)
+        for self.step in bar:
+            record = self._train_step(model, next(batches), warmup_steps, min_lr_ratio, grad_clip)
+            if eval_every and val_batches and (self.step + 1) % eval_every == 0:
+                record["eval"] = self.evaluate(model, val_batches)
+                model.train()
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            history.append(record)
+            if callback is not None:
+                callback(self, record)
+        self.step = steps
+        return history
+
+    def _train_step(self, model, batch: Batch, warmup_steps, min_lr_ratio, grad_clip) -> dict:
+        t0 = time.perf_counter()
+        factor = lr_factor(self.step, self.total_steps, warmup_steps, min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+        x, y = batch
+        loss = self.compute_loss(model, x, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip else None
+        self.optimizer.step()
+        loss_value = loss.item()  # one sync per step, for the progress bar and the log
+        return dict(step=self.step + 1, loss=loss_value, lr=self.optimizer.param_groups[0]["lr"],
+                    progress=self.progress, grad_norm=None if grad_norm is None else float(grad_norm),
+                    tokens_per_s=x.numel() / (time.perf_counter() - t0))
+
+    @staticmethod
+    def _check_fit_args(steps, start_step, warmup_steps, eval_every, val_batches) -> None:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+        if not 0 <= start_step <= steps:
+            raise ValueError(f"start_step must be in [0, steps={steps}], got {start_step!r}")
+        if not 0 <= warmup_steps <= steps:
+            raise ValueError(f"warmup_steps must be in [0, steps={steps}], got {warmup_steps!r}")
+        if eval_every < 0 or (eval_every and not val_batches):
+            raise ValueError(f"eval_every={eval_every!r} needs eval_every >= 0 and non-empty val_batches")
+
+    # ------------------------------------------------------------------------- evaluate
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, val_batches: Sequence[Batch], mode: str = "exact", *,
+                 routing_threshold: Optional[float] = None, per_layer: bool = True,
+                 ignore_index: int = -100) -> Dict[str, float]:
+        """Routed metrics over ``val_batches`` ((x, y) int64 (B, T) pairs), DESIGN §3.
+
+        Returns ``ppl``, ``acc``, ``nll``, ``shallow_ratio``, ``compute_cost``, ``tokens_per_s``
+        (of the routed pass alone), ``n_tokens``, and with ``per_layer`` ``ppl_L{i}``/``acc_L{i}``
+        of every exit. ``mode='compact'`` really skips the deeper layers for easy tokens and
+        also reports the exact pass it is compared with: ``ppl_exact``, ``ppl_diff_vs_exact``,
+        ``speedup_vs_exact``. ``routing_threshold`` overrides the config's.
+        """
+        if mode not in EVAL_MODES:
+            raise ValueError(f"mode must be one of {EVAL_MODES}, got {mode!r}")
+        if not val_batches:
+            raise ValueError("val_batches is empty")
+        threshold = self.config.routing_threshold if routing_threshold is None else routing_threshold
+        UniversalConfig(dict(self.config.layer_weights), self.config.exit_layer, threshold).validate_for(model.n_layers)
+        was_training = model.training
+        model.eval()
+        stats = self._routed_stats(model, val_batches, threshold, routing.exact_routed_forward, ignore_index)
+        if mode == "compact":
+            compact = self._routed_stats(model, val_batches, threshold, routing.compact_routed_forward, ignore_index)
+            compact.update(ppl_exact=stats["ppl"], ppl_diff_vs_exact=compact["ppl"] - stats["ppl"],
+                           speedup_vs_exact=stats["seconds"] / compact["seconds"])
+            stats = compact
+        if per_layer:
+            stats.update(self._per_layer_stats(model, val_batches, ignore_index))
+        model.train(was_training)
+        return stats
+
+    def _routed_stats(self, model, val_batches, threshold, routed_forward, ignore_index) -> Dict[str, float]:
+        nll = correct = easy = layers_run = n = 0.0
+        seconds = 0.0
+        for x, y in val_batches:
+            x, y = x.to(self.device), y.to(self.device)
+            t0 = _clock(self.device)
+            out = routed_forward(model, x, self.config.exit_layer, threshold, targets=y, backend=self.backend)
+            seconds += _clock(self.device) - t0
+            valid = y != ignore_index
+            nll += out.nll[valid].double().sum().item()
+            correct += (out.pred == y)[valid].sum().item()
+            easy += out.easy[valid].sum().item()
+            layers_run += out.layers_run[valid].double().sum().item()
+            n += valid.sum().item()
+        if n == 0:
+            raise ValueError("val_batches has no scored tokens (all targets are ignore_index)")
+        return dict(ppl=math.exp(nll / n), nll=nll / n, acc=correct / n, shallow_ratio=easy / n,
+                    compute_cost=layers_run / (n * model.n_layers), tokens_per_s=n / seconds,
+                    seconds=seconds, n_tokens=int(n))
+
+    def _per_layer_stats(self, model, val_batches, ignore_index) -> Dict[str, float]:
+        layers = list(range(1, model.n_layers + 1))
+        nll, correct, n = [0.0] * len(layers), [0.0] * len(layers), 0
+        for x, y in val_batches:
+            x, y = x.to(self.device), y.to(self.device).reshape(-1)
+            valid = y != ignore_index
+            n += valid.sum().item()
+            for j, h in enumerate(model.exit_hidden_states(x, layers)):
+                s = exit_confidence(h.reshape(-1, h.shape[-1]), model.lm_head.weight, y,
+                                    ignore_index=ignore_index, backend=self.backend)
+                nll[j] += s.nll[valid].double().sum().item()
+                correct[j] += (s.pred == y)[valid].sum().item()
+        out = {f"ppl_L{i}": math.exp(nll[j] / n) for j, i in enumerate(layers)}
+        out.update({f"acc_L{i}": correct[j] / n for j, i in enumerate(layers)})
+        return out
+
+
+def _clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

@@ -1,0 +1,270 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastexit.trainer as trainer_module
+from fastexit import (PRESETS, AlphaSchedule, EarlyExitTransformer, ModelConfig, UniversalConfig,
+                      UniversalTrainer)
+
+V, T = 101, 12
+
+# The seed's "equivalent loss" of each preset, written out by hand from its text.
+SEED_EQUIVALENT = {
+    "standard_llm": lambda l1, l2, l3: l3,
+    "lpt": lambda l1, l2, l3: (l1 + l2 + l3) / 3,
+    "standard_routing": lambda l1, l2, l3: 0.5 * l1 + 0.5 * l3,
+    "asymmetric_best": lambda l1, l2, l3: 0.7 * l1 + 0.3 * l3,
+    "lpt_routing": lambda l1, l2, l3: (l1 + l2 + l3) / 3,
+    "asymmetric_with_l2": lambda l1, l2, l3: 0.7 * l1 + 1.0 * l2 + 0.3 * l3,
+}
+
+
+def small_model(n_layers=3, seed=0):
+    torch.manual_seed(seed)
+    return EarlyExitTransformer(ModelConfig(V, n_layers=n_layers, d_model=32, n_heads=4, max_seq_len=32))
+
+
+def batch(B=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, V, (B, T), generator=g)
+    return x, torch.randint(0, V, (B, T), generator=g)
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", sorted(SEED_EQUIVALENT))
+def test_compute_loss_equals_seed_equivalent(name):
+    model, (x, y) = small_model(), batch()
+    loss = UniversalTrainer(PRESETS[name], vocab_size=V).compute_loss(model, x, y)
+    loss.backward()
+    got = grads(model)
+    model.zero_grad()
+    per_layer = [F.cross_entropy(lg.reshape(-1, V), y.reshape(-1)) for lg in model.exit_logits(x, [1, 2, 3])]
+    expected = SEED_EQUIVALENT[name](*per_layer)
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    want = grads(model)
+    assert set(got) == set(want)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_weight_zero_layers_and_deeper_blocks_cost_nothing():
+    model, (x, y) = small_model(n_layers=4), batch()
+    ran = []
+    for i, block in enumerate(model.blocks, start=1):
+        block.register_forward_hook(lambda m, a, o, i=i: ran.append(i))
+    cfg = UniversalConfig({1: 0.0, 2: 1.0, 3: 0.0, 4: 0.0}, routing_threshold=0)
+    UniversalTrainer(cfg, V).compute_loss(model, x, y).backward()
+    assert ran == [1, 2]
+    assert all(p.grad is None for p in model.blocks[2:].parameters())
+    assert model.exit_norms[0].weight.grad is None and model.exit_norms[1].weight.grad is not None
+
+
+class SeedStyleModel(torch.nn.Module):
+    """A model whose forward returns per-layer logits, as in the seed's code base."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner.exit_logits(x, [1, 2, 3])
+
+
+def test_compute_loss_accepts_seed_style_models():
+    model, (x, y) = small_model(), batch()
+    trainer = UniversalTrainer(PRESETS["asymmetric_best"], V)
+    torch.testing.assert_close(trainer.compute_loss(SeedStyleModel(model), x, y),
+                               trainer.compute_loss(model, x, y), rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match="list of per-layer logits"):
+        trainer.compute_loss(torch.nn.Linear(2, 2), torch.zeros(1, 2), y)
+
+
+def test_compute_loss_rejects_vocab_mismatch():
+    with pytest.raises(ValueError, match="vocab_size=50 does not match the model's 101"):
+        UniversalTrainer(PRESETS["lpt"], vocab_size=50).compute_loss(small_model(), *batch())
+
+
+def test_schedule_weights_move_inside_fit(monkeypatch):
+    used = []
+    real = trainer_module.weighted_linear_cross_entropy
+
+    def spy(hiddens, weight, targets, head_weights, **kw):
+        used.append(list(head_weights))
+        return real(hiddens, weight, targets, head_weights, **kw)
+
+    monkeypatch.setattr(trainer_module, "weighted_linear_cross_entropy", spy)
+    cfg = UniversalConfig({1: 0.9, 2: 0, 3: 0.1}, alpha_schedule=AlphaSchedule("linear", 0.9, 0.5))
+    trainer = UniversalTrainer(cfg, V)
+    history = trainer.fit(small_model(), iter([batch(seed=s) for s in range(4)]), steps=4, progress_bar=False)
+    expected = [[0.9 - 0.4 * s / 4, 0.1 + 0.4 * s / 4] for s in range(4)]  # progress = step / steps
+    assert used == [pytest.approx(e) for e in expected]
+    assert [r["progress"] for r in history] == [0, 0.25, 0.5, 0.75]
+    assert trainer.progress == 1.0
+
+
+def test_compute_loss_outside_fit_uses_progress_zero():
+    cfg = UniversalConfig({1: 0.9, 3: 0.1}, alpha_schedule=AlphaSchedule("cosine", 0.8, 0.2))
+    trainer, model, (x, y) = UniversalTrainer(cfg, V), small_model(), batch()
+    l1, _, l3 = [F.cross_entropy(lg.reshape(-1, V), y.reshape(-1)) for lg in model.exit_logits(x, [1, 2, 3])]
+    torch.testing.assert_close(trainer.compute_loss(model, x, y), 0.8 * l1 + 0.2 * l3, rtol=1e-5, atol=1e-6)
+
+
+def test_create_optimizer_groups():
+    cfg = UniversalConfig({1: 0.7, 3: 0.3}, layer_lr_scales={1: 1.0, 2: 0.5, 3: 0.1})
+    model = small_model()
+    opt = UniversalTrainer(cfg, V).create_optimizer(model, base_lr=1e-3, betas=(0.9, 0.95))
+    owner = {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            assert id(p) not in owner, "parameter in two groups"
+            owner[id(p)] = group
+    assert len(owner) == len({id(p) for p in model.parameters()})
+    for i, block in enumerate(model.blocks, start=1):
+        for p in block.parameters():
+            assert owner[id(p)]["lr"] == pytest.approx(1e-3 * cfg.layer_lr_scales[i])
+    for p in [model.tok_emb.weight, model.pos_emb.weight, *model.exit_norms.parameters()]:
+        assert owner[id(p)]["lr"] == pytest.approx(1e-3)
+    assert opt.defaults["betas"] == (0.9, 0.95)
+    assert all(g["weight_decay"] == 0 for g in opt.param_groups if g["params"][0].dim() == 1)
+
+
+def test_fit_lr_schedule_keeps_layer_ratios():
+    cfg = UniversalConfig({1: 0.7, 3: 0.3}, layer_lr_scales={1: 1.0, 2: 0.5, 3: 0.1})
+    trainer, model = UniversalTrainer(cfg, V), small_model()
+    trainer.fit(model, iter([batch(seed=s) for s in range(3)]), steps=3, base_lr=2e-3,
+                warmup_steps=1, progress_bar=False)
+    for group in trainer.optimizer.param_groups:
+        ratio = group["lr"] / group["initial_lr"]
+        assert ratio == pytest.approx(trainer_module.lr_factor(2, 3, 1, 0.1))
+        assert group["initial_lr"] == pytest.approx(2e-3 * (cfg.lr_scale(group["layer"]) if group["layer"] else 1))
+
+
+def test_lr_factor_endpoints():
+    assert trainer_module.lr_factor(0, 100, 10, 0.1) == pytest.approx(0.1)
+    assert trainer_module.lr_factor(9, 100, 10, 0.1) == pytest.approx(1.0)
+    assert trainer_module.lr_factor(10, 100, 10, 0.1) == pytest.approx(1.0)
+    assert trainer_module.lr_factor(100, 100, 10, 0.1) == pytest.approx(0.1)
+    assert trainer_module.lr_factor(55, 100, 10, 0.0) == pytest.approx(0.5)
+
+
+def reference_routed_metrics(model, batches, threshold, exit_layer=1):
+    """Routed metrics from full logits, DESIGN §3, computed independently of the kernels."""
+    nll, correct, easy, n = 0.0, 0, 0, 0
+    for x, y in batches:
+        l_exit, l_final = (lg.reshape(-1, V).double() for lg in model.exit_logits(x, [exit_layer, 3]))
+        y = y.reshape(-1)
+        is_easy = l_exit.softmax(-1).max(-1).values >= threshold if threshold > 0 else torch.zeros_like(y, dtype=torch.bool)
+        logits = torch.where(is_easy[:, None], l_exit, l_final)
+        nll += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(-1) == y).sum().item()
+        easy += is_easy.sum().item()
+        n += y.numel()
+    s = easy / n
+    return dict(ppl=math.exp(nll / n), acc=correct / n, shallow_ratio=s,
+                compute_cost=s * exit_layer / 3 + (1 - s))
+
+
+def confident_model():
+    model = small_model()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(25)  # spread the exit confidences over (0, 1)
+    return model
+
+
+def test_evaluate_without_routing():
+    model, batches = confident_model(), [batch(seed=s) for s in range(2)]
+    stats = UniversalTrainer(PRESETS["lpt"], V).evaluate(model, batches)
+    ref = reference_routed_metrics(model, batches, threshold=0)
+    assert stats["shallow_ratio"] == 0 and stats["compute_cost"] == 1
+    assert stats["ppl"] == pytest.approx(ref["ppl"], rel=1e-5)
+    assert stats["ppl"] == pytest.approx(stats["ppl_L3"], rel=1e-9)
+    assert stats["acc"] == pytest.approx(ref["acc"])
+    assert stats["n_tokens"] == 2 * 3 * T and stats["tokens_per_s"] > 0
+
+
+def test_evaluate_routed_matches_hand_computation():
+    model, batches = confident_model(), [batch(seed=s) for s in range(2)]
+    conf = model.exit_logits(batches[0][0], [1])[0].softmax(-1).max(-1).values
+    threshold = conf.median().item()  # about half of the tokens leave at layer 1
+    stats = UniversalTrainer(PRESETS["asymmetric_best"], V).evaluate(model, batches, routing_threshold=threshold)
+    ref = reference_routed_metrics(model, batches, threshold)
+    assert 0.2 < ref["shallow_ratio"] < 0.8
+    for key in ("ppl", "acc", "shallow_ratio", "compute_cost"):
+        assert stats[key] == pytest.approx(ref[key], rel=1e-5), key
+
+
+def test_evaluate_ignores_ignore_index_and_rejects_all_ignored():
+    model, (x, y) = confident_model(), batch()
+    y_masked = y.clone()
+    y_masked[:, :4] = -100
+    trainer = UniversalTrainer(PRESETS["standard_llm"], V)
+    stats = trainer.evaluate(model, [(x, y_masked)])
+    assert stats["n_tokens"] == 3 * (T - 4)
+    with pytest.raises(ValueError, match="no scored tokens"):
+        trainer.evaluate(model, [(x, torch.full_like(y, -100))])
+    with pytest.raises(ValueError, match="mode must be one of"):
+        trainer.evaluate(model, [(x, y)], mode="fast")
+    with pytest.raises(ValueError, match="val_batches is empty"):
+        trainer.evaluate(model, [])
+
+
+def test_trainer_argument_validation():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        UniversalTrainer(PRESETS["lpt"], V, backend="cuda")
+    with pytest.raises(TypeError, match="config must be a UniversalConfig"):
+        UniversalTrainer({1: 1.0}, V)
+    with pytest.raises(ValueError, match="vocab_size"):
+        UniversalTrainer(PRESETS["lpt"], 0)
+    trainer = UniversalTrainer(PRESETS["lpt"], V)
+    with pytest.raises(ValueError, match="base_lr"):
+        trainer.create_optimizer(small_model(), base_lr=-1)
+    with pytest.raises(ValueError, match="steps must be"):
+        trainer.fit(small_model(), iter([]), steps=0)
+    with pytest.raises(ValueError, match="has layer 4"):
+        UniversalTrainer(UniversalConfig({4: 1.0}), V).compute_loss(small_model(), *batch())
+
+
+def periodic_batches(n_batches, B=8, period=7, seed=0):
+    """Token streams that repeat a fixed random phrase: learnable, but not from unigram stats."""
+    phrase = torch.randint(0, V, (period,), generator=torch.Generator().manual_seed(1234))
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n_batches):
+        starts = torch.randint(0, period, (B,), generator=g)
+        seq = phrase[(starts[:, None] + torch.arange(T + 1)) % period]
+        yield seq[:, :-1], seq[:, 1:]
+
+
+def test_three_layer_model_learns():
+    trainer = UniversalTrainer(PRESETS["asymmetric_best"], V)
+    model = small_model()
+    history = trainer.fit(model, periodic_batches(60), steps=60, base_lr=3e-3, warmup_steps=5, progress_bar=False)
+    first, last = history[0]["loss"], sum(r["loss"] for r in history[-5:]) / 5
+    assert first > 0.8 * math.log(V) and last < 0.25 * first
+    stats = trainer.evaluate(model, list(periodic_batches(2, seed=1)))
+    assert stats["acc"] > 0.8 and stats["ppl_L3"] < 3
+
+
+def test_seed_usage_snippet_runs_as_written():
+    vocab_size = V
+    model = small_model()
+    x, y = batch()
+    val_batches = [batch(seed=7)]
+    # --- the seed's "Usage" section, with `experiments.universal_trainer` -> `fastexit`
+    from fastexit import UniversalConfig, UniversalTrainer, PRESETS  # noqa: F811
+    config = PRESETS['asymmetric_best']
+    config = UniversalConfig(
+        layer_weights={1: 0.8, 2: 0, 3: 0.2},
+        routing_threshold=0.95
+    )
+    trainer = UniversalTrainer(config, vocab_size=vocab_size, device='cpu')
+    loss = trainer.compute_loss(model, x, y)
+    stats = trainer.evaluate(model, val_batches)
+    # --- end of the snippet
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    assert {"ppl", "acc", "shallow_ratio", "compute_cost"} <= set(stats)
