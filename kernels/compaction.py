@@ -1,0 +1,159 @@
+"""Compaction: move the hard tokens of a batch into a dense batch and their results back.
+
+- ``compact_indices(mask)``: int64 positions where ``mask`` is True, ascending. An N-D mask
+  is read in flat (row-major) order, so ``x.reshape(-1, d)[compact_indices(mask)]`` are the
+  selected rows of ``x[mask]``.
+- ``gather_rows(x, idx)`` = ``x[idx]``; ``scatter_rows(out, idx, values)``: ``out[idx] = values``
+  in place. Order-preserving and deterministic (``idx`` from compact_indices is unique).
+
+The Triton path of ``compact_indices`` counts each block of the mask, takes an exclusive
+prefix sum of the block counts, then writes every selected position at its block offset plus
+its rank inside the block (``tl.cumsum``). Returning an exact-size tensor needs the total on
+the host: one device-to-host sync per call, inherent to running a smaller dense batch next.
+"""
+import torch
+
+from .backend import HAS_TRITON, resolve_backend
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+BLOCK_MASK = 1024  # mask elements per program of the prefix-sum kernels
+BLOCK_COLS = 256   # row elements per program of the gather/scatter kernels
+
+
+# ----------------------------------------------------------------------------- Triton path
+if HAS_TRITON:
+    @triton.jit
+    def _block_count_kernel(
+        M_ptr,
+        Counts_ptr,
+        n,
+        BLOCK: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = tl.load(M_ptr + offs, mask=offs < n, other=0).to(tl.int64)
+        tl.store(Counts_ptr + pid, tl.sum(m, axis=0))
+
+    @triton.jit
+    def _block_positions_kernel(
+        M_ptr,
+        Offsets_ptr,
+        Out_ptr,
+        n,
+        BLOCK: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = tl.load(M_ptr + offs, mask=offs < n, other=0).to(tl.int64)
+        rank = tl.cumsum(m, axis=0) - m  # exclusive prefix sum inside the block
+        base = tl.load(Offsets_ptr + pid)
+        tl.store(Out_ptr + base + rank, offs, mask=m != 0)
+
+    @triton.jit
+    def _copy_rows_kernel(
+        Src_ptr,
+        Src_row_stride,
+        Dst_ptr,
+        Dst_row_stride,
+        Idx_ptr,
+        n_cols,
+        GATHER: tl.constexpr,
+        BLOCK_COLS: tl.constexpr,
+    ):
+        # GATHER: dst[r] = src[idx[r]]; else dst[idx[r]] = src[r]
+        r = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1).to(tl.int64) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+        ok = cols < n_cols
+        i = tl.load(Idx_ptr + r)
+        src_row = i if GATHER else r
+        dst_row = r if GATHER else i
+        vals = tl.load(Src_ptr + src_row * Src_row_stride + cols, mask=ok)
+        tl.store(Dst_ptr + dst_row * Dst_row_stride + cols, vals, mask=ok)
+
+
+def _triton_compact_indices(flat: torch.Tensor) -> torch.Tensor:
+    n = flat.numel()
+    m = flat.view(torch.uint8)
+    n_blocks = triton.cdiv(n, BLOCK_MASK)
+    counts = torch.empty(n_blocks, dtype=torch.int64, device=flat.device)
+    _block_count_kernel[(n_blocks,)](m, counts, n, BLOCK=BLOCK_MASK)
+    ends = counts.cumsum(0)  # (n_blocks,)
+    out = torch.empty(int(ends[-1]), dtype=torch.int64, device=flat.device)  # the one host sync
+    _block_positions_kernel[(n_blocks,)](m, ends - counts, out, n, BLOCK=BLOCK_MASK)
+    return out
+
+
+def _triton_copy_rows(src: torch.Tensor, dst: torch.Tensor, idx: torch.Tensor, gather: bool) -> None:
+    src2, dst2 = src.view(src.shape[0], -1), dst.view(dst.shape[0], -1)  # (rows, C)
+    grid = (idx.numel(), triton.cdiv(src2.shape[1], BLOCK_COLS))
+    _copy_rows_kernel[grid](src2, src2.stride(0), dst2, dst2.stride(0), idx, src2.shape[1],
+                            GATHER=gather, BLOCK_COLS=BLOCK_COLS)
+
+
+# ----------------------------------------------------------------------------- validation
+def _check_idx(idx, n_rows: int, name: str) -> None:
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 1 or idx.dtype != torch.int64:
+        raise ValueError(f"idx must be a 1-D int64 tensor, got {_describe(idx)}")
+    if idx.numel() == 0:
+        return
+    if idx.is_cuda:  # no host sync on the hot path; the device assert fires before any copy
+        torch._assert_async(((idx >= 0) & (idx < n_rows)).all(), f"idx must lie in [0, {name}.shape[0])")
+    elif int(idx.min()) < 0 or int(idx.max()) >= n_rows:
+        raise ValueError(f"idx must lie in [0, {n_rows}) ({name}.shape[0]), got [{int(idx.min())}, {int(idx.max())}]")
+
+
+def _describe(x) -> str:
+    return f"{x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+# ----------------------------------------------------------------------------- public
+def compact_indices(mask: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """Positions (k,) int64, ascending, where the bool ``mask`` is True; an N-D mask is read
+    in flat row-major order. One host sync (the count), as any exact-size result needs."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor, got {_describe(mask)}")
+    flat = mask.reshape(-1)
+    if flat.numel() == 0:
+        return torch.empty(0, dtype=torch.int64, device=mask.device)
+    if resolve_backend(backend, mask) == "triton":
+        return _triton_compact_indices(flat.contiguous())
+    return flat.nonzero().squeeze(1)
+
+
+def gather_rows(x: torch.Tensor, idx: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """Rows ``x[idx]``: x (N, ...), idx (k,) int64 in [0, N) -> (k, ...)."""
+    if not isinstance(x, torch.Tensor) or x.dim() == 0:
+        raise ValueError(f"x must be a tensor (N, ...), got {_describe(x)}")
+    _check_idx(idx, x.shape[0], "x")
+    if idx.device != x.device:
+        raise ValueError(f"idx is on {idx.device}, x on {x.device}")
+    if resolve_backend(backend, x, idx) == "torch":
+        return x.index_select(0, idx)
+    x = x.contiguous()
+    out = x.new_empty((idx.numel(),) + x.shape[1:])
+    if out.numel():
+        _triton_copy_rows(x, out, idx.contiguous(), gather=True)
+    return out
+
+
+def scatter_rows(out: torch.Tensor, idx: torch.Tensor, values: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """In place ``out[idx] = values`` and return ``out``: out (N, ...), idx (k,) int64 unique
+    in [0, N), values (k, ...) of out's dtype. Rows not in idx keep their values."""
+    if not isinstance(out, torch.Tensor) or out.dim() == 0:
+        raise ValueError(f"out must be a tensor (N, ...), got {_describe(out)}")
+    _check_idx(idx, out.shape[0], "out")
+    expected = (idx.numel(),) + out.shape[1:]
+    if not isinstance(values, torch.Tensor) or values.shape != expected or values.dtype != out.dtype:
+        raise ValueError(f"values must be a {out.dtype} tensor of shape {expected}, got {_describe(values)}")
+    if idx.device != out.device or values.device != out.device:
+        raise ValueError(f"idx ({idx.device}) and values ({values.device}) must be on out's device {out.device}")
+    if resolve_backend(backend, out, idx, values) == "torch":
+        return out.index_copy_(0, idx, values)
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous for backend='triton' (it is written in place)")
+    if values.numel():
+        _triton_copy_rows(values.contiguous(), out, idx.contiguous(), gather=False)
+    return out

@@ -1,0 +1,79 @@
+"""compact_indices / gather_rows / scatter_rows, both backends (Triton interpreted)."""
+import pytest
+import torch
+
+from fastexit.kernels import compact_indices, gather_rows, scatter_rows
+
+BACKENDS = ["torch", "triton"]
+
+
+def reference_indices(mask):
+    return torch.tensor([i for i, m in enumerate(mask.reshape(-1).tolist()) if m], dtype=torch.int64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n,p", [(1, 1.0), (1023, 0.3), (1024, 0.5), (1025, 0.9), (5000, 0.05)])
+def test_random_masks_ascending(backend, n, p):
+    mask = torch.rand(n) < p
+    idx = compact_indices(mask, backend=backend)
+    assert idx.dtype == torch.int64
+    assert torch.equal(idx, reference_indices(mask))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fill", [False, True])
+def test_empty_and_full_masks(backend, fill):
+    mask = torch.full((2051,), fill)
+    idx = compact_indices(mask, backend=backend)
+    assert torch.equal(idx, torch.arange(2051) if fill else torch.empty(0, dtype=torch.int64))
+    assert compact_indices(mask[:0], backend=backend).shape == (0,)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nd_mask_is_read_flat(backend):
+    mask = torch.rand(3, 7, 5) < 0.4
+    x = torch.randn(3, 7, 5, 4)
+    idx = compact_indices(mask, backend=backend)
+    assert torch.equal(gather_rows(x.reshape(-1, 4), idx, backend=backend), x[mask])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64])
+def test_gather_scatter_round_trip(backend, dtype):
+    n, mask = 301, torch.rand(301) < 0.6
+    x = (torch.randn(n, 3, 129) * 100).to(dtype)  # row width over one column block
+    idx = compact_indices(mask, backend=backend)
+    dense = gather_rows(x, idx, backend=backend)
+    assert torch.equal(dense, x[mask])  # order preserved
+    out = (torch.randn(n, 3, 129) * 100).to(dtype)
+    before = out.clone()
+    result = scatter_rows(out, idx, dense + 1, backend=backend)
+    assert result is out
+    assert torch.equal(out[mask], x[mask] + 1) and torch.equal(out[~mask], before[~mask])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_index(backend):
+    x, idx = torch.randn(5, 8), torch.empty(0, dtype=torch.int64)
+    assert gather_rows(x, idx, backend=backend).shape == (0, 8)
+    assert torch.equal(scatter_rows(x.clone(), idx, x[:0], backend=backend), x)
+
+
+def test_backends_agree_on_a_large_mask():
+    mask = torch.rand(20_000) < 0.5
+    assert torch.equal(compact_indices(mask, backend="triton"), compact_indices(mask, backend="torch"))
+
+
+@pytest.mark.parametrize("call,name", [
+    (lambda: compact_indices(torch.ones(4, dtype=torch.int64)), "mask"),
+    (lambda: gather_rows(torch.randn(4, 2), torch.tensor([0, 4])), "idx"),
+    (lambda: gather_rows(torch.randn(4, 2), torch.tensor([-1])), "idx"),
+    (lambda: gather_rows(torch.randn(4, 2), torch.tensor([0.0])), "idx"),
+    (lambda: scatter_rows(torch.randn(4, 2), torch.tensor([1]), torch.randn(2, 2)), "values"),
+    (lambda: scatter_rows(torch.randn(4, 2), torch.tensor([1]), torch.randn(1, 2).double()), "values"),
+    (lambda: scatter_rows(torch.randn(4, 2), torch.tensor([5]), torch.randn(1, 2)), "idx"),
+    (lambda: scatter_rows(torch.randn(2, 4).t(), torch.tensor([1]), torch.randn(1, 2), backend="triton"), "out"),
+])
+def test_bad_input_names_the_argument(call, name):
+    with pytest.raises(ValueError, match=name):
+        call()
