@@ -268,3 +268,23 @@ def test_seed_usage_snippet_runs_as_written():
     # --- end of the snippet
     assert loss.ndim == 0 and torch.isfinite(loss)
     assert {"ppl", "acc", "shallow_ratio", "compute_cost"} <= set(stats)
+
+
+def test_evaluate_compact_mode_reports_its_difference_from_exact():
+    torch.manual_seed(0)
+    model = EarlyExitTransformer(ModelConfig(V, n_layers=2, d_model=32, n_heads=4, max_seq_len=32))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(25)
+    batches = [batch(seed=s) for s in range(2)]
+    conf = model.exit_logits(batches[0][0], [1])[0].softmax(-1).max(-1).values
+    cfg = UniversalConfig({1: 0.5, 2: 0.5}, routing_threshold=conf.median().item())
+    trainer = UniversalTrainer(cfg, V)
+    exact = trainer.evaluate(model, batches)
+    compact = trainer.evaluate(model, batches, mode="compact")
+    # exit at 1 of 2 layers: the one block after the exit is exact, so the modes agree
+    assert 0 < exact["shallow_ratio"] < 1
+    for key in ("ppl", "acc", "shallow_ratio", "compute_cost", "ppl_L1", "ppl_L2"):
+        assert compact[key] == pytest.approx(exact[key], rel=1e-5), key
+    assert compact["ppl_exact"] == pytest.approx(exact["ppl"], rel=1e-9)
+    assert compact["ppl_diff_vs_exact"] == pytest.approx(compact["ppl"] - exact["ppl"])
+    assert compact["speedup_vs_exact"] > 0
