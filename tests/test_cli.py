@@ -1,0 +1,337 @@
+"""The fastexit command on tiny runs (d_model 32, vocab 300, a few steps), called in-process."""
+import json
+import math
+import random
+import re
+import shutil
+
+import pytest
+import torch
+
+import fastexit.cli as cli
+from fastexit import PRESETS, ModelConfig
+from fastexit import checkpoint as ckpt
+from fastexit.cli import main
+from fastexit.trainer import UniversalTrainer
+
+STEPS = 8
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+WORDS = ("the king queen lord lady sword crown night day love death fair foul heart blood honour "
+         "speak go come my thy thou art is not and but what doth hath shall").split()
+
+
+def write_play(path, n_speeches, seed=0):
+    rng = random.Random(seed)
+    speeches = []
+    for _ in range(n_speeches):
+        line = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12)))
+        speeches.append(f"{rng.choice(['HAMLET', 'OPHELIA', 'KING', 'QUEEN'])}:\n{line.capitalize()}.\n")
+    path.write_text("\n".join(speeches), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    return dict(text=write_play(root / "play.txt", 1500), cache=root / "cache")
+
+
+def tiny(data, out, *extra):
+    return ["--data", str(data["text"]), "--vocab-size", "300", "--cache-dir", str(data["cache"]),
+            "--d-model", "32", "--n-heads", "2", "--steps", str(STEPS), "--batch-size", "4", "--seq-len", "32",
+            "--eval-every", "4", "--eval-batches", "2", "--ckpt-every", "3", "--no-progress", "--out", str(out),
+            *extra]
+
+
+@pytest.fixture(scope="module")
+def run(data, tmp_path_factory):
+    """One uninterrupted tiny run (asymmetric_best), shared by the read-only tests."""
+    out = tmp_path_factory.mktemp("runs") / "straight"
+    assert main(["train", *tiny(data, out)]) == 0
+    return out
+
+
+def error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fastexit: error: "), err
+    return err[0]
+
+
+def state(run_dir):
+    return torch.load(run_dir / ckpt.CKPT_NAME, weights_only=True)
+
+
+def assert_same_final_state(a, b):
+    sa, sb = state(a), state(b)
+    assert sa["step"] == sb["step"] == STEPS
+    for k, v in sa["model"].items():
+        assert torch.equal(v, sb["model"][k]), k
+    for p, s in sa["optimizer"]["state"].items():
+        for k, v in s.items():
+            assert torch.equal(v, sb["optimizer"]["state"][p][k]), (p, k)
+    assert sa["data_state"] == sb["data_state"]
+
+
+def table_rows(text, first_header):
+    """Rows (dicts) of the markdown table whose first header cell is `first_header`."""
+    lines = [ln for ln in text.splitlines() if ln.startswith("|")]
+    start = next(i for i, ln in enumerate(lines) if ln.split("|")[1].strip() == first_header)
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = []
+    for ln in lines[start + 2:]:
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        if len(cells) != len(header) or cells == header:
+            break
+        rows.append(dict(zip(header, cells)))
+    return rows
+
+
+# ----------------------------------------------------------------------------- help
+@pytest.mark.parametrize("argv", [[], ["train"], ["eval"], ["compare"], ["sweep"], ["generate"]])
+def test_help_everywhere(argv, capsys):
+    assert main([*argv, "--help"]) == 0
+    assert "usage: fastexit" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------- train
+def test_train_writes_metrics_config_and_checkpoint(run, data):
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, STEPS + 1))
+    assert all(math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in train)
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [4, 8]
+    final = records[-1]
+    assert final["kind"] == "final" and final["step"] == STEPS and final["split"] == "val"
+    for key in ("ppl", "bpb", "acc", "shallow_ratio", "compute_cost", "ppl_L1", "ppl_L2", "ppl_L3"):
+        assert math.isfinite(final[key]), key
+    config = json.loads((run / "config.json").read_text())
+    saved = state(run)
+    assert config == saved["run_config"]
+    assert ckpt.config_from_dict(config["method"]) == ckpt.config_from_dict(saved["universal_config"])
+    assert ckpt.config_from_dict(config["method"]) == PRESETS["asymmetric_best"]
+    assert ModelConfig(**config["model"]) == ModelConfig(**saved["model_config"])
+    assert config["model"]["d_model"] == 32 and config["train"]["steps"] == STEPS
+    assert saved["data"]["fingerprint"] == config["data"]["identity"]["fingerprint"]
+    assert saved["data"]["vocab_size"] == config["model"]["vocab_size"] <= 300
+
+
+def test_final_table_bits_per_byte_use_the_scored_bytes(run, data):
+    """bpb = mean NLL * tokens / (bytes of exactly the scored target tokens * ln 2)."""
+    from fastexit.data import eval_batches, prepare_data
+    final = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    corpus = prepare_data(data["text"], vocab_size=300, cache_dir=data["cache"])
+    batches = eval_batches(corpus.splits["val"], 4, 32)
+    n_bytes = sum(len(corpus.decode(y.reshape(-1).tolist()).encode("utf-8")) for _, y in batches)  # ASCII text
+    assert final["n_tokens"] == sum(y.numel() for _, y in batches)
+    assert final["bpb"] == pytest.approx(final["nll"] * final["n_tokens"] / (n_bytes * math.log(2)), rel=1e-12)
+
+
+def test_train_prints_the_eval_table(data, tmp_path, capsys):
+    out = tmp_path / "custom"
+    argv = tiny(data, out, "--layer-weights", "1=0.5,3=0.5", "--threshold", "0.3",
+                "--alpha-schedule", "linear:0.9:0.5", "--layer-lr", "1=1,2=0.5,3=0.1")
+    argv[argv.index("--steps") + 1] = "3"
+    assert main(["train", *argv]) == 0
+    (row,) = table_rows(capsys.readouterr().out, "split")
+    assert row["split"] == "val" and {"ppl", "bits/byte", "acc", "shallow_ratio", "compute_cost", "ppl_L3"} <= set(row)
+    method = json.loads((out / "config.json").read_text())["method"]
+    cfg = ckpt.config_from_dict(method)
+    assert method["preset"] is None and cfg.routing_threshold == 0.3
+    assert cfg.alpha_schedule.kind == "linear" and cfg.layer_lr_scales == {1: 1.0, 2: 0.5, 3: 0.1}
+
+
+# --------------------------------------------------------------------------- resume
+def test_stop_then_resume_matches_an_uninterrupted_run(run, data, tmp_path):
+    out = tmp_path / "stopped"
+    assert main(["train", *tiny(data, out, "--stop-at", "4")]) == 0
+    assert state(out)["step"] == 4
+    assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 0
+    assert_same_final_state(run, out)
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert steps == list(range(1, STEPS + 1))
+
+
+def test_kill_mid_run_then_resume_matches_an_uninterrupted_run(run, data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "killed"
+    real_step = UniversalTrainer._train_step
+
+    def dying_step(self, *args):
+        if self.step == 5:  # Ctrl-C in the middle of step 6: the checkpoint of step 3 is the last
+            raise KeyboardInterrupt
+        return real_step(self, *args)
+
+    monkeypatch.setattr(UniversalTrainer, "_train_step", dying_step)
+    assert main(["train", *tiny(data, out)]) == 130
+    assert "holds step 3" in capsys.readouterr().err
+    assert state(out)["step"] == 3
+    monkeypatch.setattr(UniversalTrainer, "_train_step", real_step)
+    assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 0
+    assert_same_final_state(run, out)
+
+
+def test_resume_of_a_finished_run_only_evaluates(run, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    before = (copy / ckpt.CKPT_NAME).read_bytes()
+    assert main(["train", "--out", str(copy), "--resume", "--no-progress"]) == 0
+    assert "already trained" in capsys.readouterr().err
+    assert (copy / ckpt.CKPT_NAME).read_bytes() == before
+
+
+# ------------------------------------------------------------------------ bad input
+def test_existing_run_is_never_overwritten(run, data, capsys):
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    capsys.readouterr()
+    assert main(["train", *tiny(data, run)]) == 2
+    assert "--resume" in error_line(capsys)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+@pytest.mark.parametrize("case, flags, needle", [
+    ("missing", ["--data", "{tmp}/nope.txt"], "nope.txt"),
+    ("empty", ["--data", "{tmp}/empty.txt"], "empty"),
+    ("small", ["--data", "{tmp}/small.txt"], "too small"),
+    ("preset", ["--preset", "best_ever"], "best_ever"),
+    ("weights", ["--layer-weights", "1:0.7,3=0.3"], "--layer-weights"),
+    ("weights_layer", ["--layer-weights", "1=0.7,9=0.3"], "layer 9"),
+    ("alpha", ["--alpha-schedule", "wobbly:0.9"], "--alpha-schedule"),
+    ("threshold", ["--threshold", "1.5"], "routing_threshold"),
+    ("flag", ["--colour", "red"], "--colour"),
+])
+def test_bad_input_is_one_error_line(case, flags, needle, data, tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "small.txt").write_text("KING:\nGo.\n" * 3)
+    capsys.readouterr()
+    flags = [f.format(tmp=tmp_path) for f in flags]
+    argv = tiny(data, tmp_path / "out")
+    if "--data" in flags:
+        del argv[0:2]
+    assert main(["train", *argv, *flags]) == 2
+    assert needle in error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def corrupt(path, how):
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "garbage":
+        path.write_bytes(b"not a checkpoint at all" * 50)
+    else:  # a flipped byte inside the checkpoint
+        flipped = bytearray(data)
+        flipped[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(flipped))
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage", "flipped"])
+def test_corrupted_checkpoint_is_one_error_line_and_untouched(how, run, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    corrupt(copy / ckpt.CKPT_NAME, how)
+    before = {p.name: p.read_bytes() for p in copy.iterdir()}
+    capsys.readouterr()
+    assert main(["eval", "--run", str(copy)]) == 2
+    assert ckpt.CKPT_NAME in error_line(capsys)
+    assert main(["train", "--out", str(copy), "--resume", "--no-progress"]) == 2
+    assert ckpt.CKPT_NAME in error_line(capsys)
+    assert {p.name: p.read_bytes() for p in copy.iterdir()} == before
+
+
+def test_mismatched_resume_is_refused(run, data, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    before = (copy / ckpt.CKPT_NAME).read_bytes()
+    capsys.readouterr()
+    assert main(["train", "--out", str(copy), "--resume", "--d-model", "64"]) == 2
+    assert "--d-model 64" in error_line(capsys)
+    assert main(["train", "--out", str(copy), "--resume", "--vocab-size", "400"]) == 2
+    assert "--vocab-size" in error_line(capsys)
+    assert (copy / ckpt.CKPT_NAME).read_bytes() == before
+
+
+def test_changed_data_is_refused(data, tmp_path, capsys):
+    text = write_play(tmp_path / "play.txt", 1500, seed=1)
+    out = tmp_path / "run"
+    argv = tiny(dict(data, text=text, cache=tmp_path / "cache"), out, "--stop-at", "3")
+    assert main(["train", *argv]) == 0
+    before = (out / ckpt.CKPT_NAME).read_bytes()
+    write_play(text, 1500, seed=2)
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 2
+    assert "data mismatch" in error_line(capsys)
+    assert main(["eval", "--run", str(out)]) == 2
+    assert "fingerprint" in error_line(capsys)
+    assert (out / ckpt.CKPT_NAME).read_bytes() == before
+
+
+# ---------------------------------------------------------------- eval/sweep/generate
+def test_eval_compact_on_test_split(run, capsys):
+    assert main(["eval", "--run", str(run), "--mode", "compact", "--split", "test", "--threshold", "0.05"]) == 0
+    (row,) = table_rows(capsys.readouterr().out, "split")
+    assert row["split"] == "test"
+    assert float(row["speedup_vs_exact"]) > 0
+    assert float(row["ppl"]) - float(row["ppl_exact"]) == pytest.approx(float(row["ppl_diff_vs_exact"]), abs=2e-2)
+
+
+def test_sweep_table_and_plot(run, capsys):
+    assert main(["sweep", "--run", str(run), "--thresholds", "0.5,0,0.005,0.02,0.1,1"]) == 0
+    rows = table_rows(capsys.readouterr().out, "threshold")
+    assert [float(r["threshold"]) for r in rows] == [0, 0.005, 0.02, 0.1, 0.5, 1]
+    shallow = [float(r["shallow_ratio"]) for r in rows]
+    cost = [float(r["compute_cost"]) for r in rows]
+    assert shallow[0] == 0 and cost[0] == 1
+    assert all(a >= b for a, b in zip(shallow[1:], shallow[2:]))  # fewer tokens leave as the bar rises
+    assert all(a <= b for a, b in zip(cost[1:], cost[2:]))
+    assert shallow[1] > 0  # a 0.5% bar (uniform is 1/300) lets tokens leave
+    assert any(r["pareto"] == "*" for r in rows)
+    assert (run / "sweep-exact.md").read_text().count("\n| ") == len(rows) + 1
+    assert (run / "sweep-exact.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_pareto_flags():
+    rows = [dict(ppl=10, compute_cost=1.0), dict(ppl=12, compute_cost=0.5), dict(ppl=13, compute_cost=0.6),
+            dict(ppl=10, compute_cost=1.0)]
+    assert cli.pareto_flags(rows) == [True, True, False, True]
+
+
+@pytest.mark.parametrize("threshold, early", [("0", 0), ("0.001", 12)])
+def test_generate_shows_exit_layers(run, threshold, early, capsys):
+    assert main(["generate", "--run", str(run), "--prompt", "KING:\n", "--threshold", threshold,
+                 "--max-new-tokens", "12", "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    layers = re.search(r"exit layer per token: ([\d ]+)", out).group(1).split()
+    assert len(layers) == 12 and layers.count("1") == early and layers.count("3") == 12 - early
+    assert f"exited early: {early}/12 tokens" in out
+    assert out.startswith("KING:\n") and out.count("[") >= min(early, 1)
+
+
+def test_generate_rejects_an_empty_prompt(run, capsys):
+    capsys.readouterr()
+    assert main(["generate", "--run", str(run), "--prompt", ""]) == 2
+    assert "--prompt" in error_line(capsys)
+
+
+# --------------------------------------------------------------------------- compare
+def test_compare_every_preset_and_layer_lr(data, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = tiny(data, out, "--presets", "all", "--layer-lr-configs", "--split", "val")
+    argv[argv.index("--steps") + 1] = "3"
+    assert main(["compare", *argv]) == 0
+    text = (out / "compare.md").read_text()
+    assert text.strip() == capsys.readouterr().out.strip()
+    rows = table_rows(text, "Model")
+    assert [r["Model"] for r in rows] == list(PRESETS)
+    for r in rows:
+        assert float(r["PPL"]) > 1 and 1 / 3 <= float(r["compute_cost"]) <= 1
+    lr_rows = {r["Config"]: r for r in table_rows(text, "Config")}
+    assert list(lr_rows) == [label for label, _, _ in cli.LAYER_LR_CONFIGS]
+    base = float(lr_rows["Standard (no Layer-wise LR)"]["PPL"])
+    assert lr_rows["Standard (no Layer-wise LR)"]["vs Baseline"] == "baseline"
+    assert base == float(next(r for r in rows if r["Model"] == "asymmetric_best")["PPL"])
+    dec = lr_rows["Decreasing LR (1.0, 0.5, 0.1)"]
+    gain = (base - float(dec["PPL"])) / base * 100
+    assert dec["vs Baseline"] == (f"{gain:.1f}% improvement" if gain >= 0 else f"{-gain:.1f}% worse")
+    assert (out / "compare.png").read_bytes().startswith(PNG_MAGIC)
+    method = json.loads((out / "asymmetric_best_lr-decreasing" / "config.json").read_text())["method"]
+    assert method["layer_lr_scales"] == {"1": 1.0, "2": 0.5, "3": 0.1}
