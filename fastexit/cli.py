@@ -485,8 +485,6 @@ def eval_columns(n_layers: int, mode: str) -> List[Tuple[str, str]]:
 def evaluate_split(trainer, model, corpus, split, batch_size, seq_len, max_batches, mode="exact",
                    threshold=None, per_layer=True) -> Dict[str, Any]:
     batches, n_bytes = eval_windows(corpus, split, batch_size, seq_len, max_batches, trainer.device)
-    if mode == "compact":  # warm both paths up so that speedup_vs_exact compares steady states
-        trainer.evaluate(model, batches[:1], mode=mode, routing_threshold=threshold, per_layer=False)
     stats = trainer.evaluate(model, batches, mode=mode, routing_threshold=threshold, per_layer=per_layer)
     return dict(with_bpb(stats, n_bytes), split=split, mode=mode)
 

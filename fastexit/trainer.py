@@ -198,6 +198,8 @@ class UniversalTrainer:
         UniversalConfig(dict(self.config.layer_weights), self.config.exit_layer, threshold).validate_for(model.n_layers)
         was_training = model.training
         model.eval()
+        if mode == "compact":
+            self._warm_up(model, val_batches[0], threshold)
         stats = self._routed_stats(model, val_batches, threshold, routing.exact_routed_forward, ignore_index)
         if mode == "compact":
             compact = self._routed_stats(model, val_batches, threshold, routing.compact_routed_forward, ignore_index)
@@ -208,6 +210,13 @@ class UniversalTrainer:
             stats.update(self._per_layer_stats(model, val_batches, ignore_index))
         model.train(was_training)
         return stats
+
+    def _warm_up(self, model, batch: Batch, threshold: float) -> None:
+        """One untimed pass of each path, so that speedup_vs_exact compares steady states
+        (first calls pay for allocator growth and kernel selection)."""
+        x = batch[0].to(self.device)
+        for routed_forward in (routing.exact_routed_forward, routing.compact_routed_forward):
+            routed_forward(model, x, self.config.exit_layer, threshold, backend=self.backend)
 
     def _routed_stats(self, model, val_batches, threshold, routed_forward, ignore_index) -> Dict[str, float]:
         nll = correct = easy = layers_run = n = 0.0
