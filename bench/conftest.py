@@ -1,0 +1,129 @@
+"""Shared benchmark fixtures: the bench device, timing with derived metrics, peak memory.
+
+Every benchmark records into `benchmark.extra_info`: provider, shape, tokens_per_s,
+peak_mem_mb, (where a FLOP count is known) tflops, and load_1m, the 1-minute load average
+when it finished (other jobs on a shared box skew CPU timings); bench/report.py turns them
+into tables.
+
+Peak memory (`peak_mem_mb`) is the memory one fwd+bwd step adds on top of its inputs:
+- CUDA: torch.cuda.max_memory_allocated() during the step minus memory_allocated() before it.
+- CPU: torch keeps no CPU allocator statistics, so the step runs in a fresh child process
+  (see cpu_peak_extra_mb): after a warm-up step, a thread samples RSS every 0.5 ms during a
+  second step; the figure is the highest sample minus RSS before that step, so it includes
+  the returned gradients but not the inputs.
+"""
+import gc
+import importlib.metadata
+import json
+import os
+import resource
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+REPO_ROOT = __file__.rsplit("/bench/", 1)[0]
+TIMED_ROUNDS = 5
+RSS_SAMPLE_S = 0.0005
+MMAP_THRESHOLD = 64 * 1024  # bytes
+
+
+def bench_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    with open("/proc/cpuinfo") as f:
+        model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "cpu")
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info.update(torch=torch.__version__, triton=_version("triton"), device=device_name(bench_device()),
+                        loadavg=list(os.getloadavg()), cpu_count=os.cpu_count())
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def cuda_peak_extra_mb(step, device: torch.device) -> float:
+    """Peak CUDA memory of one call of step() above what was allocated before it."""
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    step()
+    synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def child_peak_rss_mb(step) -> None:
+    """Child side of cpu_peak_extra_mb: warm up, then print step()'s RSS peak over the baseline."""
+    step()  # loads libraries, compiles, fills caches
+    gc.collect()
+    before, peak, done = _rss_mb(), [0.0], threading.Event()
+
+    def sample():
+        while not done.wait(RSS_SAMPLE_S):
+            peak[0] = max(peak[0], _rss_mb())
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    step()
+    done.set()
+    sampler.join()
+    print(json.dumps({"peak_mem_mb": max(peak[0], _rss_mb()) - before}))
+
+
+def cpu_peak_extra_mb(module: str, function: str, *args) -> float:
+    """Peak RSS that one `module.function(*args)()` step adds, measured in a fresh process.
+
+    Fixed glibc mmap/trim thresholds make every large tensor its own mapping that goes back
+    to the OS when freed, so RSS follows the live tensors (glibc's adaptive threshold would
+    otherwise keep freed warm-up memory and hide the peak).
+    """
+    code = (f"import sys; sys.path.insert(0, {REPO_ROOT!r}); import {module} as m; "
+            f"from bench.conftest import child_peak_rss_mb; child_peak_rss_mb(m.{function}(*{args!r}))")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD), MALLOC_TRIM_THRESHOLD_=str(MMAP_THRESHOLD))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, env=env)
+    if out.returncode:
+        raise RuntimeError(f"peak-memory child failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mem_mb"]
+
+
+def run_timed(benchmark, step, device: torch.device, rounds: int = TIMED_ROUNDS) -> float:
+    """Time step() (synchronised on CUDA) with one warm-up round; returns the median seconds."""
+    def synced():
+        step()
+        synchronize(device)
+    benchmark.pedantic(synced, rounds=rounds, iterations=1, warmup_rounds=1)
+    return benchmark.stats.stats.median
+
+
+def record(benchmark, *, provider, shape, seconds, tokens, peak_mem_mb, flops=None, **extra) -> None:
+    """Derived metrics next to the timing: tokens/s, TFLOP/s and peak memory."""
+    benchmark.extra_info.update(provider=provider, shape=shape, tokens_per_s=tokens / seconds,
+                                peak_mem_mb=peak_mem_mb, load_1m=os.getloadavg()[0], **extra)
+    if flops is not None:
+        benchmark.extra_info["tflops"] = flops / seconds / 1e12
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    return bench_device()

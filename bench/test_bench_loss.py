@@ -1,0 +1,174 @@
+"""Weighted multi-head linear cross-entropy, fwd+bwd: every provider in one run.
+
+Providers: naive (full logits per weighted head + F.cross_entropy), torch.compile of naive,
+F.linear_cross_entropy with LinearCrossEntropyOptions() per weighted head, ours (torch and
+Triton), Liger-Kernel per head when installed, and matmul-only floors: the three GEMMs of
+fwd+bwd (logits, dH, dW) per weighted head and nothing else, through torch.mm (MKL on CPU)
+and, on CPU, through oneDNN (what ours_torch uses there).
+"""
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench.conftest import bench_device, cpu_peak_extra_mb, cuda_peak_extra_mb, record, run_timed
+from fastexit.kernels import HAS_TRITON
+from fastexit.kernels.weighted_ce import weighted_linear_cross_entropy
+
+GEMMS_FWD_BWD = 3  # logits, dH, dW: 2*N*d*V FLOPs each per weighted head
+
+
+@dataclass(frozen=True)
+class LossShape:
+    n_tokens: int
+    d_model: int
+    vocab: int
+    head_weights: tuple
+    dtype: torch.dtype
+
+    @property
+    def label(self) -> str:
+        ws = ",".join(f"{w:g}" for w in self.head_weights)
+        return f"N={self.n_tokens} d={self.d_model} V={self.vocab} w=({ws}) {str(self.dtype).replace('torch.', '')}"
+
+    @property
+    def flops(self) -> float:
+        heads = sum(w > 0 for w in self.head_weights)
+        return GEMMS_FWD_BWD * 2 * self.n_tokens * self.d_model * self.vocab * heads
+
+
+CPU_SHAPES = [LossShape(4096, 256, 32000, (0.7, 0.0, 0.3), torch.float32)]
+GPU_SHAPES = [LossShape(16384, 2048, 128256, (0.7, 0.0, 0.3), torch.bfloat16),
+              LossShape(16384, 2048, 128256, (0.25, 0.25, 0.25, 0.25), torch.bfloat16)]
+SHAPES = GPU_SHAPES if torch.cuda.is_available() else CPU_SHAPES
+
+
+# ----------------------------------------------------------------------------- providers
+def naive(hs, weight, targets, head_weights):
+    return sum(w * F.cross_entropy(h @ weight.T, targets) for h, w in zip(hs, head_weights) if w > 0)
+
+
+_compiled_naive = torch.compile(naive)
+
+
+def compiled_naive(hs, weight, targets, head_weights):
+    return _compiled_naive(hs, weight, targets, head_weights)
+
+
+def linear_ce(hs, weight, targets, head_weights):
+    options = torch.nn.LinearCrossEntropyOptions()
+    return sum(w * F.linear_cross_entropy(h, weight, targets, options=options)
+               for h, w in zip(hs, head_weights) if w > 0)
+
+
+def ours_torch(hs, weight, targets, head_weights):
+    return weighted_linear_cross_entropy(hs, weight, targets, head_weights, backend="torch")
+
+
+def ours_triton(hs, weight, targets, head_weights):
+    return weighted_linear_cross_entropy(hs, weight, targets, head_weights, backend="triton")
+
+
+def liger(hs, weight, targets, head_weights):
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    loss_fn = LigerFusedLinearCrossEntropyLoss()
+    return sum(w * loss_fn(weight, h, targets) for h, w in zip(hs, head_weights) if w > 0)
+
+
+def matmul_floor(hs, weight, targets, head_weights):
+    """Not a loss: the fwd+bwd GEMMs alone (torch.mm), for reading off how close the others get."""
+    for h, w in zip(hs, head_weights):
+        if w > 0:
+            logits = h.detach() @ weight.detach().T  # (N, V)
+            logits @ weight.detach()  # dH
+            logits.T @ h.detach()  # dW
+
+
+def matmul_floor_onednn(hs, weight, targets, head_weights):
+    """The same GEMMs through oneDNN's fp32 linear, which ours_torch uses on CPU."""
+    linear = torch.ops.mkldnn._linear_pointwise
+    w, w_t = weight.detach(), weight.detach().T.contiguous()
+    for h, hw in zip(hs, head_weights):
+        if hw > 0:
+            logits = linear(h.detach(), w, None, "none", [], "")  # (N, V)
+            linear(logits, w_t, None, "none", [], "")  # dH
+            linear(h.detach().T, logits.T, None, "none", [], "")  # dW^T
+
+
+PROVIDERS = {"naive": naive, "compiled_naive": compiled_naive, "linear_ce": linear_ce,
+             "ours_torch": ours_torch, "ours_triton": ours_triton, "liger": liger,
+             "matmul_floor": matmul_floor, "matmul_floor_onednn": matmul_floor_onednn}
+
+
+def skip_reason(provider: str, device: torch.device):
+    if provider == "ours_triton" and not (HAS_TRITON and device.type == "cuda"):
+        return "ours_triton benchmarks need CUDA and triton"
+    if provider == "liger":
+        try:
+            import liger_kernel  # noqa: F401
+        except ImportError:
+            return "liger_kernel not installed"
+        if device.type != "cuda":
+            return "liger_kernel runs on CUDA only"
+    if provider == "matmul_floor_onednn" and not (device.type == "cpu" and torch.backends.mkldnn.is_available()):
+        return "the oneDNN floor is for CPUs with mkldnn"
+    if provider == "linear_ce" and not hasattr(F, "linear_cross_entropy"):
+        return f"F.linear_cross_entropy needs torch >= 2.13 (have {torch.__version__})"
+    return None
+
+
+# ----------------------------------------------------------------------------- steps
+def make_inputs(shape: LossShape, device):
+    gen = torch.Generator(device).manual_seed(0)
+    n, d, v = shape.n_tokens, shape.d_model, shape.vocab
+    hs = [torch.randn(n, d, generator=gen, device=device, dtype=shape.dtype).requires_grad_()
+          for _ in shape.head_weights]
+    weight = (torch.randn(v, d, generator=gen, device=device) / math.sqrt(d)).to(shape.dtype).requires_grad_()
+    targets = torch.randint(0, v, (n,), generator=gen, device=device)
+    return hs, weight, targets
+
+
+def make_step(provider: str, shape_index: int, device_type: str):
+    """One fwd+bwd step: the loss and its grads to W and every weighted head."""
+    shape, fn = SHAPES[shape_index], PROVIDERS[provider]
+    hs, weight, targets = make_inputs(shape, torch.device(device_type))
+    wrt = [weight] + [h for h, w in zip(hs, shape.head_weights) if w > 0]
+    if provider.startswith("matmul_floor"):
+        return lambda: fn(hs, weight, targets, shape.head_weights)
+    return lambda: torch.autograd.grad(fn(hs, weight, targets, shape.head_weights), wrt)
+
+
+@pytest.mark.parametrize("shape_index", range(len(SHAPES)), ids=[s.label for s in SHAPES])
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+def test_loss_fwd_bwd(benchmark, provider, shape_index):
+    device, shape = bench_device(), SHAPES[shape_index]
+    if (reason := skip_reason(provider, device)) is not None:
+        pytest.skip(reason)
+    benchmark.group = f"loss fwd+bwd {device.type} {shape.label}"
+    step = make_step(provider, shape_index, device.type)
+    try:
+        step()  # compiles, and tells a provider that cannot run this shape from a slow one
+    except Exception as err:  # noqa: BLE001 -- any compile failure becomes the skip reason
+        if provider != "compiled_naive":
+            raise
+        pytest.skip(f"torch.compile failed on this box: {type(err).__name__}: {str(err)[:200]}")
+    seconds = run_timed(benchmark, step, device)
+    peak = (cuda_peak_extra_mb(step, device) if device.type == "cuda"
+            else cpu_peak_extra_mb("bench.test_bench_loss", "make_step", provider, shape_index, "cpu"))
+    record(benchmark, provider=provider, shape=shape.label, seconds=seconds, tokens=shape.n_tokens,
+           peak_mem_mb=peak, flops=shape.flops)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the matmul-rate reference is for GPUs")
+def test_matmul_rate(benchmark):
+    """bf16 (N, d) @ (d, V) at the GPU loss shape: the ceiling to read TFLOP/s against."""
+    device, shape = bench_device(), GPU_SHAPES[0]
+    a = torch.randn(shape.n_tokens, shape.d_model, device=device, dtype=torch.bfloat16)
+    b = torch.randn(shape.d_model, shape.vocab, device=device, dtype=torch.bfloat16)
+    benchmark.group = f"matmul {device.type} bf16"
+    seconds = run_timed(benchmark, lambda: a @ b, device, rounds=20)
+    record(benchmark, provider="torch.mm", shape=f"{shape.n_tokens}x{shape.d_model}x{shape.vocab}", seconds=seconds,
+           tokens=shape.n_tokens, peak_mem_mb=cuda_peak_extra_mb(lambda: a @ b, device),
+           flops=2 * shape.n_tokens * shape.d_model * shape.vocab)

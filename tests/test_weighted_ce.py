@@ -1,0 +1,275 @@
+"""weighted_linear_cross_entropy against an fp64 full-logits reference, both backends.
+
+The Triton backend runs through TRITON_INTERPRET=1 (tests/conftest.py), so its shapes stay tiny.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastexit.kernels.weighted_ce as weighted_ce
+from fastexit.kernels import HAS_TRITON
+from fastexit.kernels.weighted_ce import weighted_linear_cross_entropy
+
+IGNORE = -100
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="triton not installed"))]
+FP32_TOL = 2e-5  # max abs error relative to the reference's max abs value
+FP64_TOL = 1e-10
+CONFIDENT_TOL = 2e-3  # fp32 logits near 50 carry ~1e-6 absolute error; p - 1 ~ 1e-6 as well
+BF16_FLOOR = 1e-3  # below this, bf16 errors are equal for practical purposes
+TORCH_CHUNK_BYTES = 4096  # forces many row chunks in the PyTorch path even at test sizes
+
+
+# ----------------------------------------------------------------------------- reference
+def reference(hs, weight, targets, head_weights, *, reduction="mean", label_smoothing=0.0, z_loss=0.0):
+    """sum_k w_k * (F.cross_entropy(h_k @ W.T) + z_loss * lse^2, reduced alike) from fp64 logits."""
+    valid = targets != IGNORE
+    per_head = []
+    for h, w in zip(hs, head_weights):
+        logits = h.double() @ weight.double().T  # (N, V)
+        ce = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction=reduction, label_smoothing=label_smoothing)
+        z = z_loss * torch.where(valid, logits.logsumexp(1) ** 2, 0.0)  # (N,)
+        per_head.append(w * (ce + {"none": z, "sum": z.sum(), "mean": z.sum() / valid.sum()}[reduction]))
+    return torch.stack(per_head) if reduction == "none" else sum(per_head)
+
+
+def make_inputs(n_heads, n, d, n_classes, *, dtype=torch.float32, ignore_every=0, logit_scale=1.0):
+    hs = [torch.randn(n, d, dtype=dtype) for _ in range(n_heads)]
+    weight = (torch.randn(n_classes, d) * logit_scale / math.sqrt(d)).to(dtype)
+    targets = torch.randint(0, n_classes, (n,))
+    if ignore_every:
+        targets[::ignore_every] = IGNORE
+    return hs, weight, targets
+
+
+def loss_and_grads(fn, hs, weight, targets, grad_seed):
+    """fn's value and the grads of (value * g).sum() to weight and every head (g random, != 1)."""
+    leaves = [t.detach().clone().requires_grad_() for t in (weight, *hs)]
+    out = fn(leaves[1:], leaves[0], targets)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64) + 3.7
+    grads = torch.autograd.grad((out.double() * g).sum(), leaves)
+    return out.detach().double(), [gr.double() for gr in grads]
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
+
+
+def assert_matches(ours, ref, tol):
+    (v, gs), (rv, rgs) = ours, ref
+    assert torch.isfinite(v).all()
+    assert rel_err(v, rv) <= tol, f"value: {rel_err(v, rv):.3g}"
+    for i, (g, rg) in enumerate(zip(gs, rgs)):
+        assert rel_err(g, rg) <= tol or (rg.abs().max() == 0 and g.abs().max() == 0), f"grad {i}: {rel_err(g, rg):.3g}"
+
+
+@pytest.fixture(autouse=True)
+def _small_torch_chunks(monkeypatch):
+    monkeypatch.setattr(weighted_ce, "CHUNK_BYTES", TORCH_CHUNK_BYTES)
+
+
+def sizes(backend, n_classes_torch, n_classes_triton):
+    """(N, d, V): N not a multiple of any block or chunk; the interpreter gets tiny shapes."""
+    return (37, 32, n_classes_triton) if backend == "triton" else (203, 48, n_classes_torch)
+
+
+# ----------------------------------------------------------------------------- correctness
+CASES = {  # name: (head_weights, reduction, label_smoothing, z_loss, ignore_every)
+    "one_head": ((1.0,), "mean", 0.0, 0.0, 0),
+    "two_heads_sum": ((0.7, 0.3), "sum", 0.0, 0.0, 4),
+    "zero_head": ((0.7, 0.0, 0.3), "mean", 0.0, 0.0, 5),
+    "four_heads_none": ((0.25, 0.0, 0.5, 1.5), "none", 0.0, 0.0, 3),
+    "smoothing": ((0.7, 0.0, 0.3), "mean", 0.1, 0.0, 5),
+    "z_loss": ((0.7, 0.3), "mean", 0.0, 1e-3, 5),
+    "smoothing_z_none": ((0.5, 0.5, 0.0), "none", 0.2, 1e-2, 6),
+    "smoothing_z_sum": ((0.0, 2.0), "sum", 0.05, 1e-4, 2),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_reference(backend, case):
+    head_weights, reduction, smoothing, z_loss, ignore_every = CASES[case]
+    n, d, n_classes = sizes(backend, 1000, 67)
+    hs, weight, targets = make_inputs(len(head_weights), n, d, n_classes, ignore_every=ignore_every)
+    kw = dict(reduction=reduction, label_smoothing=smoothing, z_loss=z_loss)
+    ours = loss_and_grads(lambda h, w, y: weighted_linear_cross_entropy(h, w, y, head_weights, backend=backend, **kw),
+                          hs, weight, targets, grad_seed=1)
+    ref = loss_and_grads(lambda h, w, y: reference(h, w, y, head_weights, **kw), hs, weight, targets, grad_seed=1)
+    assert_matches(ours, ref, FP32_TOL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_odd_vocab(backend):
+    n, d, n_classes = sizes(backend, 5003, 131)
+    hs, weight, targets = make_inputs(3, n, d, n_classes, ignore_every=7)
+    fn = lambda h, w, y: weighted_linear_cross_entropy(h, w, y, [0.7, 0.0, 0.3], backend=backend)  # noqa: E731
+    ref = lambda h, w, y: reference(h, w, y, [0.7, 0.0, 0.3])  # noqa: E731
+    assert_matches(loss_and_grads(fn, hs, weight, targets, 2), loss_and_grads(ref, hs, weight, targets, 2), FP32_TOL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_row(backend):
+    hs, weight, targets = make_inputs(2, 1, 16, 67)
+    fn = lambda h, w, y: weighted_linear_cross_entropy(h, w, y, [0.4, 0.6], backend=backend)  # noqa: E731
+    ref = lambda h, w, y: reference(h, w, y, [0.4, 0.6])  # noqa: E731
+    assert_matches(loss_and_grads(fn, hs, weight, targets, 3), loss_and_grads(ref, hs, weight, targets, 3), FP32_TOL)
+
+
+def test_fp64_inputs_stay_fp64():
+    hs, weight, targets = make_inputs(2, 45, 24, 1000, dtype=torch.float64, ignore_every=3)
+    kw = dict(reduction="sum", label_smoothing=0.1, z_loss=1e-3)
+    ours = loss_and_grads(lambda h, w, y: weighted_linear_cross_entropy(h, w, y, [0.6, 0.4], backend="torch", **kw),
+                          hs, weight, targets, 6)
+    ref = loss_and_grads(lambda h, w, y: reference(h, w, y, [0.6, 0.4], **kw), hs, weight, targets, 6)
+    assert_matches(ours, ref, FP64_TOL)
+
+
+def test_torch_path_without_onednn(monkeypatch):
+    """CPUs without mkldnn take torch.mm / addmm_ for the three GEMMs."""
+    monkeypatch.setattr(weighted_ce, "_onednn", lambda t: False)
+    hs, weight, targets = make_inputs(3, 45, 24, 1000, ignore_every=3)
+    fn = lambda h, w, y: weighted_linear_cross_entropy(h, w, y, [0.7, 0.0, 0.3], backend="torch")  # noqa: E731
+    ref = lambda h, w, y: reference(h, w, y, [0.7, 0.0, 0.3])  # noqa: E731
+    assert_matches(loss_and_grads(fn, hs, weight, targets, 7), loss_and_grads(ref, hs, weight, targets, 7), FP32_TOL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stacked_input_matches_list(backend):
+    n, d, n_classes = sizes(backend, 1000, 67)
+    hs, weight, targets = make_inputs(3, n, d, n_classes, ignore_every=4)
+    stacked = torch.stack(hs).requires_grad_()
+    weighted_linear_cross_entropy(stacked, weight, targets, (0.7, 0.0, 0.3), backend=backend).mul(2.5).backward()
+    ref_hs = [h.double().requires_grad_() for h in hs]
+    reference(ref_hs, weight, targets, (0.7, 0.0, 0.3)).mul(2.5).backward()
+    for k in range(3):
+        assert rel_err(stacked.grad[k].double(), ref_hs[k].grad) <= FP32_TOL or not stacked.grad[k].any()
+    assert not stacked.grad[1].any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_rows_ignored(backend, reduction):
+    hs, weight, targets = make_inputs(2, 19, 16, 67)
+    targets.fill_(IGNORE)
+    leaves = [t.clone().requires_grad_() for t in (weight, *hs)]
+    out = weighted_linear_cross_entropy(leaves[1:], leaves[0], targets, [0.7, 0.3], reduction=reduction,
+                                        label_smoothing=0.1, z_loss=1e-3, backend=backend)
+    grads = torch.autograd.grad(out.sum(), leaves)
+    assert not out.any() and torch.isfinite(out).all()
+    assert all(torch.isfinite(g).all() and not g.any() for g in grads)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_weight_heads_cost_nothing_and_get_zero_gradient(backend, monkeypatch):
+    seen = []
+    run_pass = weighted_ce._triton_pass if backend == "triton" else weighted_ce._torch_pass
+    monkeypatch.setattr(weighted_ce, f"_{backend}_pass", lambda hs, *a: seen.append(len(hs)) or run_pass(hs, *a))
+    hs, weight, targets = make_inputs(3, 19, 16, 67)
+    leaves = [h.clone().requires_grad_() for h in hs]
+    out = weighted_linear_cross_entropy(leaves, weight, targets, torch.tensor([0.5, 0.0, 0.5]), backend=backend)
+    grads = torch.autograd.grad(out, leaves)  # no allow_unused: the zero head is part of the graph
+    assert seen == [2] and grads[0].any() and not grads[1].any() and grads[2].any()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_head_weights_zero(reduction):
+    hs, weight, targets = make_inputs(2, 19, 16, 67)
+    leaves = [t.clone().requires_grad_() for t in (weight, *hs)]
+    out = weighted_linear_cross_entropy(leaves[1:], leaves[0], targets, [0.0, 0.0], reduction=reduction)
+    assert not out.any() and not any(g.any() for g in torch.autograd.grad(out.sum(), leaves))
+
+
+def confident_inputs(n, d, n_classes, miss):
+    """Rows whose target softmax is 1 - miss: h_i = a_i * w_t, a_i found by bisection in fp64."""
+    weight = F.normalize(torch.randn(n_classes, d, dtype=torch.float64), dim=1)
+    targets = torch.randint(0, n_classes, (n,))
+    cos = weight[targets] @ weight.T - 1  # (N, V): 0 at the target, < 0 elsewhere
+    lo, hi = torch.zeros(n, 1, dtype=torch.float64), torch.full((n, 1), 1e4, dtype=torch.float64)
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        too_unsure = (mid * cos).exp().sum(1, keepdim=True) - 1 > miss  # sum_{j != t} p_j / p_t
+        lo, hi = torch.where(too_unsure, mid, lo), torch.where(too_unsure, hi, mid)
+    return [(hi * weight[targets]).float()], weight.float(), targets
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_confident_rows(backend):
+    """Target softmax 1 - 1e-6: the true-class gradient p - 1 must not cancel in fp32."""
+    hs, weight, targets = confident_inputs(24, 64, 67, miss=1e-6)
+    fn = lambda h, w, y: weighted_linear_cross_entropy(h, w, y, [1.0], reduction="sum", backend=backend)  # noqa: E731
+    ref = lambda h, w, y: reference(h, w, y, [1.0], reduction="sum")  # noqa: E731
+    ours, expect = loss_and_grads(fn, hs, weight, targets, 4), loss_and_grads(ref, hs, weight, targets, 4)
+    assert 0.5e-6 < expect[0].item() / 24 < 2e-6  # the rows really are that confident
+    assert_matches(ours, expect, CONFIDENT_TOL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_error_at_most_twice_pytorch(backend):
+    n, d, n_classes = sizes(backend, 1000, 131)
+    hs, weight, targets = make_inputs(2, n, d, n_classes, dtype=torch.bfloat16, ignore_every=5, logit_scale=4.0)
+    ws = [0.7, 0.3]
+    ours = loss_and_grads(lambda h, w, y: weighted_linear_cross_entropy(h, w, y, ws, backend=backend),
+                          hs, weight, targets, 5)
+    torch_bf16 = loss_and_grads(lambda h, w, y: sum(wk * F.cross_entropy(hk @ w.T, y, ignore_index=IGNORE)
+                                                    for wk, hk in zip(ws, h)), hs, weight, targets, 5)
+    exact = loss_and_grads(lambda h, w, y: reference(h, w, y, ws), hs, weight, targets, 5)
+    for i, (a, b, r) in enumerate(zip([ours[0], *ours[1]], [torch_bf16[0], *torch_bf16[1]], [exact[0], *exact[1]])):
+        ours_err, torch_err = rel_err(a, r), rel_err(b, r)
+        assert ours_err <= 2 * torch_err + BF16_FLOOR, f"tensor {i}: {ours_err:.3g} vs torch's {torch_err:.3g}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grads_keep_input_dtype(backend):
+    hs, weight, targets = make_inputs(2, 19, 16, 67, dtype=torch.bfloat16)
+    leaves = [t.clone().requires_grad_() for t in (weight, *hs)]
+    out = weighted_linear_cross_entropy(leaves[1:], leaves[0], targets, [0.7, 0.3], backend=backend)
+    assert out.dtype == torch.float32
+    assert all(g.dtype == torch.bfloat16 for g in torch.autograd.grad(out, leaves))
+
+
+# ----------------------------------------------------------------------------- bad input
+def _call(hs=None, weight=None, targets=None, head_weights=(0.7, 0.3), **kw):
+    d_hs, d_weight, d_targets = make_inputs(2, 9, 8, 11)
+    return weighted_linear_cross_entropy(d_hs if hs is None else hs, d_weight if weight is None else weight,
+                                         d_targets if targets is None else targets, head_weights, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [11, 12, -1, -101])
+def test_out_of_range_target(backend, bad):
+    targets = torch.randint(0, 11, (9,))
+    targets[4] = bad
+    with pytest.raises(ValueError, match="targets"):
+        _call(targets=targets, backend=backend)
+
+
+@pytest.mark.parametrize("kw, error, match", [
+    (dict(hs=[torch.randn(9, 8), torch.randn(8, 8)]), ValueError, "hiddens"),
+    (dict(hs=[torch.randn(9, 8), torch.randn(9, 8, dtype=torch.float64)]), TypeError, "hiddens"),
+    (dict(hs=torch.randn(9, 8)), ValueError, "hiddens"),
+    (dict(hs="not a tensor"), TypeError, "hiddens"),
+    (dict(hs=[torch.randn(0, 8), torch.randn(0, 8)], targets=torch.zeros(0, dtype=torch.long)), ValueError, "hiddens"),
+    (dict(weight=torch.randn(11, 7)), ValueError, "weight"),
+    (dict(weight=torch.randn(11, 8, dtype=torch.float64)), TypeError, "weight"),
+    (dict(targets=torch.zeros(8, dtype=torch.long)), ValueError, "targets"),
+    (dict(targets=torch.zeros(9)), TypeError, "targets"),
+    (dict(head_weights=(0.7, -0.3)), ValueError, "head_weights"),
+    (dict(head_weights=(0.7, float("nan"))), ValueError, "head_weights"),
+    (dict(head_weights=(float("inf"), 0.3)), ValueError, "head_weights"),
+    (dict(head_weights=(0.7, 0.2, 0.1)), ValueError, "head_weights"),
+    (dict(reduction="avg"), ValueError, "reduction"),
+    (dict(backend="cuda"), ValueError, "backend"),
+    (dict(label_smoothing=1.5), ValueError, "label_smoothing"),
+    (dict(z_loss=-1.0), ValueError, "z_loss"),
+])
+def test_bad_input_names_the_argument(kw, error, match):
+    with pytest.raises(error, match=match):
+        _call(**kw)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="device mismatch needs a second device (CUDA)")
+def test_device_mismatch_names_the_argument():
+    with pytest.raises(ValueError, match="weight"):
+        _call(weight=torch.randn(11, 8, device="cuda"))
