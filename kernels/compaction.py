@@ -14,6 +14,7 @@ the host: one device-to-host sync per call, inherent to running a smaller dense 
 import torch
 
 from .backend import HAS_TRITON, resolve_backend
+from .checks import describe
 
 if HAS_TRITON:
     import triton
@@ -96,7 +97,7 @@ def _triton_copy_rows(src: torch.Tensor, dst: torch.Tensor, idx: torch.Tensor, g
 # ----------------------------------------------------------------------------- validation
 def _check_idx(idx, n_rows: int, name: str) -> None:
     if not isinstance(idx, torch.Tensor) or idx.dim() != 1 or idx.dtype != torch.int64:
-        raise ValueError(f"idx must be a 1-D int64 tensor, got {_describe(idx)}")
+        raise ValueError(f"idx must be a 1-D int64 tensor, got {describe(idx)}")
     if idx.numel() == 0:
         return
     if idx.is_cuda:  # no host sync on the hot path; the device assert fires before any copy
@@ -105,16 +106,12 @@ def _check_idx(idx, n_rows: int, name: str) -> None:
         raise ValueError(f"idx must lie in [0, {n_rows}) ({name}.shape[0]), got [{int(idx.min())}, {int(idx.max())}]")
 
 
-def _describe(x) -> str:
-    return f"{x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-
-
 # ----------------------------------------------------------------------------- public
 def compact_indices(mask: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """Positions (k,) int64, ascending, where the bool ``mask`` is True; an N-D mask is read
     in flat row-major order. One host sync (the count), as any exact-size result needs."""
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        raise ValueError(f"mask must be a bool tensor, got {_describe(mask)}")
+        raise ValueError(f"mask must be a bool tensor, got {describe(mask)}")
     flat = mask.reshape(-1)
     if flat.numel() == 0:
         return torch.empty(0, dtype=torch.int64, device=mask.device)
@@ -126,7 +123,7 @@ def compact_indices(mask: torch.Tensor, *, backend: str = "auto") -> torch.Tenso
 def gather_rows(x: torch.Tensor, idx: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """Rows ``x[idx]``: x (N, ...), idx (k,) int64 in [0, N) -> (k, ...)."""
     if not isinstance(x, torch.Tensor) or x.dim() == 0:
-        raise ValueError(f"x must be a tensor (N, ...), got {_describe(x)}")
+        raise ValueError(f"x must be a tensor (N, ...), got {describe(x)}")
     _check_idx(idx, x.shape[0], "x")
     if idx.device != x.device:
         raise ValueError(f"idx is on {idx.device}, x on {x.device}")
@@ -143,11 +140,11 @@ def scatter_rows(out: torch.Tensor, idx: torch.Tensor, values: torch.Tensor, *, 
     """In place ``out[idx] = values`` and return ``out``: out (N, ...), idx (k,) int64 unique
     in [0, N), values (k, ...) of out's dtype. Rows not in idx keep their values."""
     if not isinstance(out, torch.Tensor) or out.dim() == 0:
-        raise ValueError(f"out must be a tensor (N, ...), got {_describe(out)}")
+        raise ValueError(f"out must be a tensor (N, ...), got {describe(out)}")
     _check_idx(idx, out.shape[0], "out")
     expected = (idx.numel(),) + out.shape[1:]
     if not isinstance(values, torch.Tensor) or values.shape != expected or values.dtype != out.dtype:
-        raise ValueError(f"values must be a {out.dtype} tensor of shape {expected}, got {_describe(values)}")
+        raise ValueError(f"values must be a {out.dtype} tensor of shape {expected}, got {describe(values)}")
     if idx.device != out.device or values.device != out.device:
         raise ValueError(f"idx ({idx.device}) and values ({values.device}) must be on out's device {out.device}")
     if resolve_backend(backend, out, idx, values) == "torch":

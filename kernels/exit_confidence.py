@@ -17,6 +17,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .backend import HAS_TRITON, resolve_backend
+from .checks import check_target_range, describe
 
 if HAS_TRITON:
     import triton
@@ -38,32 +39,22 @@ class ExitStats(NamedTuple):
 # ----------------------------------------------------------------------------- validation
 def _check_inputs(hidden, weight, targets, ignore_index: int) -> None:
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2 or not hidden.is_floating_point():
-        raise ValueError(f"hidden must be a floating-point [N, d] tensor, got {_describe(hidden)}")
+        raise ValueError(f"hidden must be a floating-point [N, d] tensor, got {describe(hidden)}")
     n, d = hidden.shape
     if n == 0:
         raise ValueError("hidden: empty batch (N == 0)")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != d or weight.shape[0] == 0:
-        raise ValueError(f"weight must be [V, d] with d={d}, got {_describe(weight)}")
+        raise ValueError(f"weight must be [V, d] with d={d}, got {describe(weight)}")
     if weight.dtype != hidden.dtype or weight.device != hidden.device:
         raise ValueError(f"weight is {weight.dtype} on {weight.device}, hidden is {hidden.dtype} on {hidden.device}")
     if targets is None:
         return
     if not isinstance(targets, torch.Tensor) or targets.shape != (n,) \
             or targets.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"targets must be an int64 [N] tensor with N={n}, got {_describe(targets)}")
+        raise ValueError(f"targets must be an int64 [N] tensor with N={n}, got {describe(targets)}")
     if targets.device != hidden.device:
         raise ValueError(f"targets is on {targets.device}, hidden on {hidden.device}")
-    bad = ((targets < 0) | (targets >= weight.shape[0])) & (targets != ignore_index)
-    if targets.is_cuda:  # no host sync: an async device assert, raised before the kernel reads
-        torch._assert_async(~bad.any(), f"targets must lie in [0, {weight.shape[0]}) or equal ignore_index")
-    elif bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        raise ValueError(f"targets[{i}] = {int(targets[i])} is outside [0, {weight.shape[0]}) "
-                         f"and is not ignore_index={ignore_index}")
-
-
-def _describe(x) -> str:
-    return f"{x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+    check_target_range(targets, weight.shape[0], ignore_index)
 
 
 # ----------------------------------------------------------------------------- PyTorch path

@@ -24,6 +24,7 @@ from typing import Sequence, Union
 import torch
 
 from .backend import HAS_TRITON, interpreting, resolve_backend
+from .checks import check_target_range
 
 if HAS_TRITON:
     import triton
@@ -79,17 +80,6 @@ def _check_tensors(hs: list, weight: torch.Tensor, targets: torch.Tensor) -> Non
         raise TypeError(f"targets must be int64 (or int32), got {targets.dtype}")
     if targets.device != hs[0].device:
         raise ValueError(f"targets is on {targets.device}, hiddens on {hs[0].device}")
-
-
-def _check_target_range(targets: torch.Tensor, n_classes: int, ignore_index: int) -> None:
-    """ValueError on CPU (host sync); an async device assert on CUDA (no sync on the hot path)."""
-    bad = ((targets < 0) | (targets >= n_classes)) & (targets != ignore_index)
-    if targets.is_cuda:
-        torch._assert_async(~bad.any(), f"targets must lie in [0, {n_classes}) or equal ignore_index")
-    elif bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        raise ValueError(f"targets[{i}] = {int(targets[i])} is outside [0, {n_classes}) "
-                         f"and is not ignore_index={ignore_index}")
 
 
 def _check_head_weights(head_weights, n_heads: int) -> list:
@@ -414,7 +404,7 @@ def weighted_linear_cross_entropy(hiddens: Hiddens, weight: torch.Tensor, target
     ws = _check_head_weights(head_weights, len(hs))
     _check_options(reduction, label_smoothing, z_loss)
     chosen = resolve_backend(backend, weight, targets, *hs)
-    _check_target_range(targets, weight.shape[0], ignore_index)
+    check_target_range(targets, weight.shape[0], ignore_index)
     run_pass = _triton_pass if chosen == "triton" else _torch_pass
     opt = (float(label_smoothing), float(z_loss), int(ignore_index))
     return _WeightedCE.apply(run_pass, weight, targets.long(), ws, reduction, opt, *hs)
