@@ -161,9 +161,10 @@ class UniversalTrainer:
         loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip else None
         self.optimizer.step()
-        loss_value = loss.item()  # one sync per step, for the progress bar and the log
+        scalars = [loss.detach()] + ([] if grad_norm is None else [grad_norm.to(loss.dtype)])
+        loss_value, *norm = torch.stack(scalars).tolist()  # one sync per step, for the bar and the log
         return dict(step=self.step + 1, loss=loss_value, lr=self.optimizer.param_groups[0]["lr"],
-                    progress=self.progress, grad_norm=None if grad_norm is None else float(grad_norm),
+                    progress=self.progress, grad_norm=norm[0] if norm else None,
                     tokens_per_s=x.numel() / (time.perf_counter() - t0))
 
     @staticmethod
@@ -219,19 +220,15 @@ class UniversalTrainer:
             routed_forward(model, x, self.config.exit_layer, threshold, backend=self.backend)
 
     def _routed_stats(self, model, val_batches, threshold, routed_forward, ignore_index) -> Dict[str, float]:
-        nll = correct = easy = layers_run = n = 0.0
-        seconds = 0.0
+        sums, seconds = torch.zeros(5, dtype=torch.float64, device=self.device), 0.0
         for x, y in val_batches:
             x, y = x.to(self.device), y.to(self.device)
             t0 = _clock(self.device)
             out = routed_forward(model, x, self.config.exit_layer, threshold, targets=y, backend=self.backend)
             seconds += _clock(self.device) - t0
             valid = y != ignore_index
-            nll += out.nll[valid].double().sum().item()
-            correct += (out.pred == y)[valid].sum().item()
-            easy += out.easy[valid].sum().item()
-            layers_run += out.layers_run[valid].double().sum().item()
-            n += valid.sum().item()
+            sums += _masked_sums(valid, out.nll, out.pred == y, out.easy, out.layers_run, valid)
+        nll, correct, easy, layers_run, n = sums.tolist()  # the one host sync
         if n == 0:
             raise ValueError("val_batches has no scored tokens (all targets are ignore_index)")
         return dict(ppl=math.exp(nll / n), nll=nll / n, acc=correct / n, shallow_ratio=easy / n,
@@ -240,19 +237,23 @@ class UniversalTrainer:
 
     def _per_layer_stats(self, model, val_batches, ignore_index) -> Dict[str, float]:
         layers = list(range(1, model.n_layers + 1))
-        nll, correct, n = [0.0] * len(layers), [0.0] * len(layers), 0
+        sums = torch.zeros(len(layers), 3, dtype=torch.float64, device=self.device)  # (L, [nll, correct, n])
         for x, y in val_batches:
             x, y = x.to(self.device), y.to(self.device).reshape(-1)
             valid = y != ignore_index
-            n += valid.sum().item()
             for j, h in enumerate(model.exit_hidden_states(x, layers)):
                 s = exit_confidence(h.reshape(-1, h.shape[-1]), model.lm_head.weight, y,
                                     ignore_index=ignore_index, backend=self.backend)
-                nll[j] += s.nll[valid].double().sum().item()
-                correct[j] += (s.pred == y)[valid].sum().item()
-        out = {f"ppl_L{i}": math.exp(nll[j] / n) for j, i in enumerate(layers)}
-        out.update({f"acc_L{i}": correct[j] / n for j, i in enumerate(layers)})
+                sums[j] += _masked_sums(valid, s.nll, s.pred == y, valid)
+        out = {}
+        for i, (nll, correct, n) in zip(layers, sums.tolist()):
+            out.update({f"ppl_L{i}": math.exp(nll / n), f"acc_L{i}": correct / n})
         return out
+
+
+def _masked_sums(valid: torch.Tensor, *values: torch.Tensor) -> torch.Tensor:
+    """fp64 sum of each (B, T) value over the scored tokens, left on the device."""
+    return torch.stack([v[valid].double().sum() for v in values])
 
 
 def _clock(device: torch.device) -> float:
