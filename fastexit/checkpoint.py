@@ -17,7 +17,7 @@ import os
 import random
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Callable, Dict, Optional, Union
 
 import numpy as np
 import torch
@@ -132,17 +132,25 @@ def save_checkpoint(path: PathLike, *, model: torch.nn.Module, model_config: Mod
                    optimizer=None if optimizer is None else optimizer.state_dict(), step=int(step),
                    data_state=data_state, rng=capture_rng_state(), data=dict(data), run_config=run_config)
     payload["digest"] = payload_digest(payload)
+    atomic_write(path, lambda tmp: _save(payload, tmp))
+    return path
+
+
+def _save(payload: dict, tmp: Path) -> None:
+    with open(tmp, "wb") as f:
+        torch.save(payload, f)
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` then rename over ``path``: a crash mid-write leaves the old file intact."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+        tmp.unlink(missing_ok=True)  # only left over when `write` failed
 
 
 def _first_line(err: BaseException, limit: int = 160) -> str:

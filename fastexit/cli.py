@@ -22,7 +22,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -288,9 +287,7 @@ def is_run_folder(path: Path) -> bool:
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    ckpt.atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8"))
 
 
 def read_run_config(run_dir: Path) -> Tuple[Dict[str, Any], Optional[Dict[str, Any]]]:
@@ -320,9 +317,7 @@ def truncate_metrics(path: Path, last_step: int) -> None:
             continue  # a line cut by a crash
         if record.get("step", 0) <= last_step and record.get("kind") != "final":
             keep.append(line)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-    os.replace(tmp, path)
+    ckpt.atomic_write(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8"))
 
 
 def resolve_device(device: Optional[str]) -> torch.device:

@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Sequence, Union
 import numpy as np
 import torch
 
+from .checkpoint import atomic_write
+
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
@@ -379,22 +381,13 @@ def default_cache_root() -> Path:
     return Path(base) / "fastexit"
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # only left over when `write` failed
-
-
 def _write_cache(cache_dir: Path, tokenizer, ids: dict[str, np.ndarray], meta: dict) -> None:
     cache_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(cache_dir / "tokenizer.json", lambda p: tokenizer.save(str(p)))
+    atomic_write(cache_dir / "tokenizer.json", lambda p: tokenizer.save(str(p)))
     for split, arr in ids.items():
-        _atomic_write(cache_dir / f"{split}.bin", arr.tofile)
+        atomic_write(cache_dir / f"{split}.bin", arr.tofile)
     # meta.json last: its presence marks a complete cache.
-    _atomic_write(cache_dir / "meta.json",
+    atomic_write(cache_dir / "meta.json",
                   lambda p: p.write_text(json.dumps(meta, indent=1), encoding="utf-8"))
 
 

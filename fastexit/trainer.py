@@ -196,7 +196,7 @@ class UniversalTrainer:
         if not val_batches:
             raise ValueError("val_batches is empty")
         threshold = self.config.routing_threshold if routing_threshold is None else routing_threshold
-        UniversalConfig(dict(self.config.layer_weights), self.config.exit_layer, threshold).validate_for(model.n_layers)
+        routing.check_routing(model, self.config.exit_layer, threshold)
         was_training = model.training
         model.eval()
         if mode == "compact":

@@ -234,7 +234,7 @@ def test_failed_write_keeps_the_old_file(tmp_path):
         path.write_text("half-writ")
         raise OSError("disk full")
     with pytest.raises(OSError, match="disk full"):
-        data._atomic_write(target, crash_midway)
+        data.atomic_write(target, crash_midway)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["meta.json"]
 
