@@ -7,14 +7,20 @@ every weighted head and of W, one chunk of rows at a time (backward only rescale
 1. one GEMM gives the fp32 logits of the chunk's rows of all weighted heads, stacked;
 2. a row step turns them in place into row losses and dlogits;
 3. two GEMMs give dH and add dlogits^T @ H into an fp32 dW.
-Heads with weight 0 are never touched. The GEMMs are oneDNN's on CPU (MKL's sgemm runs AVX2
-code on AMD CPUs, 2-3x slower) and cuBLAS's on CUDA (fp32 output for bf16/fp16 inputs).
+Heads with weight 0 are never touched, and rows whose target is ignore_index enter no GEMM.
 
-- PyTorch path: the row step is torch ops (max, exp, sum, scale), in place on the chunk.
-- Triton path (CUDA, or CPU under TRITON_INTERPRET=1): the row step is one kernel, one program
-  per row: an online logsumexp over V tiles, then dlogits written tile by tile (straight to
-  bf16/fp16 for low-precision inputs). Leaving the GEMMs to cuBLAS keeps them at full matmul
-  rate and deterministic; recomputing logit tiles inside Triton would cost 5 GEMMs, not 3.
+- PyTorch path: oneDNN's GEMMs on CPU (MKL's sgemm runs AVX2 code on AMD CPUs, 2-3x slower),
+  cuBLAS's on CUDA (fp32 output for bf16/fp16 inputs); the row step is torch ops (max, exp,
+  sum, scale) in place on the chunk. On CPU only the non-ignored rows are gathered into
+  chunks; on CUDA that would need their count on the host (a sync), so every row runs there.
+- Triton path (CUDA, or CPU under TRITON_INTERPRET=1): the non-ignored rows are moved first
+  by a stable argsort on the device and their count stays on the device. Three Triton GEMM
+  kernels (tl.dot, fp32 accumulators) and one row kernel read that count and skip every tile
+  past it, so ignored rows cost no matmul work and the host never waits. The row kernel, one
+  program per row, does an online logsumexp over V tiles, then writes dlogits tile by tile
+  (straight to bf16/fp16 for low-precision inputs). dW is one program per [V, d] tile looping
+  over rows: no atomics, deterministic. Storing the chunk's logits costs 3 GEMMs, where
+  recomputing logit tiles inside one kernel would cost 5.
 Both keep the true-class gradient p - 1 exact for confident rows: it is computed as minus the
 exp-sum of the other classes over the total, never as a difference of numbers close to 1.
 """
@@ -148,29 +154,54 @@ def _chunk_rows(n_rows: int, n_heads: int, n_classes: int, device: torch.device)
     return max(1, min(n_rows, budget // (4 * n_heads * n_classes)))
 
 
+def _kept_rows(targets: torch.Tensor, ignore_index: int):
+    """Positions of the non-ignored rows (CPU), or None to run every row.
+
+    On CPU reading the count is free, so ignored rows cost no GEMM work. On CUDA it would be a
+    host sync: the PyTorch path runs every row there (the Triton path skips them on the device).
+    """
+    if targets.device.type != "cpu":
+        return None
+    keep = (targets != ignore_index).nonzero().squeeze(1)
+    return None if keep.numel() == targets.numel() else keep
+
+
 def _chunked_pass(hs, weight, targets, row_scales, opt, rows_fn):
     """Loss rows (A, N) of the weighted heads and, if row_scales (A, N) is given, grads.
 
-    hs: A tensors [N, d]; weight: [V, d]; targets: [N]. Per chunk of rows: one GEMM for the
-    logits of all heads, rows_fn for loss and dlogits, GEMMs for dH and an fp32 dW.
+    hs: A tensors [N, d]; weight: [V, d]; targets: [N]. Per chunk of kept rows: one GEMM for
+    the logits of all heads, rows_fn for loss and dlogits, GEMMs for dH and an fp32 dW.
     Returns (loss (A, N) fp32, dhs (A, N, d) in input dtype or None, dW [V, d] or None).
     """
     (n, _), n_heads, device, want_grad = hs[0].shape, len(hs), weight.device, row_scales is not None
-    step, w_mm = _chunk_rows(n, n_heads, weight.shape[0], device), weight.to(_mm_dtype(weight))
+    keep = _kept_rows(targets, opt[2])
+    n_kept = n if keep is None else keep.numel()
+    step, w_mm = _chunk_rows(n_kept, n_heads, weight.shape[0], device), weight.to(_mm_dtype(weight))
     w_mm_t = w_mm.t().contiguous() if _onednn(w_mm) else w_mm.t()  # (d, V): dH = dlogits @ W as a linear
-    loss = torch.empty(n_heads, n, dtype=_acc_dtype(weight), device=device)  # (A, N)
-    dhs = torch.empty(n_heads, *hs[0].shape, dtype=hs[0].dtype, device=device) if want_grad else None
+    new = torch.empty if keep is None else torch.zeros  # ignored rows: loss 0, dH 0
+    loss = new(n_heads, n, dtype=_acc_dtype(weight), device=device)  # (A, N)
+    dhs = new(n_heads, *hs[0].shape, dtype=hs[0].dtype, device=device) if want_grad else None
     dw = _new_dw(w_mm) if want_grad else None  # (V, d) fp32
-    for s in range(0, n, step):
-        e = min(n, s + step)
-        x = torch.cat([h[s:e] for h in hs]).to(w_mm.dtype)  # (A*c, d): one GEMM for all heads
-        scale = row_scales[:, s:e].reshape(-1) if want_grad else None
-        rows, dlogits = rows_fn(_linear(x, w_mm), targets[s:e].repeat(n_heads), scale, opt, x.dtype)
-        loss[:, s:e] = rows.view(n_heads, e - s)
+    for s in range(0, n_kept, step):
+        e = min(n_kept, s + step)
+        rows_of = (lambda t, dim=0: t.narrow(dim, s, e - s)) if keep is None else \
+            (lambda t, dim=0: t.index_select(dim, keep[s:e]))
+        x = torch.cat([rows_of(h) for h in hs]).to(w_mm.dtype)  # (A*c, d): one GEMM for all heads
+        scale = rows_of(row_scales, 1).reshape(-1) if want_grad else None
+        rows, dlogits = rows_fn(_linear(x, w_mm), rows_of(targets).repeat(n_heads), scale, opt, x.dtype)
+        _put_rows(loss, keep, s, rows.view(n_heads, e - s))
         if want_grad:
-            dhs[:, s:e] = _linear(dlogits, w_mm_t).view(n_heads, e - s, -1)  # (A, c, d)
+            _put_rows(dhs, keep, s, _linear(dlogits, w_mm_t).view(n_heads, e - s, -1))  # (A, c, d)
             dw = _accumulate_dw(dw, dlogits, x)
     return loss, dhs, (dw.to(weight.dtype).contiguous() if want_grad else None)
+
+
+def _put_rows(out: torch.Tensor, keep, start: int, values: torch.Tensor) -> None:
+    """out[:, rows start..] = values (A, c, ...): a slice, or the kept positions keep[start:]."""
+    if keep is None:
+        out.narrow(1, start, values.shape[1]).copy_(values)
+    else:
+        out.index_copy_(1, keep[start:start + values.shape[1]], values.to(out.dtype))
 
 
 # ----------------------------------------------------------------------------- PyTorch path
@@ -208,7 +239,53 @@ def _torch_pass(hs, weight, targets, row_scales, opt):
 
 
 # ----------------------------------------------------------------------------- Triton path
+# The Triton path reorders rows so that the non-ignored ones come first (a stable argsort on
+# the device) and keeps their count on the device: every kernel loads it and skips the tiles
+# past it, so ignored rows cost no matmul work and the host never waits for the count.
 if HAS_TRITON:
+    @triton.jit
+    def _live_rows(N_live_ptr, chunk_start, n_rows):
+        """Rows of this chunk (per head) that hold a non-ignored target: a prefix of the chunk."""
+        return tl.minimum(tl.maximum(tl.load(N_live_ptr) - chunk_start, 0), n_rows)
+
+    @triton.jit
+    def _logits_kernel(
+        X_ptr,
+        X_head_stride,
+        X_row_stride,
+        W_ptr,
+        W_row_stride,
+        Out_ptr,
+        Out_head_stride,
+        Out_row_stride,
+        N_live_ptr,
+        chunk_start,
+        n_rows,
+        n_classes,
+        d,
+        PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        """Out[a, m, v] = X[a, m] . W[v] in fp32 for the live rows; tiles past them do nothing."""
+        n_m = tl.cdiv(n_rows, BLOCK_M)
+        pid_m, pid_n, head = tl.program_id(0) % n_m, tl.program_id(0) // n_m, tl.program_id(1).to(tl.int64)
+        live = _live_rows(N_live_ptr, chunk_start, n_rows)
+        if pid_m * BLOCK_M < live:
+            rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            ks = tl.arange(0, BLOCK_K)
+            x_ptrs = X_ptr + head * X_head_stride + rows[:, None].to(tl.int64) * X_row_stride + ks[None, :]
+            w_ptrs = W_ptr + cols[:, None].to(tl.int64) * W_row_stride + ks[None, :]
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, d, BLOCK_K):
+                x = tl.load(x_ptrs + k0, mask=(rows[:, None] < live) & (k0 + ks[None, :] < d), other=0.0)
+                w = tl.load(w_ptrs + k0, mask=(cols[:, None] < n_classes) & (k0 + ks[None, :] < d), other=0.0)
+                acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+            out_ptrs = Out_ptr + head * Out_head_stride + rows[:, None].to(tl.int64) * Out_row_stride + cols[None, :]
+            tl.store(out_ptrs, acc, mask=(rows[:, None] < live) & (cols[None, :] < n_classes))
+
     @triton.jit
     def _ce_rows_kernel(
         Logits_ptr,
@@ -218,6 +295,9 @@ if HAS_TRITON:
         Targets_ptr,
         Scales_ptr,
         Loss_ptr,
+        N_live_ptr,
+        chunk_start,
+        n_rows,
         n_classes,
         ignore_index,
         label_smoothing,
@@ -233,10 +313,11 @@ if HAS_TRITON:
         logits_row = Logits_ptr + row * logits_row_stride
         dlogits_row = Dlogits_ptr + row * dlogits_row_stride
         target = tl.load(Targets_ptr + row)
+        is_live = row % n_rows < _live_rows(N_live_ptr, chunk_start, n_rows)  # else ignored, never read
         cols = tl.arange(0, BLOCK_V)
         # an out-of-range target (possible only on CUDA, where the check is an async assert)
         # counts as ignored here, so no load ever leaves the row
-        if (target != ignore_index) & (target >= 0) & (target < n_classes):
+        if is_live & (target != ignore_index) & (target >= 0) & (target < n_classes):
             row_max = float("-inf")
             other = 0.0  # sum of exp(x - row_max) over the non-target classes
             x_target = 0.0
@@ -276,10 +357,90 @@ if HAS_TRITON:
         else:
             tl.store(Loss_ptr + row, 0.0)
             if HAS_GRAD:
-                for v0 in range(0, n_classes, BLOCK_V):
-                    offs = v0 + cols
-                    zeros = tl.zeros([BLOCK_V], dtype=Dlogits_ptr.dtype.element_ty)
-                    tl.store(dlogits_row + offs, zeros, mask=offs < n_classes)
+                if is_live:  # a live row with a bad target: the dH and dW kernels read its zeros
+                    for v0 in range(0, n_classes, BLOCK_V):
+                        offs = v0 + cols
+                        zeros = tl.zeros([BLOCK_V], dtype=Dlogits_ptr.dtype.element_ty)
+                        tl.store(dlogits_row + offs, zeros, mask=offs < n_classes)
+
+    @triton.jit
+    def _dh_kernel(
+        D_ptr,
+        D_head_stride,
+        D_row_stride,
+        W_ptr,
+        W_row_stride,
+        DH_ptr,
+        DH_head_stride,
+        DH_row_stride,
+        N_live_ptr,
+        chunk_start,
+        n_rows,
+        n_classes,
+        d,
+        PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        """DH[a, m] = sum_v dlogits[a, m, v] * W[v]; tiles past the live rows write zeros."""
+        n_m = tl.cdiv(n_rows, BLOCK_M)
+        pid_m, pid_n, head = tl.program_id(0) % n_m, tl.program_id(0) // n_m, tl.program_id(1).to(tl.int64)
+        live = _live_rows(N_live_ptr, chunk_start, n_rows)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        ks = tl.arange(0, BLOCK_K)
+        d_ptrs = D_ptr + head * D_head_stride + rows[:, None].to(tl.int64) * D_row_stride + ks[None, :]
+        w_ptrs = W_ptr + ks[:, None].to(tl.int64) * W_row_stride + cols[None, :]
+        v_end = tl.where(pid_m * BLOCK_M < live, n_classes, 0)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for v0 in range(0, v_end, BLOCK_K):
+            g = tl.load(d_ptrs + v0, mask=(rows[:, None] < live) & (v0 + ks[None, :] < n_classes), other=0.0)
+            w = tl.load(w_ptrs + v0 * W_row_stride, mask=(v0 + ks[:, None] < n_classes) & (cols[None, :] < d),
+                        other=0.0)
+            acc = tl.dot(g, w, acc, input_precision=PRECISION)
+        dh_ptrs = DH_ptr + head * DH_head_stride + rows[:, None].to(tl.int64) * DH_row_stride + cols[None, :]
+        tl.store(dh_ptrs, acc.to(DH_ptr.dtype.element_ty), mask=(rows[:, None] < n_rows) & (cols[None, :] < d))
+
+    @triton.jit
+    def _dw_kernel(
+        D_ptr,
+        D_head_stride,
+        D_row_stride,
+        X_ptr,
+        X_head_stride,
+        X_row_stride,
+        DW_ptr,
+        DW_row_stride,
+        N_live_ptr,
+        chunk_start,
+        n_rows,
+        n_heads,
+        n_classes,
+        d,
+        PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        """DW[v] += sum_{a, live m} dlogits[a, m, v] * X[a, m] in fp32; one program per tile, no atomics."""
+        live = _live_rows(N_live_ptr, chunk_start, n_rows)
+        if live > 0:
+            vs = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+            cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+            ks = tl.arange(0, BLOCK_K)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for head in range(0, n_heads):
+                d_ptrs = D_ptr + head * D_head_stride + ks[:, None].to(tl.int64) * D_row_stride + vs[None, :]
+                x_ptrs = X_ptr + head * X_head_stride + ks[:, None].to(tl.int64) * X_row_stride + cols[None, :]
+                for m0 in range(0, live, BLOCK_K):
+                    in_rows = m0 + ks[:, None] < live
+                    g = tl.load(d_ptrs + m0 * D_row_stride, mask=in_rows & (vs[None, :] < n_classes), other=0.0)
+                    x = tl.load(x_ptrs + m0 * X_row_stride, mask=in_rows & (cols[None, :] < d), other=0.0)
+                    acc = tl.dot(tl.trans(g), x, acc, input_precision=PRECISION)
+            dw_ptrs = DW_ptr + vs[:, None].to(tl.int64) * DW_row_stride + cols[None, :]
+            in_tile = (vs[:, None] < n_classes) & (cols[None, :] < d)
+            tl.store(dw_ptrs, acc + tl.load(dw_ptrs, mask=in_tile, other=0.0), mask=in_tile)
 
 
 def _block_v(n_classes: int) -> int:
@@ -287,24 +448,67 @@ def _block_v(n_classes: int) -> int:
     return min(cap, triton.next_power_of_2(n_classes))
 
 
-def _triton_rows(logits, tgt, scale, opt, grad_dtype):
+def _gemm_config(dtype: torch.dtype) -> dict:
+    """Tile sizes and launch options of the three GEMM kernels (fp32 operands use smaller K tiles)."""
+    if interpreting():
+        return dict(PRECISION="ieee", BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
+    # fp32 operands follow torch's own switch between IEEE and TF32 GEMMs
+    precision = "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    block_k = 32 if dtype == torch.float32 else 64
+    return dict(PRECISION=precision, BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_k, num_warps=8, num_stages=3)
+
+
+def _triton_pass(hs, weight, targets, row_scales, opt):
+    """The Triton counterpart of _chunked_pass: same contract, no host sync, ignored rows skipped."""
+    smoothing, z_loss, ignore_index = opt
+    (n, d), n_heads, device, want_grad = hs[0].shape, len(hs), weight.device, row_scales is not None
+    n_classes, mm_dtype = weight.shape[0], _mm_dtype(weight)  # the interpreter's dot needs fp32
+    live = targets != ignore_index
+    order = torch.argsort((~live).to(torch.int8), stable=True)  # live rows first, in order
+    n_live = live.sum().to(torch.int32).reshape(1)  # stays on the device
+    w_mm = weight.to(mm_dtype).contiguous()
+    step, cfg = _chunk_rows(n, n_heads, n_classes, device), _gemm_config(mm_dtype)
+    loss = torch.empty(n_heads, n, dtype=torch.float32, device=device)  # (A, N)
+    dhs = torch.empty(n_heads, n, d, dtype=hs[0].dtype, device=device) if want_grad else None
+    dw = torch.zeros(n_classes, d, dtype=torch.float32, device=device) if want_grad else None
+    for s in range(0, n, step):
+        c, idx = min(step, n - s), order[s:s + step]
+        x = torch.stack([h.index_select(0, idx) for h in hs]).to(mm_dtype)  # (A, c, d)
+        logits = torch.empty(n_heads, c, n_classes, dtype=torch.float32, device=device)  # (A, c, V)
+        where = (n_live, s, c)
+        grid = (triton.cdiv(c, cfg["BLOCK_M"]) * triton.cdiv(n_classes, cfg["BLOCK_N"]), n_heads)
+        _logits_kernel[grid](x, x.stride(0), x.stride(1), w_mm, w_mm.stride(0), logits, logits.stride(0),
+                             logits.stride(1), *where, n_classes, d, **cfg)
+        scale = row_scales.index_select(1, idx).reshape(-1) if want_grad else None
+        rows, dlogits = _triton_rows(logits.view(-1, n_classes), targets.index_select(0, idx).repeat(n_heads),
+                                     scale, opt, mm_dtype, where)
+        loss.index_copy_(1, idx, rows.view(n_heads, c))
+        if want_grad:
+            dlogits = dlogits.view(n_heads, c, n_classes)
+            dh = torch.empty(n_heads, c, d, dtype=hs[0].dtype, device=device)
+            grid = (triton.cdiv(c, cfg["BLOCK_M"]) * triton.cdiv(d, cfg["BLOCK_N"]), n_heads)
+            _dh_kernel[grid](dlogits, dlogits.stride(0), dlogits.stride(1), w_mm, w_mm.stride(0), dh,
+                             dh.stride(0), dh.stride(1), *where, n_classes, d, **cfg)
+            dhs.index_copy_(1, idx, dh)
+            grid = (triton.cdiv(n_classes, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_N"]))
+            _dw_kernel[grid](dlogits, dlogits.stride(0), dlogits.stride(1), x, x.stride(0), x.stride(1), dw,
+                             dw.stride(0), *where, n_heads, n_classes, d, **cfg)
+    return loss, dhs, (dw.to(weight.dtype) if want_grad else None)
+
+
+def _triton_rows(logits, tgt, scale, opt, grad_dtype, where):
     """Row loss (R,) of fp32 logits (R, V) and dlogits (R, V) in grad_dtype (in place when fp32)."""
     smoothing, z_loss, ignore_index = opt
-    logits, tgt = logits.contiguous(), tgt.contiguous()
     n_rows, n_classes = logits.shape
     loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     want_grad = scale is not None
     dlogits = logits if grad_dtype == logits.dtype or not want_grad else torch.empty_like(logits, dtype=grad_dtype)
     _ce_rows_kernel[(n_rows,)](
         logits, logits.stride(0), dlogits, dlogits.stride(0), tgt,
-        scale.contiguous() if want_grad else loss, loss, n_classes, ignore_index, smoothing, z_loss,
+        scale.contiguous() if want_grad else loss, loss, *where, n_classes, ignore_index, smoothing, z_loss,
         HAS_SMOOTHING=smoothing > 0, HAS_Z_LOSS=z_loss > 0, HAS_GRAD=want_grad,
         SERIES_MAX_Q=SERIES_MAX_Q, BLOCK_V=_block_v(n_classes), num_warps=ROW_WARPS)
-    return loss.to(logits.dtype), (dlogits if want_grad else None)
-
-
-def _triton_pass(hs, weight, targets, row_scales, opt):
-    return _chunked_pass(hs, weight, targets, row_scales, opt, _triton_rows)
+    return loss, (dlogits if want_grad else None)
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -404,6 +608,11 @@ def weighted_linear_cross_entropy(hiddens: Hiddens, weight: torch.Tensor, target
     ws = _check_head_weights(head_weights, len(hs))
     _check_options(reduction, label_smoothing, z_loss)
     chosen = resolve_backend(backend, weight, targets, *hs)
+    if chosen == "triton" and weight.dtype == torch.float64:
+        if backend == "triton":
+            raise TypeError("backend='triton' takes fp32/bf16/fp16 hiddens and weight, got float64: "
+                            "use backend='torch'")
+        chosen = "torch"
     check_target_range(targets, weight.shape[0], ignore_index)
     run_pass = _triton_pass if chosen == "triton" else _torch_pass
     opt = (float(label_smoothing), float(z_loss), int(ignore_index))

@@ -117,6 +117,13 @@ def test_one_row(backend):
     assert_matches(loss_and_grads(fn, hs, weight, targets, 3), loss_and_grads(ref, hs, weight, targets, 3), FP32_TOL)
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_fp64_needs_the_torch_backend():
+    hs, weight, targets = make_inputs(2, 9, 8, 11, dtype=torch.float64)
+    with pytest.raises(TypeError, match="backend='torch'"):
+        weighted_linear_cross_entropy(hs, weight, targets, [0.5, 0.5], backend="triton")
+
+
 def test_fp64_inputs_stay_fp64():
     hs, weight, targets = make_inputs(2, 45, 24, 1000, dtype=torch.float64, ignore_every=3)
     kw = dict(reduction="sum", label_smoothing=0.1, z_loss=1e-3)
@@ -159,6 +166,32 @@ def test_all_rows_ignored(backend, reduction):
     grads = torch.autograd.grad(out.sum(), leaves)
     assert not out.any() and torch.isfinite(out).all()
     assert all(torch.isfinite(g).all() and not g.any() for g in grads)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_ignored_rows_are_never_read(backend, reduction):
+    """Ignored rows skip every GEMM: NaN in their hiddens (0 * NaN = NaN in a GEMM) changes nothing."""
+    n, d, n_classes = sizes(backend, 1000, 67)
+    hs, weight, targets = make_inputs(2, n, d, n_classes)
+    targets[torch.randperm(n)[: n // 3]] = IGNORE  # scattered, so live and ignored rows share chunks
+    poisoned = [h.masked_fill((targets == IGNORE).unsqueeze(1), float("nan")) for h in hs]
+    kw = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-3)
+    ours = loss_and_grads(lambda h, w, y: weighted_linear_cross_entropy(h, w, y, [0.6, 0.4], backend=backend, **kw),
+                          poisoned, weight, targets, 8)
+    ref = loss_and_grads(lambda h, w, y: reference(h, w, y, [0.6, 0.4], **kw), hs, weight, targets, 8)
+    assert_matches(ours, ref, FP32_TOL)
+    assert all(not g[targets == IGNORE].any() for g in ours[1][1:])  # dH of ignored rows is exactly 0
+
+
+def test_torch_path_gemms_see_only_kept_rows(monkeypatch):
+    """On CPU the count of kept rows is free to read: the logits GEMM gets exactly those rows."""
+    seen, linear = [], weighted_ce._linear
+    monkeypatch.setattr(weighted_ce, "_linear", lambda a, b: seen.append(a.shape[0]) or linear(a, b))
+    hs, weight, targets = make_inputs(3, 203, 48, 1000, ignore_every=4)
+    weighted_linear_cross_entropy(hs, weight, targets, [0.7, 0.0, 0.3], backend="torch")
+    n_live = int((targets != IGNORE).sum())
+    assert sum(seen) == 2 * n_live  # forward only (no grad wanted): one logits GEMM per chunk
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
