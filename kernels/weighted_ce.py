@@ -596,7 +596,10 @@ def weighted_linear_cross_entropy(hiddens: Hiddens, weight: torch.Tensor, target
     - 'none': [K, N] of w_k * row_loss (0 on ignored rows), so .sum() equals 'sum'.
     Returns fp32 (fp64 for fp64 inputs). Heads with w_k == 0 cost nothing; their gradient is a stride-0
     zero tensor. Gradients to hiddens and weight come back in the input dtype; logits, lse
-    and dW accumulate in fp32. backend: 'auto' | 'triton' | 'torch' (see kernels/backend.py).
+    and dW accumulate in fp32. backend: 'auto' | 'triton' | 'torch' (see kernels/backend.py);
+    fp64 inputs take the PyTorch path ('auto' picks it; 'triton' raises a TypeError).
+    Rows with target == ignore_index enter no GEMM, so whatever their hiddens hold (even NaN)
+    never reaches the result or the gradients (their dH is 0).
 
     Target range: checked on the host for CPU tensors (ValueError naming `targets`). On CUDA
     it is an asynchronous device assert instead (no host sync on the hot path, so it surfaces
