@@ -176,7 +176,7 @@ class EarlyExitTransformer(nn.Module):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, V)
         return self.exit_logits(idx, [self.n_layers])[0]
 
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, routing_threshold: float = 0.0,
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, routing_threshold: Optional[float] = None,
                  exit_layer: int = 1, **kwargs):
         """Early-exit decoding with a KV cache, rows exiting independently; returns
         (tokens (B, T0 + max_new_tokens), exit_layers (B, max_new_tokens)). Options and

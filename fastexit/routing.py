@@ -286,7 +286,7 @@ def _next_tokens(model, h_exit, exit_stats, h_final, hard_rows, temperature, top
 
 
 @torch.no_grad()
-def generate(model, idx: torch.Tensor, max_new_tokens: int, routing_threshold: float = 0.0,
+def generate(model, idx: torch.Tensor, max_new_tokens: int, routing_threshold: Optional[float] = None,
              exit_layer: int = 1, temperature: float = 0.0, top_k: Optional[int] = None,
              generator: Optional[torch.Generator] = None, *, return_conf: bool = False,
              backend: str = "auto"):
@@ -299,12 +299,14 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, routing_threshold: f
     while the deeper caches of easy rows are filled from their carried exit-layer state
     (state propagation). routing_threshold=0: full-depth decoding. temperature=0: greedy;
     otherwise sample softmax(logits / temperature), optionally from the top_k logits
-    (routing always uses the temperature-1 confidence).
+    (routing always uses the temperature-1 confidence). routing_threshold=None is the same
+    as 0 (full depth).
 
     Returns (tokens (B, T0 + max_new_tokens) int64, exit_layers (B, max_new_tokens) int64),
     plus conf (B, max_new_tokens) fp32, the exit-layer confidence of each step, when
     ``return_conf``.
     """
+    routing_threshold = 0.0 if routing_threshold is None else routing_threshold
     _check_generate(model, idx, max_new_tokens, routing_threshold, exit_layer, temperature, top_k)
     (B, T0), L, cfg = idx.shape, model.n_layers, model.cfg
     routing, want_conf = routing_threshold > 0, routing_threshold > 0 or return_conf

@@ -5,7 +5,8 @@ Routing asks one question per token at the exit layer, "how sure is the head?", 
 evaluation asks for the NLL of the prediction used. Both need one streaming pass over the
 vocabulary per row:
 
-- PyTorch path: row chunks of fp32 logits (CHUNK_BYTES), max/argmax, then an in-place exp.
+- PyTorch path: row chunks of fp32 logits (CHUNK_BYTES; kernels/gemm.py's GEMM), max/argmax,
+  then an in-place exp.
 - Triton path (CUDA, or CPU under TRITON_INTERPRET=1): one program per block of rows walks the
   vocabulary in tiles with an online max / argmax / sum-exp and picks the target logit on the
   way.
@@ -16,6 +17,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from . import gemm
 from .backend import HAS_TRITON, resolve_backend
 from .checks import check_target_range, describe
 
@@ -66,7 +68,7 @@ def _torch_exit_confidence(hidden, weight, targets, ignore_index):
     nll = torch.empty(n, device=hidden.device) if targets is not None else None
     for s in range(0, n, step):
         e = min(n, s + step)
-        logits = torch.mm(hidden[s:e], weight.t()).float()  # (c, V)
+        logits = gemm.linear(hidden[s:e], weight).float()  # (c, V) fp32
         row_max, pred[s:e] = logits.max(1)
         if targets is not None:
             valid = targets[s:e] != ignore_index

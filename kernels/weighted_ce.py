@@ -29,6 +29,7 @@ from typing import Sequence, Union
 
 import torch
 
+from . import gemm
 from .backend import HAS_TRITON, interpreting, resolve_backend
 from .checks import check_target_range
 
@@ -110,40 +111,16 @@ def _check_options(reduction: str, label_smoothing: float, z_loss: float) -> Non
 
 
 # ----------------------------------------------------------------------------- shared chunk loop
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(t.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
-
-
-def _mm_dtype(t: torch.Tensor) -> torch.dtype:
-    # CPU has no low-precision GEMM with an fp32 result: upcast there; keep tensor cores on CUDA
-    return _acc_dtype(t) if t.device.type == "cpu" else t.dtype
-
-
-def _onednn(t: torch.Tensor) -> bool:
-    # MKL's sgemm runs AVX2 code on AMD CPUs; oneDNN's linear does the same fp32 math 2-3x faster
-    return (t.device.type == "cpu" and t.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
-
-
-def _linear(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b.T with an fp32 (or fp64) result; fp16/bf16 use CUDA's fp32-output GEMM."""
-    if _onednn(a):
-        return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
-    if a.dtype == _acc_dtype(a):
-        return torch.mm(a, b.t())
-    return torch.mm(a, b.t(), out_dtype=torch.float32)
-
-
 def _new_dw(weight: torch.Tensor) -> torch.Tensor:
     """Zero fp32 dW [V, d]; stored as dW^T [d, V] where oneDNN accumulates x^T @ dlogits."""
-    if _onednn(weight):
+    if gemm.use_onednn(weight):
         return weight.new_zeros(weight.shape[::-1], dtype=torch.float32).t()
-    return weight.new_zeros(weight.shape, dtype=_acc_dtype(weight))
+    return weight.new_zeros(weight.shape, dtype=gemm.acc_dtype(weight))
 
 
 def _accumulate_dw(dw: torch.Tensor, dlogits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    if _onednn(x):
-        return dw.add_(_linear(x.t(), dlogits.t()).t())  # dW^T (d, V) += x^T @ dlogits
+    if gemm.use_onednn(x):
+        return dw.add_(gemm.linear(x.t(), dlogits.t()).t())  # dW^T (d, V) += x^T @ dlogits
     if dlogits.dtype == dw.dtype:
         return dw.addmm_(dlogits.t(), x)  # (V, d) += (V, R) @ (R, d)
     return torch.addmm(dw, dlogits.t(), x, out_dtype=torch.float32)
@@ -176,10 +153,10 @@ def _chunked_pass(hs, weight, targets, row_scales, opt, rows_fn):
     (n, _), n_heads, device, want_grad = hs[0].shape, len(hs), weight.device, row_scales is not None
     keep = _kept_rows(targets, opt[2])
     n_kept = n if keep is None else keep.numel()
-    step, w_mm = _chunk_rows(n_kept, n_heads, weight.shape[0], device), weight.to(_mm_dtype(weight))
-    w_mm_t = w_mm.t().contiguous() if _onednn(w_mm) else w_mm.t()  # (d, V): dH = dlogits @ W as a linear
+    step, w_mm = _chunk_rows(n_kept, n_heads, weight.shape[0], device), weight.to(gemm.mm_dtype(weight))
+    w_mm_t = w_mm.t().contiguous() if gemm.use_onednn(w_mm) else w_mm.t()  # (d, V): dH = dlogits @ W as a linear
     new = torch.empty if keep is None else torch.zeros  # ignored rows: loss 0, dH 0
-    loss = new(n_heads, n, dtype=_acc_dtype(weight), device=device)  # (A, N)
+    loss = new(n_heads, n, dtype=gemm.acc_dtype(weight), device=device)  # (A, N)
     dhs = new(n_heads, *hs[0].shape, dtype=hs[0].dtype, device=device) if want_grad else None
     dw = _new_dw(w_mm) if want_grad else None  # (V, d) fp32
     for s in range(0, n_kept, step):
@@ -188,10 +165,10 @@ def _chunked_pass(hs, weight, targets, row_scales, opt, rows_fn):
             (lambda t, dim=0: t.index_select(dim, keep[s:e]))
         x = torch.cat([rows_of(h) for h in hs]).to(w_mm.dtype)  # (A*c, d): one GEMM for all heads
         scale = rows_of(row_scales, 1).reshape(-1) if want_grad else None
-        rows, dlogits = rows_fn(_linear(x, w_mm), rows_of(targets).repeat(n_heads), scale, opt, x.dtype)
+        rows, dlogits = rows_fn(gemm.linear(x, w_mm), rows_of(targets).repeat(n_heads), scale, opt, x.dtype)
         _put_rows(loss, keep, s, rows.view(n_heads, e - s))
         if want_grad:
-            _put_rows(dhs, keep, s, _linear(dlogits, w_mm_t).view(n_heads, e - s, -1))  # (A, c, d)
+            _put_rows(dhs, keep, s, gemm.linear(dlogits, w_mm_t).view(n_heads, e - s, -1))  # (A, c, d)
             dw = _accumulate_dw(dw, dlogits, x)
     return loss, dhs, (dw.to(weight.dtype).contiguous() if want_grad else None)
 
@@ -462,7 +439,7 @@ def _triton_pass(hs, weight, targets, row_scales, opt):
     """The Triton counterpart of _chunked_pass: same contract, no host sync, ignored rows skipped."""
     smoothing, z_loss, ignore_index = opt
     (n, d), n_heads, device, want_grad = hs[0].shape, len(hs), weight.device, row_scales is not None
-    n_classes, mm_dtype = weight.shape[0], _mm_dtype(weight)  # the interpreter's dot needs fp32
+    n_classes, mm_dtype = weight.shape[0], gemm.mm_dtype(weight)  # the interpreter's dot needs fp32
     live = targets != ignore_index
     order = torch.argsort((~live).to(torch.int8), stable=True)  # live rows first, in order
     n_live = live.sum().to(torch.int32).reshape(1)  # stays on the device
@@ -525,7 +502,7 @@ class _WeightedCE(torch.autograd.Function):
         ctx.weights = [head_weights[k] for k in ctx.active]
         ctx.run_pass, ctx.opt, ctx.reduction, ctx.n_heads = run_pass, opt, reduction, len(hs)
         act_hs, n = [hs[k] for k in ctx.active], targets.shape[0]
-        coef = _row_loss_coefficients(ctx.weights, targets, reduction, opt[2], _acc_dtype(weight))  # (A,)
+        coef = _row_loss_coefficients(ctx.weights, targets, reduction, opt[2], gemm.acc_dtype(weight))  # (A,)
         want_grad = reduction != "none" and any(ctx.needs_input_grad)
         scales = coef[:, None].expand(-1, n) if want_grad else None  # (A, N)
         rows, dhs, dw = _run_pass(run_pass, act_hs, weight, targets, scales, opt)
@@ -557,7 +534,7 @@ class _WeightedCE(torch.autograd.Function):
 
 def _run_pass(run_pass, act_hs, weight, targets, scales, opt):
     if not act_hs:  # every head weight is 0
-        return weight.new_zeros(0, targets.shape[0], dtype=_acc_dtype(weight)), None, None
+        return weight.new_zeros(0, targets.shape[0], dtype=gemm.acc_dtype(weight)), None, None
     return run_pass(act_hs, weight, targets, scales, opt)
 
 

@@ -172,8 +172,9 @@ def greedy_reference(model, idx, steps):
 
 def test_kv_cache_decoding_equals_recomputation():
     model, (idx, _) = make_model(3), batch(3, 7)
-    tokens, exit_layers = generate(model, idx, 20)
+    tokens, exit_layers = generate(model, idx, 20)  # routing_threshold=None: full depth
     assert torch.equal(tokens, greedy_reference(model, idx, 20))
+    assert torch.equal(generate(model, idx, 20, 0.0)[0], tokens)
     assert tokens.shape == (3, 27) and (exit_layers == 3).all()
 
 

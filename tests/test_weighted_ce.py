@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fastexit.kernels.gemm as gemm
 import fastexit.kernels.weighted_ce as weighted_ce
 from fastexit.kernels import HAS_TRITON
 from fastexit.kernels.weighted_ce import weighted_linear_cross_entropy
@@ -135,7 +136,7 @@ def test_fp64_inputs_stay_fp64():
 
 def test_torch_path_without_onednn(monkeypatch):
     """CPUs without mkldnn take torch.mm / addmm_ for the three GEMMs."""
-    monkeypatch.setattr(weighted_ce, "_onednn", lambda t: False)
+    monkeypatch.setattr(gemm, "use_onednn", lambda t: False)
     hs, weight, targets = make_inputs(3, 45, 24, 1000, ignore_every=3)
     fn = lambda h, w, y: weighted_linear_cross_entropy(h, w, y, [0.7, 0.0, 0.3], backend="torch")  # noqa: E731
     ref = lambda h, w, y: reference(h, w, y, [0.7, 0.0, 0.3])  # noqa: E731
@@ -186,8 +187,8 @@ def test_ignored_rows_are_never_read(backend, reduction):
 
 def test_torch_path_gemms_see_only_kept_rows(monkeypatch):
     """On CPU the count of kept rows is free to read: the logits GEMM gets exactly those rows."""
-    seen, linear = [], weighted_ce._linear
-    monkeypatch.setattr(weighted_ce, "_linear", lambda a, b: seen.append(a.shape[0]) or linear(a, b))
+    seen, linear = [], gemm.linear
+    monkeypatch.setattr(gemm, "linear", lambda a, b: seen.append(a.shape[0]) or linear(a, b))
     hs, weight, targets = make_inputs(3, 203, 48, 1000, ignore_every=4)
     weighted_linear_cross_entropy(hs, weight, targets, [0.7, 0.0, 0.3], backend="torch")
     n_live = int((targets != IGNORE).sum())

@@ -1,0 +1,35 @@
+"""The GEMM under both ops' PyTorch paths: a @ b.T with an fp32 (fp64 for fp64) result.
+
+MKL's sgemm, which torch.mm uses for fp32 on CPU, runs its AVX2 code on AMD CPUs; oneDNN's
+linear does the same fp32 math 2-3x faster there (and no slower on Intel), so CPU fp32 goes
+through ``torch.ops.mkldnn._linear_pointwise``. That op is private: it is used only when it
+exists, and torch.mm is the fallback. On CUDA, bf16/fp16 inputs keep tensor cores and get an
+fp32 result from ``torch.mm(..., out_dtype=torch.float32)``.
+"""
+import torch
+
+
+def acc_dtype(t: torch.Tensor) -> torch.dtype:
+    """fp32, or fp64 for fp64 inputs: the dtype results accumulate in."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def mm_dtype(t: torch.Tensor) -> torch.dtype:
+    """The operand dtype to multiply in: CPU has no low-precision GEMM with an fp32 result."""
+    return acc_dtype(t) if t.device.type == "cpu" else t.dtype
+
+
+def use_onednn(t: torch.Tensor) -> bool:
+    return (t.device.type == "cpu" and t.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def linear(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (M, K) @ b (N, K).T -> (M, N) in acc_dtype; CPU low-precision operands are upcast."""
+    if a.dtype != mm_dtype(a):
+        a, b = a.to(mm_dtype(a)), b.to(mm_dtype(a))
+    if use_onednn(a):
+        return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+    if a.dtype == acc_dtype(a):
+        return torch.mm(a, b.t())
+    return torch.mm(a, b.t(), out_dtype=torch.float32)
