@@ -120,20 +120,22 @@ def skip_reason(provider: str, device: torch.device):
 
 
 # ----------------------------------------------------------------------------- steps
-def make_inputs(shape: LossShape, device):
+def make_inputs(shape: LossShape, device, ignored: float = 0.0):
+    """Heads, W and targets; a random `ignored` fraction of the targets is -100 (ignore_index)."""
     gen = torch.Generator(device).manual_seed(0)
     n, d, v = shape.n_tokens, shape.d_model, shape.vocab
     hs = [torch.randn(n, d, generator=gen, device=device, dtype=shape.dtype).requires_grad_()
           for _ in shape.head_weights]
     weight = (torch.randn(v, d, generator=gen, device=device) / math.sqrt(d)).to(shape.dtype).requires_grad_()
     targets = torch.randint(0, v, (n,), generator=gen, device=device)
+    targets[torch.randperm(n, generator=gen, device=device)[:int(n * ignored)]] = -100
     return hs, weight, targets
 
 
-def make_step(provider: str, shape_index: int, device_type: str):
+def make_step(provider: str, shape_index: int, device_type: str, ignored: float = 0.0):
     """One fwd+bwd step: the loss and its grads to W and every weighted head."""
     shape, fn = SHAPES[shape_index], PROVIDERS[provider]
-    hs, weight, targets = make_inputs(shape, torch.device(device_type))
+    hs, weight, targets = make_inputs(shape, torch.device(device_type), ignored)
     wrt = [weight] + [h for h, w in zip(hs, shape.head_weights) if w > 0]
     if provider.startswith("matmul_floor"):
         return lambda: fn(hs, weight, targets, shape.head_weights)
@@ -159,6 +161,25 @@ def test_loss_fwd_bwd(benchmark, provider, shape_index):
             else cpu_peak_extra_mb("bench.test_bench_loss", "make_step", provider, shape_index, "cpu"))
     record(benchmark, provider=provider, shape=shape.label, seconds=seconds, tokens=shape.n_tokens,
            peak_mem_mb=peak, flops=shape.flops)
+
+
+IGNORED_FRACTIONS = (0.0, 0.5)
+
+
+@pytest.mark.parametrize("ignored", IGNORED_FRACTIONS)
+@pytest.mark.parametrize("provider", ["ours_torch", "ours_triton"])
+def test_loss_ignored_rows(benchmark, provider, ignored):
+    """Ignored rows enter no GEMM: half the rows ignored should take about half the time."""
+    device, shape = bench_device(), SHAPES[0]
+    if (reason := skip_reason(provider, device)) is not None:
+        pytest.skip(reason)
+    benchmark.group = f"loss ignored rows {device.type} {shape.label}"
+    step = make_step(provider, 0, device.type, ignored)
+    step()
+    seconds = run_timed(benchmark, step, device)
+    record(benchmark, provider=f"{provider} {ignored:.0%} ignored", shape=shape.label, seconds=seconds,
+           tokens=shape.n_tokens, peak_mem_mb=cuda_peak_extra_mb(step, device) if device.type == "cuda" else None,
+           flops=shape.flops * (1 - ignored), ignored_fraction=ignored)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the matmul-rate reference is for GPUs")
