@@ -225,7 +225,7 @@ if HAS_TRITON:
         """Rows of this chunk (per head) that hold a non-ignored target: a prefix of the chunk."""
         return tl.minimum(tl.maximum(tl.load(N_live_ptr) - chunk_start, 0), n_rows)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["chunk_start", "n_rows"])
     def _logits_kernel(
         X_ptr,
         X_head_stride,
@@ -263,7 +263,7 @@ if HAS_TRITON:
             out_ptrs = Out_ptr + head * Out_head_stride + rows[:, None].to(tl.int64) * Out_row_stride + cols[None, :]
             tl.store(out_ptrs, acc, mask=(rows[:, None] < live) & (cols[None, :] < n_classes))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["chunk_start", "n_rows"])
     def _ce_rows_kernel(
         Logits_ptr,
         logits_row_stride,
@@ -340,7 +340,7 @@ if HAS_TRITON:
                         zeros = tl.zeros([BLOCK_V], dtype=Dlogits_ptr.dtype.element_ty)
                         tl.store(dlogits_row + offs, zeros, mask=offs < n_classes)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["chunk_start", "n_rows"])
     def _dh_kernel(
         D_ptr,
         D_head_stride,
@@ -373,13 +373,13 @@ if HAS_TRITON:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for v0 in range(0, v_end, BLOCK_K):
             g = tl.load(d_ptrs + v0, mask=(rows[:, None] < live) & (v0 + ks[None, :] < n_classes), other=0.0)
-            w = tl.load(w_ptrs + v0 * W_row_stride, mask=(v0 + ks[:, None] < n_classes) & (cols[None, :] < d),
-                        other=0.0)
+            w = tl.load(w_ptrs, mask=(v0 + ks[:, None] < n_classes) & (cols[None, :] < d), other=0.0)
             acc = tl.dot(g, w, acc, input_precision=PRECISION)
+            w_ptrs += BLOCK_K * W_row_stride  # a pointer step: v0 * W_row_stride could pass int32
         dh_ptrs = DH_ptr + head * DH_head_stride + rows[:, None].to(tl.int64) * DH_row_stride + cols[None, :]
         tl.store(dh_ptrs, acc.to(DH_ptr.dtype.element_ty), mask=(rows[:, None] < n_rows) & (cols[None, :] < d))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["chunk_start", "n_rows"])
     def _dw_kernel(
         D_ptr,
         D_head_stride,
@@ -403,18 +403,24 @@ if HAS_TRITON:
         """DW[v] += sum_{a, live m} dlogits[a, m, v] * X[a, m] in fp32; one program per tile, no atomics."""
         live = _live_rows(N_live_ptr, chunk_start, n_rows)
         if live > 0:
-            vs = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-            cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+            vs = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # d tiles vary fastest: programs
+            cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # running together share dlogits
             ks = tl.arange(0, BLOCK_K)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for head in range(0, n_heads):
-                d_ptrs = D_ptr + head * D_head_stride + ks[:, None].to(tl.int64) * D_row_stride + vs[None, :]
-                x_ptrs = X_ptr + head * X_head_stride + ks[:, None].to(tl.int64) * X_row_stride + cols[None, :]
+            # pointers advance by strides (64-bit pointer arithmetic), never head * stride in int32
+            d_head = D_ptr + ks[:, None].to(tl.int64) * D_row_stride + vs[None, :]
+            x_head = X_ptr + ks[:, None].to(tl.int64) * X_row_stride + cols[None, :]
+            for _ in range(0, n_heads):
+                d_ptrs, x_ptrs = d_head, x_head
                 for m0 in range(0, live, BLOCK_K):
                     in_rows = m0 + ks[:, None] < live
-                    g = tl.load(d_ptrs + m0 * D_row_stride, mask=in_rows & (vs[None, :] < n_classes), other=0.0)
-                    x = tl.load(x_ptrs + m0 * X_row_stride, mask=in_rows & (cols[None, :] < d), other=0.0)
+                    g = tl.load(d_ptrs, mask=in_rows & (vs[None, :] < n_classes), other=0.0)
+                    x = tl.load(x_ptrs, mask=in_rows & (cols[None, :] < d), other=0.0)
                     acc = tl.dot(tl.trans(g), x, acc, input_precision=PRECISION)
+                    d_ptrs += BLOCK_K * D_row_stride
+                    x_ptrs += BLOCK_K * X_row_stride
+                d_head += D_head_stride
+                x_head += X_head_stride
             dw_ptrs = DW_ptr + vs[:, None].to(tl.int64) * DW_row_stride + cols[None, :]
             in_tile = (vs[:, None] < n_classes) & (cols[None, :] < d)
             tl.store(dw_ptrs, acc + tl.load(dw_ptrs, mask=in_tile, other=0.0), mask=in_tile)
@@ -429,8 +435,11 @@ def _gemm_config(dtype: torch.dtype) -> dict:
     """Tile sizes and launch options of the three GEMM kernels (fp32 operands use smaller K tiles)."""
     if interpreting():
         return dict(PRECISION="ieee", BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
-    # fp32 operands follow torch's own switch between IEEE and TF32 GEMMs
-    precision = "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    # fp32 operands follow torch's own switch between IEEE and TF32 GEMMs (reading allow_tf32
+    # raises once the newer fp32_precision setting has been used)
+    matmul = torch.backends.cuda.matmul
+    tf32 = matmul.fp32_precision == "tf32" if hasattr(matmul, "fp32_precision") else matmul.allow_tf32
+    precision = "tf32" if dtype == torch.float32 and tf32 else "ieee"
     block_k = 32 if dtype == torch.float32 else 64
     return dict(PRECISION=precision, BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_k, num_warps=8, num_stages=3)
 
@@ -445,6 +454,8 @@ def _triton_pass(hs, weight, targets, row_scales, opt):
     n_live = live.sum().to(torch.int32).reshape(1)  # stays on the device
     w_mm = weight.to(mm_dtype).contiguous()
     step, cfg = _chunk_rows(n, n_heads, n_classes, device), _gemm_config(mm_dtype)
+    if step < n:  # whole row tiles per chunk: no partial tile in every chunk's three GEMMs
+        step = max(cfg["BLOCK_M"], step // cfg["BLOCK_M"] * cfg["BLOCK_M"])
     loss = torch.empty(n_heads, n, dtype=torch.float32, device=device)  # (A, N)
     dhs = torch.empty(n_heads, n, d, dtype=hs[0].dtype, device=device) if want_grad else None
     dw = torch.zeros(n_classes, d, dtype=torch.float32, device=device) if want_grad else None
@@ -467,7 +478,7 @@ def _triton_pass(hs, weight, targets, row_scales, opt):
             _dh_kernel[grid](dlogits, dlogits.stride(0), dlogits.stride(1), w_mm, w_mm.stride(0), dh,
                              dh.stride(0), dh.stride(1), *where, n_classes, d, **cfg)
             dhs.index_copy_(1, idx, dh)
-            grid = (triton.cdiv(n_classes, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_N"]))
+            grid = (triton.cdiv(d, cfg["BLOCK_N"]), triton.cdiv(n_classes, cfg["BLOCK_M"]))
             _dw_kernel[grid](dlogits, dlogits.stride(0), dlogits.stride(1), x, x.stride(0), x.stride(1), dw,
                              dw.stride(0), *where, n_heads, n_classes, d, **cfg)
     return loss, dhs, (dw.to(weight.dtype) if want_grad else None)
