@@ -18,7 +18,7 @@ BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRI
 FP32_TOL = 2e-5  # max abs error relative to the reference's max abs value
 FP64_TOL = 1e-10
 CONFIDENT_TOL = 2e-3  # fp32 logits near 50 carry ~1e-6 absolute error; p - 1 ~ 1e-6 as well
-BF16_FLOOR = 1e-3  # below this, bf16 errors are equal for practical purposes
+LOW_PRECISION_FLOOR = 1e-3  # below this, bf16/fp16 errors are equal for practical purposes
 TORCH_CHUNK_BYTES = 4096  # forces many row chunks in the PyTorch path even at test sizes
 
 
@@ -239,28 +239,30 @@ def test_confident_rows(backend):
     assert_matches(ours, expect, CONFIDENT_TOL)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_bf16_error_at_most_twice_pytorch(backend):
+def test_low_precision_error_at_most_twice_pytorch(backend, dtype):
     n, d, n_classes = sizes(backend, 1000, 131)
-    hs, weight, targets = make_inputs(2, n, d, n_classes, dtype=torch.bfloat16, ignore_every=5, logit_scale=4.0)
+    hs, weight, targets = make_inputs(2, n, d, n_classes, dtype=dtype, ignore_every=5, logit_scale=4.0)
     ws = [0.7, 0.3]
     ours = loss_and_grads(lambda h, w, y: weighted_linear_cross_entropy(h, w, y, ws, backend=backend),
                           hs, weight, targets, 5)
-    torch_bf16 = loss_and_grads(lambda h, w, y: sum(wk * F.cross_entropy(hk @ w.T, y, ignore_index=IGNORE)
+    torch_low = loss_and_grads(lambda h, w, y: sum(wk * F.cross_entropy(hk @ w.T, y, ignore_index=IGNORE)
                                                     for wk, hk in zip(ws, h)), hs, weight, targets, 5)
     exact = loss_and_grads(lambda h, w, y: reference(h, w, y, ws), hs, weight, targets, 5)
-    for i, (a, b, r) in enumerate(zip([ours[0], *ours[1]], [torch_bf16[0], *torch_bf16[1]], [exact[0], *exact[1]])):
+    for i, (a, b, r) in enumerate(zip([ours[0], *ours[1]], [torch_low[0], *torch_low[1]], [exact[0], *exact[1]])):
         ours_err, torch_err = rel_err(a, r), rel_err(b, r)
-        assert ours_err <= 2 * torch_err + BF16_FLOOR, f"tensor {i}: {ours_err:.3g} vs torch's {torch_err:.3g}"
+        assert ours_err <= 2 * torch_err + LOW_PRECISION_FLOOR, f"tensor {i}: {ours_err:.3g} vs torch's {torch_err:.3g}"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_grads_keep_input_dtype(backend):
-    hs, weight, targets = make_inputs(2, 19, 16, 67, dtype=torch.bfloat16)
+def test_grads_keep_input_dtype(backend, dtype):
+    hs, weight, targets = make_inputs(2, 19, 16, 67, dtype=dtype)
     leaves = [t.clone().requires_grad_() for t in (weight, *hs)]
     out = weighted_linear_cross_entropy(leaves[1:], leaves[0], targets, [0.7, 0.3], backend=backend)
     assert out.dtype == torch.float32
-    assert all(g.dtype == torch.bfloat16 for g in torch.autograd.grad(out, leaves))
+    assert all(g.dtype == dtype for g in torch.autograd.grad(out, leaves))
 
 
 # ----------------------------------------------------------------------------- bad input
