@@ -189,7 +189,8 @@ class UniversalTrainer:
         (of the routed pass alone), ``n_tokens``, and with ``per_layer`` ``ppl_L{i}``/``acc_L{i}``
         of every exit. ``mode='compact'`` really skips the deeper layers for easy tokens and
         also reports the exact pass it is compared with: ``ppl_exact``, ``ppl_diff_vs_exact``,
-        ``speedup_vs_exact``. ``routing_threshold`` overrides the config's.
+        ``speedup_vs_exact`` (the two passes are timed batch by batch, interleaved).
+        ``routing_threshold`` overrides the config's.
         """
         if mode not in EVAL_MODES:
             raise ValueError(f"mode must be one of {EVAL_MODES}, got {mode!r}")
@@ -201,12 +202,12 @@ class UniversalTrainer:
         model.eval()
         if mode == "compact":
             self._warm_up(model, val_batches[0], threshold)
-        stats = self._routed_stats(model, val_batches, threshold, routing.exact_routed_forward, ignore_index)
-        if mode == "compact":
-            compact = self._routed_stats(model, val_batches, threshold, routing.compact_routed_forward, ignore_index)
-            compact.update(ppl_exact=stats["ppl"], ppl_diff_vs_exact=compact["ppl"] - stats["ppl"],
-                           speedup_vs_exact=stats["seconds"] / compact["seconds"])
-            stats = compact
+            forwards = (routing.exact_routed_forward, routing.compact_routed_forward)
+            exact, stats = self._routed_stats(model, val_batches, threshold, forwards, ignore_index)
+            stats.update(ppl_exact=exact["ppl"], ppl_diff_vs_exact=stats["ppl"] - exact["ppl"],
+                         speedup_vs_exact=exact["seconds"] / stats["seconds"])
+        else:
+            stats, = self._routed_stats(model, val_batches, threshold, (routing.exact_routed_forward,), ignore_index)
         if per_layer:
             stats.update(self._per_layer_stats(model, val_batches, ignore_index))
         model.train(was_training)
@@ -219,20 +220,29 @@ class UniversalTrainer:
         for routed_forward in (routing.exact_routed_forward, routing.compact_routed_forward):
             routed_forward(model, x, self.config.exit_layer, threshold, backend=self.backend)
 
-    def _routed_stats(self, model, val_batches, threshold, routed_forward, ignore_index) -> Dict[str, float]:
-        sums, seconds = torch.zeros(5, dtype=torch.float64, device=self.device), 0.0
-        for x, y in val_batches:
+    def _routed_stats(self, model, val_batches, threshold, forwards, ignore_index) -> List[Dict[str, float]]:
+        """Metrics of each routed forward over the same batches. With several forwards, each
+        batch runs all of them back to back, in alternating order, so that load drift on a
+        shared machine hits their timings alike."""
+        sums = torch.zeros(len(forwards), 5, dtype=torch.float64, device=self.device)
+        seconds = [0.0] * len(forwards)
+        for i, (x, y) in enumerate(val_batches):
             x, y = x.to(self.device), y.to(self.device)
-            t0 = _clock(self.device)
-            out = routed_forward(model, x, self.config.exit_layer, threshold, targets=y, backend=self.backend)
-            seconds += _clock(self.device) - t0
             valid = y != ignore_index
-            sums += _masked_sums(valid, out.nll, out.pred == y, out.easy, out.layers_run, valid)
-        nll, correct, easy, layers_run, n = sums.tolist()  # the one host sync
+            for j in (range(len(forwards)) if i % 2 == 0 else reversed(range(len(forwards)))):
+                t0 = _clock(self.device)
+                out = forwards[j](model, x, self.config.exit_layer, threshold, targets=y, backend=self.backend)
+                seconds[j] += _clock(self.device) - t0
+                sums[j] += _masked_sums(valid, out.nll, out.pred == y, out.easy, out.layers_run, valid)
+        return [self._summary(row, secs, model.n_layers) for row, secs in zip(sums.tolist(), seconds)]  # one sync
+
+    @staticmethod
+    def _summary(sums: list, seconds: float, n_layers: int) -> Dict[str, float]:
+        nll, correct, easy, layers_run, n = sums
         if n == 0:
             raise ValueError("val_batches has no scored tokens (all targets are ignore_index)")
         return dict(ppl=math.exp(nll / n), nll=nll / n, acc=correct / n, shallow_ratio=easy / n,
-                    compute_cost=layers_run / (n * model.n_layers), tokens_per_s=n / seconds,
+                    compute_cost=layers_run / (n * n_layers), tokens_per_s=n / seconds,
                     seconds=seconds, n_tokens=int(n))
 
     def _per_layer_stats(self, model, val_batches, ignore_index) -> Dict[str, float]:

@@ -225,6 +225,13 @@ if HAS_TRITON:
         """Rows of this chunk (per head) that hold a non-ignored target: a prefix of the chunk."""
         return tl.minimum(tl.maximum(tl.load(N_live_ptr) - chunk_start, 0), n_rows)
 
+    @triton.jit
+    def _row_tile(n_rows, BLOCK_M: tl.constexpr):
+        """(row tile, column tile, head) of a program; row tiles vary fastest, so the programs
+        running together share one tile of the right-hand matrix."""
+        n_m = tl.cdiv(n_rows, BLOCK_M)
+        return tl.program_id(0) % n_m, tl.program_id(0) // n_m, tl.program_id(1).to(tl.int64)
+
     @triton.jit(do_not_specialize=["chunk_start", "n_rows"])
     def _logits_kernel(
         X_ptr,
@@ -246,8 +253,7 @@ if HAS_TRITON:
         BLOCK_K: tl.constexpr,
     ):
         """Out[a, m, v] = X[a, m] . W[v] in fp32 for the live rows; tiles past them do nothing."""
-        n_m = tl.cdiv(n_rows, BLOCK_M)
-        pid_m, pid_n, head = tl.program_id(0) % n_m, tl.program_id(0) // n_m, tl.program_id(1).to(tl.int64)
+        pid_m, pid_n, head = _row_tile(n_rows, BLOCK_M)
         live = _live_rows(N_live_ptr, chunk_start, n_rows)
         if pid_m * BLOCK_M < live:
             rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -361,8 +367,7 @@ if HAS_TRITON:
         BLOCK_K: tl.constexpr,
     ):
         """DH[a, m] = sum_v dlogits[a, m, v] * W[v]; tiles past the live rows write zeros."""
-        n_m = tl.cdiv(n_rows, BLOCK_M)
-        pid_m, pid_n, head = tl.program_id(0) % n_m, tl.program_id(0) // n_m, tl.program_id(1).to(tl.int64)
+        pid_m, pid_n, head = _row_tile(n_rows, BLOCK_M)
         live = _live_rows(N_live_ptr, chunk_start, n_rows)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
