@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import routing
+from .kernels import gemm
 
 
 @dataclass
@@ -43,6 +44,17 @@ class ModelConfig:
         return self.d_model // self.n_heads
 
 
+class Linear(nn.Linear):
+    """nn.Linear without bias whose fp32 CPU GEMMs (forward and backward) run through oneDNN
+    (kernels/gemm.py: 2-3x MKL's sgemm on AMD CPUs); on CUDA it is plain F.linear."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gemm.fp32_linear(x, self.weight)
+
+
 class Attention(nn.Module):
     """Causal multi-head self-attention (SDPA). Q and KV are separate projections so that
     routing can compute queries for hard tokens only and keys/values for every position."""
@@ -50,9 +62,9 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.d_model = cfg.n_heads, cfg.d_model
-        self.q_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.kv_proj = nn.Linear(cfg.d_model, 2 * cfg.d_model, bias=False)
-        self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.q_proj = Linear(cfg.d_model, cfg.d_model)
+        self.kv_proj = Linear(cfg.d_model, 2 * cfg.d_model)
+        self.out_proj = Linear(cfg.d_model, cfg.d_model)
         self.dropout = cfg.dropout
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,8 +86,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.fc_in = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
-        self.fc_out = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+        self.fc_in = Linear(cfg.d_model, cfg.d_ff)
+        self.fc_out = Linear(cfg.d_ff, cfg.d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc_out(F.gelu(self.fc_in(x), approximate="tanh"))
@@ -113,7 +125,7 @@ class EarlyExitTransformer(nn.Module):
         self.emb_dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.exit_norms = nn.ModuleList(nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps) for _ in range(cfg.n_layers))
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.d_model, cfg.vocab_size)
         self.apply(self._init_weights)
         # GPT-2: scale the residual projections by depth so the residual stream stays O(1).
         for name, p in self.named_parameters():

@@ -244,7 +244,9 @@ def _decode_shallow(model, tok: torch.Tensor, caches, pos: int) -> torch.Tensor:
 def _decode_deeper(blocks, caches, x, hard_rows, pos: int, backend) -> torch.Tensor:
     """Deeper blocks for one decode position: x (B, d) exit-layer states of all rows; returns
     the final states (n, d) of the hard rows. Every row's keys/values at ``pos`` are written
-    from its current state (carried for easy rows); only hard rows run q/out/MLP."""
+    from its current state (carried for easy rows); only hard rows run q/out/MLP, and their
+    attention reads only their own rows of the cache (decode attention is memory-bound: the
+    gathered copy costs less than reading every row's keys and values)."""
     B = x.shape[0]
     if hard_rows.numel() == B:
         x = x.unsqueeze(1)  # (B, 1, d)
@@ -259,8 +261,9 @@ def _decode_deeper(blocks, caches, x, hard_rows, pos: int, backend) -> torch.Ten
         a = block.attn_norm(x)  # (B, d)
         cache[0][:, :, pos:pos + 1], cache[1][:, :, pos:pos + 1] = _kv(block, a, B)
         if hard_rows.numel():
-            xh = _hard_rows_block(block, a, xh, hard_rows, hard_rows, 1, cache[0][:, :, :pos + 1],
-                                  cache[1][:, :, :pos + 1], None, backend)
+            k, v = (c[:, :, :pos + 1].index_select(0, hard_rows) for c in cache)  # (n, H, pos+1, hd)
+            slots = torch.arange(hard_rows.numel(), device=x.device)
+            xh = _hard_rows_block(block, a, xh, hard_rows, slots, 1, k, v, None, backend)
     return xh
 
 
