@@ -1,0 +1,107 @@
+"""The kernels compiled for a real GPU: run with TRITON_INTERPRET=0 on a CUDA machine.
+
+    TRITON_INTERPRET=0 python -m pytest -q tests/test_cuda_kernels.py
+
+The rest of tests/ checks every Triton kernel through the interpreter on CPU tensors (CI has
+no GPU). This file runs both backends on CUDA tensors at shapes where the GPU tile sizes and
+the bf16/fp16 tensor-core paths are used, against fp64 references, and checks that the
+training loss never synchronises with the host. Without CUDA (or under the interpreter) it
+is skipped as a whole.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastexit.kernels import compact_indices, exit_confidence, gather_rows, scatter_rows
+from fastexit.kernels.backend import interpreting
+from fastexit.kernels.weighted_ce import weighted_linear_cross_entropy
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or interpreting(),
+                                reason="compiled GPU kernels: needs CUDA and TRITON_INTERPRET=0")
+IGNORE = -100
+HEAD_WEIGHTS = (0.7, 0.0, 0.3)
+TOL = {torch.float32: 1e-4, torch.bfloat16: None, torch.float16: None}  # None: 2x PyTorch's own error
+
+
+def inputs(dtype, n=1500, d=256, v=5003, seed=0):
+    gen = torch.Generator("cuda").manual_seed(seed)
+    hs = [torch.randn(n, d, device="cuda", generator=gen).to(dtype) for _ in HEAD_WEIGHTS]
+    weight = (torch.randn(v, d, device="cuda", generator=gen) * 4 / math.sqrt(d)).to(dtype)
+    targets = torch.randint(0, v, (n,), device="cuda", generator=gen)
+    targets[torch.randperm(n, device="cuda", generator=gen)[: n // 4]] = IGNORE
+    return hs, weight, targets
+
+
+def value_and_grads(fn, hs, weight, targets):
+    leaves = [t.detach().clone().requires_grad_() for t in (weight, *hs)]
+    out = fn(leaves[1:], leaves[0], targets)
+    g = torch.linspace(0.5, 3.0, out.numel(), device="cuda").view(out.shape)  # grad_output != 1
+    return [out.detach().double(), *(x.double() for x in torch.autograd.grad((out * g).sum(), leaves))]
+
+
+def naive(hs, weight, targets, reduction):
+    per_head = [w * F.cross_entropy(h @ weight.T, targets, ignore_index=IGNORE, reduction=reduction)
+                for h, w in zip(hs, HEAD_WEIGHTS)]
+    return torch.stack(per_head) if reduction == "none" else sum(per_head)
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_weighted_ce_on_gpu(backend, dtype, reduction):
+    hs, weight, targets = inputs(dtype)
+    hs = [h.masked_fill((targets == IGNORE)[:, None], float("nan")) for h in hs]  # never read
+    clean = [h.nan_to_num(0.0) for h in hs]
+    ours = value_and_grads(lambda h, w, y: weighted_linear_cross_entropy(
+        h, w, y, HEAD_WEIGHTS, reduction=reduction, backend=backend), hs, weight, targets)
+    exact = value_and_grads(lambda h, w, y: naive([x.double() for x in h], w.double(), y, reduction),
+                            clean, weight, targets)
+    same_dtype = value_and_grads(lambda h, w, y: naive(h, w, y, reduction), clean, weight, targets)
+    for i, (a, r, p) in enumerate(zip(ours, exact, same_dtype)):
+        bound = TOL[dtype] if TOL[dtype] is not None else 2 * rel_err(p, r) + 1e-3
+        assert torch.isfinite(a).all() and rel_err(a, r) <= bound, f"tensor {i}: {rel_err(a, r):.3g} > {bound:.3g}"
+
+
+def test_weighted_ce_never_syncs_with_the_host():
+    hs, weight, targets = inputs(torch.bfloat16)
+    leaves = [t.requires_grad_() for t in (weight, *hs)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = weighted_linear_cross_entropy(leaves[1:], leaves[0], targets, HEAD_WEIGHTS, backend="triton")
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_exit_confidence_on_gpu(dtype):
+    hs, weight, targets = inputs(dtype, n=777)
+    stats = exit_confidence(hs[0], weight, targets, backend="triton")
+    logits = hs[0].double() @ weight.double().T
+    conf, _ = logits.softmax(1).max(1)
+    lse = logits.logsumexp(1)
+    valid = targets != IGNORE
+    nll = torch.where(valid, lse - logits.gather(1, targets.clamp(min=0)[:, None]).squeeze(1), 0.0)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for ours, ref in ((stats.conf, conf), (stats.lse, lse), (stats.nll, nll)):
+        assert rel_err(ours.double(), ref) <= tol
+    assert (logits.gather(1, stats.pred[:, None]).squeeze(1) >= logits.max(1).values - 1e-3).all()
+
+
+def test_compaction_on_gpu():
+    mask = torch.rand(100_003, device="cuda") < 0.3
+    idx = compact_indices(mask, backend="triton")
+    assert torch.equal(idx, mask.nonzero().squeeze(1))
+    x = torch.randn(100_003, 96, device="cuda")
+    assert torch.equal(gather_rows(x, idx, backend="triton"), x[idx])
+    out = torch.zeros_like(x)
+    scatter_rows(out, idx, x[idx] * 2, backend="triton")
+    assert torch.equal(out[idx], x[idx] * 2) and not out[~mask].any()
