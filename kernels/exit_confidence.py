@@ -62,6 +62,7 @@ def _check_inputs(hidden, weight, targets, ignore_index: int) -> None:
 # ----------------------------------------------------------------------------- PyTorch path
 def _torch_exit_confidence(hidden, weight, targets, ignore_index):
     n, n_classes = hidden.shape[0], weight.shape[0]
+    weight = weight.to(gemm.mm_dtype(weight))  # once, not per chunk (CPU low precision: fp32)
     step = max(1, min(n, CHUNK_BYTES // (4 * n_classes)))
     conf, lse = (torch.empty(n, device=hidden.device) for _ in range(2))
     pred = torch.empty(n, dtype=torch.int64, device=hidden.device)

@@ -5,7 +5,7 @@ linear does the same fp32 math 2-3x faster there (measured on AMD EPYC; not meas
 Intel, where MKL is already fast), so CPU fp32 goes through
 ``torch.ops.mkldnn._linear_pointwise``. That op is private: it is used only when it exists,
 and torch.mm is the fallback. On CUDA, bf16/fp16 inputs keep tensor cores and get an fp32
-result from ``torch.mm(..., out_dtype=torch.float32)``.
+result from ``torch.mm(..., out_dtype=torch.float32)`` (torch >= 2.8, hence setup.py's floor).
 
 ``fp32_linear`` is the same GEMM as a differentiable ``F.linear(x, weight)``: the model's
 projections use it, so CPU training and inference get oneDNN's rate in both directions.
@@ -46,7 +46,7 @@ class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight):
         ctx.save_for_backward(x, weight)
-        return linear(x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[0])
+        return _linear_nd(x, weight)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -64,4 +64,8 @@ def fp32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _Linear.apply(x, weight)
-    return linear(x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[0])
+    return _linear_nd(x, weight)
+
+
+def _linear_nd(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return linear(x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[0])  # (..., N)
