@@ -451,7 +451,7 @@ def _gemm_config(dtype: torch.dtype) -> dict:
 
 def _triton_pass(hs, weight, targets, row_scales, opt):
     """The Triton counterpart of _chunked_pass: same contract, no host sync, ignored rows skipped."""
-    smoothing, z_loss, ignore_index = opt
+    ignore_index = opt[2]
     (n, d), n_heads, device, want_grad = hs[0].shape, len(hs), weight.device, row_scales is not None
     n_classes, mm_dtype = weight.shape[0], gemm.mm_dtype(weight)  # the interpreter's dot needs fp32
     live = targets != ignore_index
