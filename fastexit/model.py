@@ -162,8 +162,11 @@ class EarlyExitTransformer(nn.Module):
         if idx.shape[1] > self.cfg.max_seq_len:
             raise ValueError(f"idx has {idx.shape[1]} positions, more than max_seq_len={self.cfg.max_seq_len}")
 
-    def embed(self, idx: torch.Tensor, start_pos: int = 0) -> torch.Tensor:  # (B, T) -> (B, T, d)
-        pos = torch.arange(start_pos, start_pos + idx.shape[1], device=idx.device)
+    def embed(self, idx: torch.Tensor, start_pos: int = 0,
+              positions: Optional[torch.Tensor] = None) -> torch.Tensor:  # (B, T) -> (B, T, d)
+        """Token + learned position embeddings; positions (B, T) int64 overrides start_pos."""
+        pos = positions if positions is not None else torch.arange(start_pos, start_pos + idx.shape[1],
+                                                                   device=idx.device)
         return self.emb_dropout(self.tok_emb(idx) + self.pos_emb(pos))
 
     def exit_hidden_states(self, idx: torch.Tensor, layers: Sequence[int]) -> List[torch.Tensor]:

@@ -198,7 +198,8 @@ def _deeper_hard_rows(blocks, x, hard, hard_idx, backend) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- generation
-def _check_generate(model, idx, max_new_tokens, routing_threshold, exit_layer, temperature, top_k) -> None:
+def _check_generate(model, idx, max_new_tokens, routing_threshold, exit_layer, temperature, top_k,
+                    prompt_mask) -> None:
     if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int64 or idx.dim() != 2:
         raise ValueError(f"idx must be an int64 (B, T) prompt tensor, got "
                          f"{getattr(idx, 'dtype', type(idx).__name__)} of shape {tuple(getattr(idx, 'shape', ()))}")
@@ -213,6 +214,15 @@ def _check_generate(model, idx, max_new_tokens, routing_threshold, exit_layer, t
         raise ValueError(f"max_new_tokens={max_new_tokens} with a prompt of {idx.shape[1]} tokens "
                          f"exceeds max_seq_len={limit}")
     check_routing(model, exit_layer, routing_threshold)
+    if prompt_mask is not None:
+        if not isinstance(prompt_mask, torch.Tensor) or prompt_mask.dtype != torch.bool \
+                or prompt_mask.shape != idx.shape or prompt_mask.device != idx.device:
+            raise ValueError(f"prompt_mask must be a bool tensor of idx's shape {tuple(idx.shape)} on {idx.device}, "
+                             f"got {getattr(prompt_mask, 'dtype', type(prompt_mask).__name__)} of shape "
+                             f"{tuple(getattr(prompt_mask, 'shape', ()))}")
+        if not (prompt_mask[:, -1].all() and (prompt_mask[:, 1:] >= prompt_mask[:, :-1]).all()):
+            raise ValueError("prompt_mask: prompts must be left-padded (each row False... then True..., "
+                             "ending with a real token)")
     if not isinstance(temperature, (int, float)) or not temperature >= 0:
         raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
@@ -220,39 +230,43 @@ def _check_generate(model, idx, max_new_tokens, routing_threshold, exit_layer, t
         raise ValueError(f"top_k must be None or an int in [1, {model.cfg.vocab_size}], got {top_k!r}")
 
 
-def _cached_block(block, x, cache, start: int) -> torch.Tensor:
-    """Dense block on x (B, t, d) at positions start..start+t-1, writing their keys/values
-    into cache = (k, v), each (B, H, T_max, hd). Either a prefill (start 0) or one token."""
+def _cached_block(block, x, cache, start: int, mask=None) -> torch.Tensor:
+    """Dense block on x (B, t, d) at cache slots start..start+t-1, writing their keys/values
+    into cache = (k, v), each (B, H, T_max, hd). Either a prefill (start 0) or one token.
+    mask: (B, 1, t, start+t) bool for padded prompts; None = plain causal attention."""
     attn, (B, t, d) = block.attn, x.shape
     a = block.attn_norm(x)
     end = start + t
     cache[0][:, :, start:end], cache[1][:, :, start:end] = _kv(block, a.view(-1, d), B)
     y = F.scaled_dot_product_attention(attn.split_heads(attn.q_proj(a)), cache[0][:, :, :end],
-                                       cache[1][:, :, :end], is_causal=t > 1)
+                                       cache[1][:, :, :end], attn_mask=mask, is_causal=mask is None and t > 1)
     x = x + attn.out_proj(attn.merge_heads(y))
     return x + block.mlp(block.mlp_norm(x))
 
 
-def _decode_shallow(model, tok: torch.Tensor, caches, pos: int) -> torch.Tensor:
-    """Token ids tok (B,) at position pos through the first len(caches) blocks -> (B, d)."""
-    x = model.embed(tok[:, None], start_pos=pos)  # (B, 1, d)
+def _decode_shallow(model, tok: torch.Tensor, caches, slot: int, positions, mask) -> torch.Tensor:
+    """Token ids tok (B,) at cache slot ``slot`` (positions (B, 1) int64) through the first
+    len(caches) blocks -> (B, d)."""
+    x = model.embed(tok[:, None], positions=positions)  # (B, 1, d)
     for block, cache in zip(model.blocks, caches):
-        x = _cached_block(block, x, cache, pos)
+        x = _cached_block(block, x, cache, slot, mask)
     return x.squeeze(1)
 
 
-def _decode_deeper(blocks, caches, x, hard_rows, pos: int, backend) -> torch.Tensor:
+def _decode_deeper(blocks, caches, x, hard_rows, pos: int, mask, backend) -> torch.Tensor:
     """Deeper blocks for one decode position: x (B, d) exit-layer states of all rows; returns
     the final states (n, d) of the hard rows. Every row's keys/values at ``pos`` are written
     from its current state (carried for easy rows); only hard rows run q/out/MLP, and their
     attention reads only their own rows of the cache (decode attention is memory-bound: the
-    gathered copy costs less than reading every row's keys and values)."""
+    gathered copy costs less than reading every row's keys and values). mask: (B, 1, 1, pos+1)
+    bool keys to attend for padded prompts, else None."""
     B = x.shape[0]
     if hard_rows.numel() == B:
         x = x.unsqueeze(1)  # (B, 1, d)
         for block, cache in zip(blocks, caches):
-            x = _cached_block(block, x, cache, pos)
+            x = _cached_block(block, x, cache, pos, mask)
         return x.squeeze(1)
+    hard_mask = mask.index_select(0, hard_rows) if mask is not None else None  # (n, 1, 1, pos+1)
     x = x.clone()  # refreshed in place with the hard rows' states below
     xh = gather_rows(x, hard_rows, backend=backend)  # (n, d)
     slots = torch.arange(hard_rows.numel(), device=x.device)  # hard row r is query slot r of its own cache copy
@@ -263,7 +277,7 @@ def _decode_deeper(blocks, caches, x, hard_rows, pos: int, backend) -> torch.Ten
         cache[0][:, :, pos:pos + 1], cache[1][:, :, pos:pos + 1] = _kv(block, a, B)
         if hard_rows.numel():
             k, v = (c[:, :, :pos + 1].index_select(0, hard_rows) for c in cache)  # (n, H, pos+1, hd)
-            xh = _hard_rows_block(block, a, xh, hard_rows, slots, 1, k, v, None, backend)
+            xh = _hard_rows_block(block, a, xh, hard_rows, slots, 1, k, v, hard_mask, backend)
     return xh
 
 
@@ -288,11 +302,27 @@ def _next_tokens(model, h_exit, exit_stats, h_final, hard_rows, temperature, top
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
 
 
+def _prompt_layout(idx, prompt_mask, max_new_tokens):
+    """Positions (B, T0) of the prompt tokens, prompt lengths (B,), and the attention masks of
+    left-padded prompts: prefill (B, 1, T0, T0) and keys to attend per cache slot
+    (B, T0 + max_new_tokens); both masks are None when no row is padded."""
+    B, T0 = idx.shape
+    if prompt_mask is None or bool(prompt_mask.all()):
+        positions = torch.arange(T0, device=idx.device).expand(B, T0)
+        return positions, torch.full((B,), T0, device=idx.device), None, None
+    positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
+    causal = torch.ones(T0, T0, dtype=torch.bool, device=idx.device).tril()
+    # a pad attends to itself only: no query row is fully masked (that would give NaN states)
+    prefill = causal & (prompt_mask[:, None, :] | torch.eye(T0, dtype=torch.bool, device=idx.device))
+    key_ok = torch.cat([prompt_mask, prompt_mask.new_ones(B, max_new_tokens)], dim=1)
+    return positions, prompt_mask.sum(1), prefill.unsqueeze(1), key_ok
+
+
 @torch.no_grad()
 def generate(model, idx: torch.Tensor, max_new_tokens: int, routing_threshold: Optional[float] = None,
              exit_layer: int = 1, temperature: float = 0.0, top_k: Optional[int] = None,
-             generator: Optional[torch.Generator] = None, *, return_conf: bool = False,
-             backend: str = "auto"):
+             generator: Optional[torch.Generator] = None, *, prompt_mask: Optional[torch.Tensor] = None,
+             return_conf: bool = False, backend: str = "auto"):
     """Early-exit decoding with a per-layer KV cache; rows of the batch exit independently.
 
     idx: (B, T0) int64 prompt. The prompt's prefill runs every layer for every position.
@@ -305,13 +335,18 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, routing_threshold: O
     (routing always uses the temperature-1 confidence). routing_threshold=None is the same
     as 0 (full depth).
 
+    Prompts of different lengths: left-pad them in idx and pass prompt_mask (B, T0) bool,
+    True on real tokens. Each row then counts positions from its first real token, and no
+    query ever attends to a pad, so a row generates what it would alone.
+
     Returns (tokens (B, T0 + max_new_tokens) int64, exit_layers (B, max_new_tokens) int64),
     plus conf (B, max_new_tokens) fp32, the exit-layer confidence of each step, when
     ``return_conf``.
     """
     routing_threshold = 0.0 if routing_threshold is None else routing_threshold
-    _check_generate(model, idx, max_new_tokens, routing_threshold, exit_layer, temperature, top_k)
+    _check_generate(model, idx, max_new_tokens, routing_threshold, exit_layer, temperature, top_k, prompt_mask)
     (B, T0), L, cfg = idx.shape, model.n_layers, model.cfg
+    prompt_pos, lengths, prefill_mask, key_ok = _prompt_layout(idx, prompt_mask, max_new_tokens)
     routing, want_conf = routing_threshold > 0, routing_threshold > 0 or return_conf
     cache_shape = (B, cfg.n_heads, T0 + max_new_tokens, cfg.d_model // cfg.n_heads)
     param = model.lm_head.weight
@@ -320,22 +355,24 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, routing_threshold: O
     exit_layers = idx.new_empty(B, max_new_tokens)
     confs = torch.empty(B, max_new_tokens, device=idx.device)
     all_rows = torch.arange(B, device=idx.device)
-    x = model.embed(idx)
+    x = model.embed(idx, positions=prompt_pos)
     for i, (block, cache) in enumerate(zip(model.blocks, caches), start=1):  # prefill: full depth
-        x = _cached_block(block, x, cache, 0)
+        x = _cached_block(block, x, cache, 0, prefill_mask)
         if i == exit_layer:
             x_exit = x[:, -1]  # (B, d)
     for s in range(max_new_tokens):
         pos = T0 + s  # the token emitted now sits at pos and is predicted from position pos - 1
+        mask = key_ok[:, None, None, :pos] if key_ok is not None else None  # keys of slots 0..pos-1
         if s:
-            x_exit = _decode_shallow(model, tokens[:, pos - 1], caches[:exit_layer], pos - 1)  # (B, d)
+            x_exit = _decode_shallow(model, tokens[:, pos - 1], caches[:exit_layer], pos - 1,
+                                     (lengths + s - 1)[:, None], mask)  # (B, d)
         h_exit = model.exit_norms[exit_layer - 1](x_exit)
         stats = exit_confidence(h_exit, param, backend=backend) if want_conf else None
         easy = stats.conf >= routing_threshold if routing else None
         hard_rows = compact_indices(~easy, backend=backend) if routing else all_rows  # (n,)
         if s:
             x_final = _decode_deeper(model.blocks[exit_layer:], caches[exit_layer:], x_exit, hard_rows, pos - 1,
-                                     backend)
+                                     mask, backend)
         else:  # the prefill already ran every layer
             x_final = gather_rows(x[:, -1], hard_rows, backend=backend)
         h_final = model.exit_norms[-1](x_final)  # (n, d)

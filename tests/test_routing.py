@@ -240,6 +240,40 @@ def test_rows_exit_independently(threshold):
         assert (layers == 1).any() and (layers == 3).any()
 
 
+def left_padded(prompts, pad_id=0):
+    """Prompts of different lengths -> left-padded idx (B, T0) and prompt_mask (B, T0)."""
+    t0 = max(p.numel() for p in prompts)
+    idx = torch.full((len(prompts), t0), pad_id, dtype=torch.int64)
+    mask = torch.zeros(len(prompts), t0, dtype=torch.bool)
+    for r, p in enumerate(prompts):
+        idx[r, t0 - p.numel():], mask[r, t0 - p.numel():] = p, True
+    return idx, mask
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.5])
+def test_left_padded_rows_generate_what_they_would_alone(threshold):
+    model = make_model(3, block_scale=2.0)
+    prompts = [torch.randint(0, VOCAB, (n,)) for n in (7, 3, 1, 5)]
+    idx, mask = left_padded(prompts)
+    tokens, layers, conf = generate(model, idx, 12, threshold, 1, prompt_mask=mask, return_conf=True)
+    for r, p in enumerate(prompts):
+        alone, alone_layers, alone_conf = generate(model, p[None], 12, threshold, 1, return_conf=True)
+        assert torch.equal(tokens[r, idx.shape[1]:], alone[0, p.numel():]), f"row {r}"
+        assert torch.equal(layers[r], alone_layers[0])
+        torch.testing.assert_close(conf[r], alone_conf[0], rtol=1e-4, atol=1e-5)
+    if threshold:
+        assert (layers == 1).any() and (layers == 3).any()
+    other_pads = generate(model, idx.masked_fill(~mask, 17), 12, threshold, 1, prompt_mask=mask)
+    assert torch.equal(other_pads[0][:, idx.shape[1]:], tokens[:, idx.shape[1]:])  # pad ids never matter
+
+
+def test_all_true_prompt_mask_is_the_plain_path():
+    model, (idx, _) = make_model(3), batch(3, 6)
+    plain = generate(model, idx, 8, 0.5, 1)
+    masked = generate(model, idx, 8, 0.5, 1, prompt_mask=torch.ones_like(idx, dtype=torch.bool))
+    assert torch.equal(plain[0], masked[0]) and torch.equal(plain[1], masked[1])
+
+
 def test_generation_triton_backend_matches_torch():
     model, (idx, _) = make_model(3), batch(2, 5)
     ref = generate(model, idx, 6, 0.5, 1, backend="torch")
@@ -256,6 +290,10 @@ def test_generation_triton_backend_matches_torch():
     (dict(idx=torch.zeros(2, 5, dtype=torch.int32)), "idx"),
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(temperature=-1.0), "temperature"), (dict(top_k=0), "top_k"), (dict(top_k=VOCAB + 1), "top_k"),
+    (dict(prompt_mask=torch.ones(2, 4, dtype=torch.bool)), "prompt_mask"),
+    (dict(prompt_mask=torch.ones(2, 5, dtype=torch.int64)), "prompt_mask"),
+    (dict(prompt_mask=torch.tensor([[True] * 5, [True] * 4 + [False]])), "prompt_mask"),  # right-padded
+    (dict(prompt_mask=torch.tensor([[True] * 5, [False, True, False, True, True]])), "prompt_mask"),
 ])
 def test_generate_bad_input(kwargs, name):
     model = make_model(3)
