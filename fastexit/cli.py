@@ -794,6 +794,14 @@ def _add_training_flags(p) -> None:
     _add_data_flags(p)
 
 
+def _add_eval_flags(p) -> None:
+    """The flags `eval` and `sweep` share: which run, mode, split and how many batches."""
+    p.add_argument("--run", required=True, help="run folder")
+    p.add_argument("--mode", default="exact", choices=EVAL_MODES, help="exact (seed) or compact (real skipping)")
+    p.add_argument("--split", default="val", choices=("val", "test"))
+    p.add_argument("--eval-batches", type=int, help="evaluate only the first N batches (default: all)")
+
+
 def _add_runtime_flags(p, progress: bool = False) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"), help="kernel backend")
@@ -825,11 +833,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a trained run", description="Evaluate a run's checkpoint.")
-    p.add_argument("--run", required=True, help="run folder")
+    _add_eval_flags(p)
     p.add_argument("--threshold", type=float, help="routing_threshold (default: the run's)")
-    p.add_argument("--mode", default="exact", choices=EVAL_MODES, help="exact (seed) or compact (real skipping)")
-    p.add_argument("--split", default="val", choices=("val", "test"))
-    p.add_argument("--eval-batches", type=int, help="evaluate only the first N batches (default: all)")
     _add_runtime_flags(p)
     p.set_defaults(func=cmd_eval)
 
@@ -848,11 +853,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="routing_threshold sweep of a run",
                        description="PPL / compute_cost / shallow_ratio per routing_threshold, Pareto rows "
                                    "marked; writes RUN/sweep-<mode>.md and .png.")
-    p.add_argument("--run", required=True, help="run folder")
+    _add_eval_flags(p)
     p.add_argument("--thresholds", default=",".join(f"{t:g}" for t in SWEEP_THRESHOLDS), help="comma list in [0, 1]")
-    p.add_argument("--mode", default="exact", choices=EVAL_MODES)
-    p.add_argument("--split", default="val", choices=("val", "test"))
-    p.add_argument("--eval-batches", type=int, help="evaluate only the first N batches (default: all)")
     _add_runtime_flags(p)
     p.set_defaults(func=cmd_sweep)
 

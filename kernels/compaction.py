@@ -27,15 +27,20 @@ BLOCK_COLS = 256   # row elements per program of the gather/scatter kernels
 # ----------------------------------------------------------------------------- Triton path
 if HAS_TRITON:
     @triton.jit
+    def _mask_block(M_ptr, n, BLOCK: tl.constexpr):
+        """This program's block of the mask: (program id, int64 offsets, mask values as int64)."""
+        pid = tl.program_id(0)
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        return pid, offs, tl.load(M_ptr + offs, mask=offs < n, other=0).to(tl.int64)
+
+    @triton.jit
     def _block_count_kernel(
         M_ptr,
         Counts_ptr,
         n,
         BLOCK: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        m = tl.load(M_ptr + offs, mask=offs < n, other=0).to(tl.int64)
+        pid, offs, m = _mask_block(M_ptr, n, BLOCK)
         tl.store(Counts_ptr + pid, tl.sum(m, axis=0))
 
     @triton.jit
@@ -46,9 +51,7 @@ if HAS_TRITON:
         n,
         BLOCK: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        m = tl.load(M_ptr + offs, mask=offs < n, other=0).to(tl.int64)
+        pid, offs, m = _mask_block(M_ptr, n, BLOCK)
         rank = tl.cumsum(m, axis=0) - m  # exclusive prefix sum inside the block
         base = tl.load(Offsets_ptr + pid)
         tl.store(Out_ptr + base + rank, offs, mask=m != 0)
