@@ -14,7 +14,7 @@ the host: one device-to-host sync per call, inherent to running a smaller dense 
 import torch
 
 from .backend import HAS_TRITON, resolve_backend
-from .checks import describe
+from .checks import check_device, check_dtype, check_index, check_same, check_shape, check_tensor
 
 if HAS_TRITON:
     import triton
@@ -98,23 +98,18 @@ def _triton_copy_rows(src: torch.Tensor, dst: torch.Tensor, idx: torch.Tensor, g
 
 
 # ----------------------------------------------------------------------------- validation
-def _check_idx(idx, n_rows: int, name: str) -> None:
-    if not isinstance(idx, torch.Tensor) or idx.dim() != 1 or idx.dtype != torch.int64:
-        raise ValueError(f"idx must be a 1-D int64 tensor, got {describe(idx)}")
-    if idx.numel() == 0:
-        return
-    if idx.is_cuda:  # no host sync on the hot path; the device assert fires before any copy
-        torch._assert_async(((idx >= 0) & (idx < n_rows)).all(), f"idx must lie in [0, {name}.shape[0])")
-    elif int(idx.min()) < 0 or int(idx.max()) >= n_rows:
-        raise ValueError(f"idx must lie in [0, {n_rows}) ({name}.shape[0]), got [{int(idx.min())}, {int(idx.max())}]")
+def _check_rows(name: str, x) -> None:
+    """x: a tensor (N, ...) of at least one dimension, indexed by its rows."""
+    check_tensor(name, x)
+    if x.dim() == 0:
+        raise ValueError(f"{name} must have a row dimension (N, ...), got a 0-d tensor")
 
 
 # ----------------------------------------------------------------------------- public
 def compact_indices(mask: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """Positions (k,) int64, ascending, where the bool ``mask`` is True; an N-D mask is read
     in flat row-major order. One host sync (the count), as any exact-size result needs."""
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        raise ValueError(f"mask must be a bool tensor, got {describe(mask)}")
+    check_dtype("mask", mask, torch.bool)
     flat = mask.reshape(-1)
     if flat.numel() == 0:
         return torch.empty(0, dtype=torch.int64, device=mask.device)
@@ -125,11 +120,9 @@ def compact_indices(mask: torch.Tensor, *, backend: str = "auto") -> torch.Tenso
 
 def gather_rows(x: torch.Tensor, idx: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """Rows ``x[idx]``: x (N, ...), idx (k,) int64 in [0, N) -> (k, ...)."""
-    if not isinstance(x, torch.Tensor) or x.dim() == 0:
-        raise ValueError(f"x must be a tensor (N, ...), got {describe(x)}")
-    _check_idx(idx, x.shape[0], "x")
-    if idx.device != x.device:
-        raise ValueError(f"idx is on {idx.device}, x on {x.device}")
+    _check_rows("x", x)
+    check_index(idx, x.shape[0], "x")
+    check_device("idx", idx, x, "x")
     if resolve_backend(backend, x, idx) == "torch":
         return x.index_select(0, idx)
     x = x.contiguous()
@@ -142,14 +135,11 @@ def gather_rows(x: torch.Tensor, idx: torch.Tensor, *, backend: str = "auto") ->
 def scatter_rows(out: torch.Tensor, idx: torch.Tensor, values: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """In place ``out[idx] = values`` and return ``out``: out (N, ...), idx (k,) int64 unique
     in [0, N), values (k, ...) of out's dtype. Rows not in idx keep their values."""
-    if not isinstance(out, torch.Tensor) or out.dim() == 0:
-        raise ValueError(f"out must be a tensor (N, ...), got {describe(out)}")
-    _check_idx(idx, out.shape[0], "out")
-    expected = (idx.numel(),) + out.shape[1:]
-    if not isinstance(values, torch.Tensor) or values.shape != expected or values.dtype != out.dtype:
-        raise ValueError(f"values must be a {out.dtype} tensor of shape {expected}, got {describe(values)}")
-    if idx.device != out.device or values.device != out.device:
-        raise ValueError(f"idx ({idx.device}) and values ({values.device}) must be on out's device {out.device}")
+    _check_rows("out", out)
+    check_index(idx, out.shape[0], "out")
+    check_device("idx", idx, out, "out")
+    check_same("values", values, out, "out")
+    check_shape("values", values, (idx.numel(),) + out.shape[1:])
     if resolve_backend(backend, out, idx, values) == "torch":
         return out.index_copy_(0, idx, values)
     if not out.is_contiguous():

@@ -19,14 +19,14 @@ import torch
 
 from . import gemm
 from .backend import HAS_TRITON, resolve_backend
-from .checks import check_target_range, describe
+from .checks import check_matrix, check_same, check_target_range, check_targets
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
 CHUNK_BYTES = 16 * 2**20  # fp32 logits of one row chunk in the PyTorch path
-BLOCK_N, BLOCK_V, BLOCK_D = 16, 64, 64  # Triton tiles: rows, classes, model dim (tl.dot needs >= 16)
+BLOCK_M, BLOCK_V, BLOCK_D = 16, 64, 64  # Triton tiles: rows, classes, model dim (tl.dot needs >= 16)
 
 
 class ExitStats(NamedTuple):
@@ -40,23 +40,12 @@ class ExitStats(NamedTuple):
 
 # ----------------------------------------------------------------------------- validation
 def _check_inputs(hidden, weight, targets, ignore_index: int) -> None:
-    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2 or not hidden.is_floating_point():
-        raise ValueError(f"hidden must be a floating-point [N, d] tensor, got {describe(hidden)}")
-    n, d = hidden.shape
-    if n == 0:
-        raise ValueError("hidden: empty batch (N == 0)")
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != d or weight.shape[0] == 0:
-        raise ValueError(f"weight must be [V, d] with d={d}, got {describe(weight)}")
-    if weight.dtype != hidden.dtype or weight.device != hidden.device:
-        raise ValueError(f"weight is {weight.dtype} on {weight.device}, hidden is {hidden.dtype} on {hidden.device}")
-    if targets is None:
-        return
-    if not isinstance(targets, torch.Tensor) or targets.shape != (n,) \
-            or targets.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"targets must be an int64 [N] tensor with N={n}, got {describe(targets)}")
-    if targets.device != hidden.device:
-        raise ValueError(f"targets is on {targets.device}, hidden on {hidden.device}")
-    check_target_range(targets, weight.shape[0], ignore_index)
+    check_matrix("hidden", hidden)
+    check_matrix("weight", weight, n_cols=hidden.shape[1])
+    check_same("weight", weight, hidden, "hidden")
+    if targets is not None:
+        check_targets(targets, hidden.shape[0], hidden, "hidden")
+        check_target_range(targets, weight.shape[0], ignore_index)
 
 
 # ----------------------------------------------------------------------------- PyTorch path
@@ -69,7 +58,7 @@ def _torch_exit_confidence(hidden, weight, targets, ignore_index):
     nll = torch.empty(n, device=hidden.device) if targets is not None else None
     for s in range(0, n, step):
         e = min(n, s + step)
-        logits = gemm.linear(hidden[s:e], weight).float()  # (c, V) fp32
+        logits = gemm.linear_fp32(hidden[s:e], weight).float()  # (c, V) fp32
         row_max, pred[s:e] = logits.max(1)
         if targets is not None:
             valid = targets[s:e] != ignore_index
@@ -100,24 +89,24 @@ if HAS_TRITON:
         d_model,
         ignore_index,
         HAS_TARGETS: tl.constexpr,
-        BLOCK_N: tl.constexpr,
+        BLOCK_M: tl.constexpr,
         BLOCK_V: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < n_rows
         rows64 = rows.to(tl.int64)
-        run_max = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-        run_sum = tl.zeros((BLOCK_N,), tl.float32)
-        best = tl.zeros((BLOCK_N,), tl.int64)
-        tgt_logit = tl.zeros((BLOCK_N,), tl.float32)
+        run_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        run_sum = tl.zeros((BLOCK_M,), tl.float32)
+        best = tl.zeros((BLOCK_M,), tl.int64)
+        tgt_logit = tl.zeros((BLOCK_M,), tl.float32)
         if HAS_TARGETS:
             tgt = tl.load(T_ptr + rows64, mask=row_ok, other=ignore_index).to(tl.int64)
         for v0 in range(0, n_classes, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             col_ok = cols < n_classes
             cols64 = cols.to(tl.int64)
-            acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+            acc = tl.zeros((BLOCK_M, BLOCK_V), tl.float32)
             for d0 in range(0, d_model, BLOCK_D):
                 ds = d0 + tl.arange(0, BLOCK_D)
                 d_ok = ds < d_model
@@ -150,11 +139,11 @@ def _triton_exit_confidence(hidden, weight, targets, ignore_index):
     pred = torch.empty(n, dtype=torch.int64, device=hidden.device)
     nll = torch.empty(n, device=hidden.device) if targets is not None else None
     tgt = targets.contiguous() if targets is not None else pred  # dummy pointer when HAS_TARGETS=False
-    _exit_confidence_kernel[(triton.cdiv(n, BLOCK_N),)](
+    _exit_confidence_kernel[(triton.cdiv(n, BLOCK_M),)](
         hidden, hidden.stride(0), weight, weight.stride(0), tgt,
         conf, pred, lse, nll if nll is not None else conf,
         n, weight.shape[0], d, ignore_index,
-        HAS_TARGETS=targets is not None, BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D,
+        HAS_TARGETS=targets is not None, BLOCK_M=BLOCK_M, BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D,
     )
     return ExitStats(conf, pred, lse, nll)
 
@@ -169,6 +158,8 @@ def exit_confidence(hidden: torch.Tensor, weight: torch.Tensor, targets: Optiona
     ignore_index. Returns ExitStats with conf = max softmax probability = exp(max - lse),
     pred = argmax (first on ties), lse = logsumexp, nll = lse - logit[target] (0 where
     ignored); statistics are computed in fp32. Never holds the logits of all N rows at once.
+    Bad input (kernels/checks.py): TypeError for a wrong dtype, ValueError for a wrong shape,
+    an empty batch, a device mismatch or a target out of range (on CUDA an async device assert).
     """
     _check_inputs(hidden, weight, targets, ignore_index)
     if resolve_backend(backend, hidden, weight) == "triton":

@@ -1,4 +1,10 @@
-"""The GEMM under both ops' PyTorch paths: a @ b.T with an fp32 (fp64 for fp64) result.
+"""The GEMM under both ops' PyTorch paths, and the model's projections. Names say the dtype
+they return:
+
+- ``linear_fp32(a, b)``: a @ b.T with an fp32 result (fp64 for fp64 inputs), whatever the
+  operand dtype; not differentiable. The ops' chunk loops use it.
+- ``linear(x, weight)``: a differentiable ``F.linear(x, weight)`` (no bias) that returns x's
+  dtype; fp32 on CPU runs its forward and backward GEMMs through ``linear_fp32``.
 
 MKL's sgemm, which torch.mm uses for fp32 on CPU, runs its AVX2 code on AMD CPUs; oneDNN's
 linear does the same fp32 math 2-3x faster there (measured on AMD EPYC; not measured on
@@ -6,9 +12,6 @@ Intel, where MKL is already fast), so CPU fp32 goes through
 ``torch.ops.mkldnn._linear_pointwise``. That op is private: it is used only when it exists,
 and torch.mm is the fallback. On CUDA, bf16/fp16 inputs keep tensor cores and get an fp32
 result from ``torch.mm(..., out_dtype=torch.float32)`` (torch >= 2.8, hence setup.py's floor).
-
-``fp32_linear`` is the same GEMM as a differentiable ``F.linear(x, weight)``: the model's
-projections use it, so CPU training and inference get oneDNN's rate in both directions.
 """
 import torch
 import torch.nn.functional as F
@@ -29,7 +32,7 @@ def use_onednn(t: torch.Tensor) -> bool:
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
-def linear(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def linear_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a (M, K) @ b (N, K).T -> (M, N) in acc_dtype; CPU low-precision operands are upcast."""
     if a.dtype != mm_dtype(a):
         a, b = a.to(mm_dtype(a)), b.to(mm_dtype(a))
@@ -41,7 +44,7 @@ def linear(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class _Linear(torch.autograd.Function):
-    """x (..., K) @ weight (N, K).T; the backward's two GEMMs go through linear() as well."""
+    """x (..., K) @ weight (N, K).T; the backward's two GEMMs go through linear_fp32() as well."""
 
     @staticmethod
     def forward(ctx, x, weight):
@@ -52,14 +55,15 @@ class _Linear(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weight = ctx.saved_tensors
         g = grad_y.reshape(-1, grad_y.shape[-1])  # (M, N)
-        dx = linear(g, weight.t().contiguous()).view(x.shape) if ctx.needs_input_grad[0] else None  # (M, K)
-        dw = linear(g.t(), x.reshape(-1, x.shape[-1]).t()) if ctx.needs_input_grad[1] else None  # (N, K)
+        dx = linear_fp32(g, weight.t().contiguous()).view(x.shape) if ctx.needs_input_grad[0] else None  # (M, K)
+        dw = linear_fp32(g.t(), x.reshape(-1, x.shape[-1]).t()) if ctx.needs_input_grad[1] else None  # (N, K)
         return dx, dw
 
 
-def fp32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, weight) (no bias), x (..., K), weight (N, K); fp32 on CPU runs oneDNN's
-    GEMM forward and backward, every other case is F.linear itself."""
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, weight) (no bias): x (..., K), weight (N, K) -> (..., N) in x's dtype.
+
+    fp32 on CPU runs oneDNN's GEMM forward and backward; every other case is F.linear itself."""
     if not (use_onednn(x) and weight.dtype == x.dtype):
         return F.linear(x, weight)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
@@ -68,4 +72,4 @@ def fp32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def _linear_nd(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return linear(x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[0])  # (..., N)
+    return linear_fp32(x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[0])  # (..., N)

@@ -7,7 +7,9 @@ every weighted head and of W, one chunk of rows at a time (backward only rescale
 1. one GEMM gives the fp32 logits of the chunk's rows of all weighted heads, stacked;
 2. a row step turns them in place into row losses and dlogits;
 3. two GEMMs give dH and add dlogits^T @ H into an fp32 dW.
-Heads with weight 0 are never touched, and rows whose target is ignore_index enter no GEMM.
+Heads with weight 0 are never touched (for weights given as numbers or a CPU tensor; a CUDA
+tensor of weights is never read on the host, so there every head runs), and rows whose target
+is ignore_index enter no GEMM.
 
 - PyTorch path: oneDNN's GEMMs on CPU (MKL's sgemm runs AVX2 code on AMD CPUs, 2-3x slower),
   cuBLAS's on CUDA (fp32 output for bf16/fp16 inputs); the row step is torch ops (max, exp,
@@ -25,13 +27,14 @@ Both keep the true-class gradient p - 1 exact for confident rows: it is computed
 exp-sum of the other classes over the total, never as a difference of numbers close to 1.
 """
 import math
-from typing import Sequence, Union
+from dataclasses import dataclass
+from typing import Callable, List, NamedTuple, Sequence, Union
 
 import torch
 
 from . import gemm
 from .backend import HAS_TRITON, interpreting, resolve_backend
-from .checks import check_target_range
+from .checks import check_matrix, check_same, check_shape, check_target_range, check_targets
 
 if HAS_TRITON:
     import triton
@@ -47,8 +50,24 @@ SERIES_MAX_Q = 1e-3  # below this 1 - p_target, -log(p_target) comes from its se
 Hiddens = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
+@dataclass(frozen=True)
+class CEOptions:
+    """The loss options every pass and row step reads (by name)."""
+    label_smoothing: float
+    z_loss: float
+    ignore_index: int
+
+
+class HeadWeights(NamedTuple):
+    """The heads that run (ascending indices k) and their weights w_k: Python floats, or a
+    (A,) tensor on the hiddens' CUDA device that the host never reads (then every head runs)."""
+    active: List[int]
+    values: Union[List[float], torch.Tensor]
+
+
 # ----------------------------------------------------------------------------- validation
 def _as_head_list(hiddens: Hiddens) -> list:
+    """K tensors [N, d] from a list of them or one [K, N, d] tensor (checked by _check_tensors)."""
     if isinstance(hiddens, torch.Tensor):
         if hiddens.dim() != 3:
             raise ValueError(f"hiddens must be [K, N, d] or a list of [N, d], got shape {tuple(hiddens.shape)}")
@@ -56,40 +75,24 @@ def _as_head_list(hiddens: Hiddens) -> list:
     if not isinstance(hiddens, (list, tuple)) or not hiddens:
         raise TypeError("hiddens must be a non-empty list of [N, d] tensors or one [K, N, d] tensor, "
                         f"got {type(hiddens).__name__}")
-    for k, h in enumerate(hiddens):
-        if not isinstance(h, torch.Tensor) or h.dim() != 2:
-            raise ValueError(f"hiddens[{k}] must be a 2-D [N, d] tensor")
     return list(hiddens)
 
 
 def _check_tensors(hs: list, weight: torch.Tensor, targets: torch.Tensor) -> None:
-    n, d = hs[0].shape
-    if not hs[0].is_floating_point():
-        raise TypeError(f"hiddens must be floating point, got {hs[0].dtype}")
-    for k, h in enumerate(hs):
-        if h.shape != hs[0].shape:
-            raise ValueError(f"hiddens[{k}] has shape {tuple(h.shape)}, expected {(n, d)}")
-        if h.dtype != hs[0].dtype:
-            raise TypeError(f"hiddens[{k}] has dtype {h.dtype}, expected {hs[0].dtype}")
-        if h.device != hs[0].device:
-            raise ValueError(f"hiddens[{k}] is on {h.device}, expected {hs[0].device}")
-    if n == 0:
-        raise ValueError("hiddens: empty batch (N == 0)")
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != d:
-        raise ValueError(f"weight must be [V, d] with d={d}, got {getattr(weight, 'shape', type(weight))}")
-    if weight.dtype != hs[0].dtype:
-        raise TypeError(f"weight has dtype {weight.dtype}, expected hiddens' {hs[0].dtype}")
-    if weight.device != hs[0].device:
-        raise ValueError(f"weight is on {weight.device}, hiddens on {hs[0].device}")
-    if not isinstance(targets, torch.Tensor) or targets.shape != (n,):
-        raise ValueError(f"targets must be [N] with N={n}, got {getattr(targets, 'shape', type(targets))}")
-    if targets.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"targets must be int64 (or int32), got {targets.dtype}")
-    if targets.device != hs[0].device:
-        raise ValueError(f"targets is on {targets.device}, hiddens on {hs[0].device}")
+    check_matrix("hiddens[0]", hs[0])
+    for k, h in enumerate(hs[1:], start=1):
+        check_same(f"hiddens[{k}]", h, hs[0], "hiddens[0]")
+        check_shape(f"hiddens[{k}]", h, hs[0].shape)
+    check_matrix("weight", weight, n_cols=hs[0].shape[1])
+    check_same("weight", weight, hs[0], "hiddens")
+    check_targets(targets, hs[0].shape[0], hs[0], "hiddens")
 
 
-def _check_head_weights(head_weights, n_heads: int) -> list:
+def _check_head_weights(head_weights, n_heads: int, device: torch.device) -> HeadWeights:
+    """Numbers and CPU tensors are read on the host (no sync) and zero-weight heads dropped.
+    A tensor on the hiddens' CUDA device is checked by an async device assert instead."""
+    if isinstance(head_weights, torch.Tensor) and head_weights.device.type != "cpu":
+        return _device_head_weights(head_weights, n_heads, device)
     if isinstance(head_weights, torch.Tensor):
         head_weights = head_weights.detach().reshape(-1).tolist()
     ws = [float(w) for w in head_weights]
@@ -98,7 +101,21 @@ def _check_head_weights(head_weights, n_heads: int) -> list:
     for k, w in enumerate(ws):
         if not math.isfinite(w) or w < 0:
             raise ValueError(f"head_weights[{k}] = {w} must be finite and >= 0")
-    return ws
+    active = [k for k, w in enumerate(ws) if w > 0]
+    return HeadWeights(active, [ws[k] for k in active])
+
+
+def _device_head_weights(head_weights: torch.Tensor, n_heads: int, device: torch.device) -> HeadWeights:
+    """Reading the weights would be a host sync on the hot path, so every head runs (a zero
+    weight then costs its GEMMs, and its hiddens must be finite: 0 * NaN is NaN) and a bad
+    weight surfaces as a CUDA error at the next sync instead of a ValueError."""
+    ws = head_weights.detach().reshape(-1)
+    if ws.numel() != n_heads:
+        raise ValueError(f"head_weights has {ws.numel()} entries for {n_heads} heads")
+    if ws.device != device:
+        raise ValueError(f"head_weights is on {ws.device}, hiddens on {device}: pass a CPU tensor or numbers")
+    torch._assert_async((torch.isfinite(ws) & (ws >= 0)).all(), "head_weights must be finite and >= 0")
+    return HeadWeights(list(range(n_heads)), ws)
 
 
 def _check_options(reduction: str, label_smoothing: float, z_loss: float) -> None:
@@ -120,7 +137,7 @@ def _new_dw(weight: torch.Tensor) -> torch.Tensor:
 
 def _accumulate_dw(dw: torch.Tensor, dlogits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if gemm.use_onednn(x):
-        return dw.add_(gemm.linear(x.t(), dlogits.t()).t())  # dW^T (d, V) += x^T @ dlogits
+        return dw.add_(gemm.linear_fp32(x.t(), dlogits.t()).t())  # dW^T (d, V) += x^T @ dlogits
     if dlogits.dtype == dw.dtype:
         return dw.addmm_(dlogits.t(), x)  # (V, d) += (V, R) @ (R, d)
     return torch.addmm(dw, dlogits.t(), x, out_dtype=torch.float32)
@@ -143,15 +160,15 @@ def _kept_rows(targets: torch.Tensor, ignore_index: int):
     return None if keep.numel() == targets.numel() else keep
 
 
-def _chunked_pass(hs, weight, targets, row_scales, opt, rows_fn):
-    """Loss rows (A, N) of the weighted heads and, if row_scales (A, N) is given, grads.
+def _chunked_pass(hs, weight, targets, row_scales, opt: CEOptions, rows_fn):
+    """Loss rows (A, N) of the heads that run and, if row_scales (A, N) is given, grads.
 
-    hs: A tensors [N, d]; weight: [V, d]; targets: [N]. Per chunk of kept rows: one GEMM for
+    hs: A tensors [N, d]; weight: [V, d]; targets: [N] int64. Per chunk of kept rows: one GEMM for
     the logits of all heads, rows_fn for loss and dlogits, GEMMs for dH and an fp32 dW.
     Returns (loss (A, N) fp32, dhs (A, N, d) in input dtype or None, dW [V, d] or None).
     """
     (n, _), n_heads, device, want_grad = hs[0].shape, len(hs), weight.device, row_scales is not None
-    keep = _kept_rows(targets, opt[2])
+    keep = _kept_rows(targets, opt.ignore_index)
     n_kept = n if keep is None else keep.numel()
     step, w_mm = _chunk_rows(n_kept, n_heads, weight.shape[0], device), weight.to(gemm.mm_dtype(weight))
     w_mm_t = w_mm.t().contiguous() if gemm.use_onednn(w_mm) else w_mm.t()  # (d, V): dH = dlogits @ W as a linear
@@ -165,10 +182,10 @@ def _chunked_pass(hs, weight, targets, row_scales, opt, rows_fn):
             (lambda t, dim=0: t.index_select(dim, keep[s:e]))
         x = torch.cat([rows_of(h) for h in hs]).to(w_mm.dtype)  # (A*c, d): one GEMM for all heads
         scale = rows_of(row_scales, 1).reshape(-1) if want_grad else None
-        rows, dlogits = rows_fn(gemm.linear(x, w_mm), rows_of(targets).repeat(n_heads), scale, opt, x.dtype)
+        rows, dlogits = rows_fn(gemm.linear_fp32(x, w_mm), rows_of(targets).repeat(n_heads), scale, opt, x.dtype)
         _put_rows(loss, keep, s, rows.view(n_heads, e - s))
         if want_grad:
-            _put_rows(dhs, keep, s, gemm.linear(dlogits, w_mm_t).view(n_heads, e - s, -1))  # (A, c, d)
+            _put_rows(dhs, keep, s, gemm.linear_fp32(dlogits, w_mm_t).view(n_heads, e - s, -1))  # (A, c, d)
             dw = _accumulate_dw(dw, dlogits, x)
     return loss, dhs, (dw.to(weight.dtype).contiguous() if want_grad else None)
 
@@ -182,13 +199,13 @@ def _put_rows(out: torch.Tensor, keep, start: int, values: torch.Tensor) -> None
 
 
 # ----------------------------------------------------------------------------- PyTorch path
-def _torch_rows(logits, tgt, scale, opt, grad_dtype):
+def _torch_rows(logits, tgt, scale, opt: CEOptions, grad_dtype):
     """Row loss (R,) of fp32 logits (R, V) and dlogits (R, V) in grad_dtype, in place when fp32.
 
     `scale` (R,) is d(total)/d(row loss); None skips the gradient work.
     """
-    smoothing, z_loss, ignore_index = opt
-    valid = tgt != ignore_index
+    smoothing, z_loss = opt.label_smoothing, opt.z_loss
+    valid = tgt != opt.ignore_index
     t = torch.where(valid, tgt, 0).unsqueeze(1)  # (R, 1)
     x_t = logits.gather(1, t).squeeze(1)  # (R,)
     x_mean = logits.mean(1) if smoothing else 0.0
@@ -211,7 +228,7 @@ def _torch_rows(logits, tgt, scale, opt, grad_dtype):
     return loss, probs.scatter_(1, t, d_t.unsqueeze(1)).to(grad_dtype)
 
 
-def _torch_pass(hs, weight, targets, row_scales, opt):
+def _torch_pass(hs, weight, targets, row_scales, opt: CEOptions):
     return _chunked_pass(hs, weight, targets, row_scales, opt, _torch_rows)
 
 
@@ -219,6 +236,8 @@ def _torch_pass(hs, weight, targets, row_scales, opt):
 # The Triton path reorders rows so that the non-ignored ones come first (a stable argsort on
 # the device) and keeps their count on the device: every kernel loads it and skips the tiles
 # past it, so ignored rows cost no matmul work and the host never waits for the count.
+# Tiles are named by what they tile, as in every op: BLOCK_M rows, BLOCK_V classes, BLOCK_D the
+# model dim; each GEMM kernel reduces along a different one (logits: D, dH: V, dW: M).
 if HAS_TRITON:
     @triton.jit
     def _live_rows(N_live_ptr, chunk_start, n_rows):
@@ -249,25 +268,25 @@ if HAS_TRITON:
         d,
         PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
         """Out[a, m, v] = X[a, m] . W[v] in fp32 for the live rows; tiles past them do nothing."""
         pid_m, pid_n, head = _row_tile(n_rows, BLOCK_M)
         live = _live_rows(N_live_ptr, chunk_start, n_rows)
         if pid_m * BLOCK_M < live:
             rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-            cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            ks = tl.arange(0, BLOCK_K)
-            x_ptrs = X_ptr + head * X_head_stride + rows[:, None].to(tl.int64) * X_row_stride + ks[None, :]
-            w_ptrs = W_ptr + cols[:, None].to(tl.int64) * W_row_stride + ks[None, :]
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for k0 in range(0, d, BLOCK_K):
-                x = tl.load(x_ptrs + k0, mask=(rows[:, None] < live) & (k0 + ks[None, :] < d), other=0.0)
-                w = tl.load(w_ptrs + k0, mask=(cols[:, None] < n_classes) & (k0 + ks[None, :] < d), other=0.0)
+            vs = pid_n * BLOCK_V + tl.arange(0, BLOCK_V)
+            ds = tl.arange(0, BLOCK_D)
+            x_ptrs = X_ptr + head * X_head_stride + rows[:, None].to(tl.int64) * X_row_stride + ds[None, :]
+            w_ptrs = W_ptr + vs[:, None].to(tl.int64) * W_row_stride + ds[None, :]
+            acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+            for d0 in range(0, d, BLOCK_D):
+                x = tl.load(x_ptrs + d0, mask=(rows[:, None] < live) & (d0 + ds[None, :] < d), other=0.0)
+                w = tl.load(w_ptrs + d0, mask=(vs[:, None] < n_classes) & (d0 + ds[None, :] < d), other=0.0)
                 acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
-            out_ptrs = Out_ptr + head * Out_head_stride + rows[:, None].to(tl.int64) * Out_row_stride + cols[None, :]
-            tl.store(out_ptrs, acc, mask=(rows[:, None] < live) & (cols[None, :] < n_classes))
+            out_ptrs = Out_ptr + head * Out_head_stride + rows[:, None].to(tl.int64) * Out_row_stride + vs[None, :]
+            tl.store(out_ptrs, acc, mask=(rows[:, None] < live) & (vs[None, :] < n_classes))
 
     @triton.jit(do_not_specialize=["chunk_start", "n_rows"])
     def _ce_rows_kernel(
@@ -363,26 +382,26 @@ if HAS_TRITON:
         d,
         PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_V: tl.constexpr,
     ):
         """DH[a, m] = sum_v dlogits[a, m, v] * W[v]; tiles past the live rows write zeros."""
         pid_m, pid_n, head = _row_tile(n_rows, BLOCK_M)
         live = _live_rows(N_live_ptr, chunk_start, n_rows)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        ks = tl.arange(0, BLOCK_K)
-        d_ptrs = D_ptr + head * D_head_stride + rows[:, None].to(tl.int64) * D_row_stride + ks[None, :]
-        w_ptrs = W_ptr + ks[:, None].to(tl.int64) * W_row_stride + cols[None, :]
+        ds = pid_n * BLOCK_D + tl.arange(0, BLOCK_D)
+        vs = tl.arange(0, BLOCK_V)
+        d_ptrs = D_ptr + head * D_head_stride + rows[:, None].to(tl.int64) * D_row_stride + vs[None, :]
+        w_ptrs = W_ptr + vs[:, None].to(tl.int64) * W_row_stride + ds[None, :]
         v_end = tl.where(pid_m * BLOCK_M < live, n_classes, 0)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for v0 in range(0, v_end, BLOCK_K):
-            g = tl.load(d_ptrs + v0, mask=(rows[:, None] < live) & (v0 + ks[None, :] < n_classes), other=0.0)
-            w = tl.load(w_ptrs, mask=(v0 + ks[:, None] < n_classes) & (cols[None, :] < d), other=0.0)
+        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        for v0 in range(0, v_end, BLOCK_V):
+            g = tl.load(d_ptrs + v0, mask=(rows[:, None] < live) & (v0 + vs[None, :] < n_classes), other=0.0)
+            w = tl.load(w_ptrs, mask=(v0 + vs[:, None] < n_classes) & (ds[None, :] < d), other=0.0)
             acc = tl.dot(g, w, acc, input_precision=PRECISION)
-            w_ptrs += BLOCK_K * W_row_stride  # a pointer step: v0 * W_row_stride could pass int32
-        dh_ptrs = DH_ptr + head * DH_head_stride + rows[:, None].to(tl.int64) * DH_row_stride + cols[None, :]
-        tl.store(dh_ptrs, acc.to(DH_ptr.dtype.element_ty), mask=(rows[:, None] < n_rows) & (cols[None, :] < d))
+            w_ptrs += BLOCK_V * W_row_stride  # a pointer step: v0 * W_row_stride could pass int32
+        dh_ptrs = DH_ptr + head * DH_head_stride + rows[:, None].to(tl.int64) * DH_row_stride + ds[None, :]
+        tl.store(dh_ptrs, acc.to(DH_ptr.dtype.element_ty), mask=(rows[:, None] < n_rows) & (ds[None, :] < d))
 
     @triton.jit(do_not_specialize=["chunk_start", "n_rows"])
     def _dw_kernel(
@@ -401,33 +420,33 @@ if HAS_TRITON:
         n_classes,
         d,
         PRECISION: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+        BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
     ):
         """DW[v] += sum_{a, live m} dlogits[a, m, v] * X[a, m] in fp32; one program per tile, no atomics."""
         live = _live_rows(N_live_ptr, chunk_start, n_rows)
         if live > 0:
-            vs = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # d tiles vary fastest: programs
-            cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # running together share dlogits
-            ks = tl.arange(0, BLOCK_K)
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            vs = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)  # d tiles vary fastest: programs
+            ds = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)  # running together share dlogits
+            ms = tl.arange(0, BLOCK_M)
+            acc = tl.zeros((BLOCK_V, BLOCK_D), dtype=tl.float32)
             # pointers advance by strides (64-bit pointer arithmetic), never head * stride in int32
-            d_head = D_ptr + ks[:, None].to(tl.int64) * D_row_stride + vs[None, :]
-            x_head = X_ptr + ks[:, None].to(tl.int64) * X_row_stride + cols[None, :]
+            d_head = D_ptr + ms[:, None].to(tl.int64) * D_row_stride + vs[None, :]
+            x_head = X_ptr + ms[:, None].to(tl.int64) * X_row_stride + ds[None, :]
             for _ in range(0, n_heads):
                 d_ptrs, x_ptrs = d_head, x_head
-                for m0 in range(0, live, BLOCK_K):
-                    in_rows = m0 + ks[:, None] < live
+                for m0 in range(0, live, BLOCK_M):
+                    in_rows = m0 + ms[:, None] < live
                     g = tl.load(d_ptrs, mask=in_rows & (vs[None, :] < n_classes), other=0.0)
-                    x = tl.load(x_ptrs, mask=in_rows & (cols[None, :] < d), other=0.0)
+                    x = tl.load(x_ptrs, mask=in_rows & (ds[None, :] < d), other=0.0)
                     acc = tl.dot(tl.trans(g), x, acc, input_precision=PRECISION)
-                    d_ptrs += BLOCK_K * D_row_stride
-                    x_ptrs += BLOCK_K * X_row_stride
+                    d_ptrs += BLOCK_M * D_row_stride
+                    x_ptrs += BLOCK_M * X_row_stride
                 d_head += D_head_stride
                 x_head += X_head_stride
-            dw_ptrs = DW_ptr + vs[:, None].to(tl.int64) * DW_row_stride + cols[None, :]
-            in_tile = (vs[:, None] < n_classes) & (cols[None, :] < d)
+            dw_ptrs = DW_ptr + vs[:, None].to(tl.int64) * DW_row_stride + ds[None, :]
+            in_tile = (vs[:, None] < n_classes) & (ds[None, :] < d)
             tl.store(dw_ptrs, acc + tl.load(dw_ptrs, mask=in_tile, other=0.0), mask=in_tile)
 
 
@@ -436,42 +455,81 @@ def _block_v(n_classes: int) -> int:
     return min(cap, triton.next_power_of_2(n_classes))
 
 
-def _gemm_config(dtype: torch.dtype) -> dict:
-    """Tile sizes and launch options of the three GEMM kernels (fp32 operands use smaller K tiles)."""
+class GemmTiles(NamedTuple):
+    """Tile sizes of the three GEMM kernels: out_rows x out_cols tiles of the product and
+    `inner` along the reduced dim. Each launcher maps them onto its kernel's BLOCK_M (rows),
+    BLOCK_V (classes) and BLOCK_D (model dim)."""
+    out_rows: int
+    out_cols: int
+    inner: int
+
+
+INTERPRET_GEMM_TILES = GemmTiles(16, 16, 16)  # tl.dot's minimum: the interpreter is slow
+CUDA_GEMM_TILES = GemmTiles(128, 128, 64)  # fp32 operands use inner=32
+
+
+def _gemm_config(dtype: torch.dtype):
+    """(GemmTiles, launch options) of the three GEMM kernels for operands of this dtype."""
     if interpreting():
-        return dict(PRECISION="ieee", BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
+        return INTERPRET_GEMM_TILES, dict(PRECISION="ieee")
     # fp32 operands follow torch's own switch between IEEE and TF32 GEMMs (reading allow_tf32
     # raises once the newer fp32_precision setting has been used)
     matmul = torch.backends.cuda.matmul
     tf32 = matmul.fp32_precision == "tf32" if hasattr(matmul, "fp32_precision") else matmul.allow_tf32
     precision = "tf32" if dtype == torch.float32 and tf32 else "ieee"
-    block_k = 32 if dtype == torch.float32 else 64
-    return dict(PRECISION=precision, BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_k, num_warps=8, num_stages=3)
+    tiles = CUDA_GEMM_TILES._replace(inner=32) if dtype == torch.float32 else CUDA_GEMM_TILES
+    return tiles, dict(PRECISION=precision, num_warps=8, num_stages=3)
 
 
-def _triton_pass(hs, weight, targets, row_scales, opt):
+def _launch_logits(x, w_mm, logits, where, tiles: GemmTiles, opts: dict) -> None:
+    """logits (A, c, V) fp32 = x (A, c, d) @ w_mm (V, d).T on the live rows; where = (n_live, start, c)."""
+    n_heads, c, d = x.shape
+    n_classes = w_mm.shape[0]
+    grid = (triton.cdiv(c, tiles.out_rows) * triton.cdiv(n_classes, tiles.out_cols), n_heads)
+    _logits_kernel[grid](x, x.stride(0), x.stride(1), w_mm, w_mm.stride(0), logits, logits.stride(0),
+                         logits.stride(1), *where, n_classes, d,
+                         BLOCK_M=tiles.out_rows, BLOCK_V=tiles.out_cols, BLOCK_D=tiles.inner, **opts)
+
+
+def _launch_dh(dlogits, w_mm, dh, where, tiles: GemmTiles, opts: dict) -> None:
+    """dh (A, c, d) = dlogits (A, c, V) @ w_mm (V, d); rows past the live ones get zeros."""
+    n_heads, c, d = dh.shape
+    grid = (triton.cdiv(c, tiles.out_rows) * triton.cdiv(d, tiles.out_cols), n_heads)
+    _dh_kernel[grid](dlogits, dlogits.stride(0), dlogits.stride(1), w_mm, w_mm.stride(0), dh,
+                     dh.stride(0), dh.stride(1), *where, w_mm.shape[0], d,
+                     BLOCK_M=tiles.out_rows, BLOCK_D=tiles.out_cols, BLOCK_V=tiles.inner, **opts)
+
+
+def _launch_dw(dlogits, x, dw, where, tiles: GemmTiles, opts: dict) -> None:
+    """dw (V, d) fp32 += sum_a dlogits[a].T (V, c) @ x[a] (c, d) over the live rows."""
+    n_heads, _, d = x.shape
+    n_classes = dw.shape[0]
+    grid = (triton.cdiv(d, tiles.out_cols), triton.cdiv(n_classes, tiles.out_rows))
+    _dw_kernel[grid](dlogits, dlogits.stride(0), dlogits.stride(1), x, x.stride(0), x.stride(1), dw,
+                     dw.stride(0), *where, n_heads, n_classes, d,
+                     BLOCK_V=tiles.out_rows, BLOCK_D=tiles.out_cols, BLOCK_M=tiles.inner, **opts)
+
+
+def _triton_pass(hs, weight, targets, row_scales, opt: CEOptions):
     """The Triton counterpart of _chunked_pass: same contract, no host sync, ignored rows skipped."""
-    ignore_index = opt[2]
     (n, d), n_heads, device, want_grad = hs[0].shape, len(hs), weight.device, row_scales is not None
     n_classes, mm_dtype = weight.shape[0], gemm.mm_dtype(weight)  # the interpreter's dot needs fp32
-    live = targets != ignore_index
+    live = targets != opt.ignore_index
     order = torch.argsort((~live).to(torch.int8), stable=True)  # live rows first, in order
     n_live = live.sum().to(torch.int32).reshape(1)  # stays on the device
     w_mm = weight.to(mm_dtype).contiguous()
-    step, cfg = _chunk_rows(n, n_heads, n_classes, device), _gemm_config(mm_dtype)
+    (tiles, opts), step = _gemm_config(mm_dtype), _chunk_rows(n, n_heads, n_classes, device)
     if step < n:  # whole row tiles per chunk: no partial tile in every chunk's three GEMMs
-        step = max(cfg["BLOCK_M"], step // cfg["BLOCK_M"] * cfg["BLOCK_M"])
+        step = max(tiles.out_rows, step // tiles.out_rows * tiles.out_rows)
     loss = torch.empty(n_heads, n, dtype=torch.float32, device=device)  # (A, N)
     dhs = torch.empty(n_heads, n, d, dtype=hs[0].dtype, device=device) if want_grad else None
     dw = torch.zeros(n_classes, d, dtype=torch.float32, device=device) if want_grad else None
     for s in range(0, n, step):
         c, idx = min(step, n - s), order[s:s + step]
+        where = (n_live, s, c)  # the kernels' view of this chunk: rows s..s+c of the live-first order
         x = torch.stack([h.index_select(0, idx) for h in hs]).to(mm_dtype)  # (A, c, d)
         logits = torch.empty(n_heads, c, n_classes, dtype=torch.float32, device=device)  # (A, c, V)
-        where = (n_live, s, c)
-        grid = (triton.cdiv(c, cfg["BLOCK_M"]) * triton.cdiv(n_classes, cfg["BLOCK_N"]), n_heads)
-        _logits_kernel[grid](x, x.stride(0), x.stride(1), w_mm, w_mm.stride(0), logits, logits.stride(0),
-                             logits.stride(1), *where, n_classes, d, **cfg)
+        _launch_logits(x, w_mm, logits, where, tiles, opts)
         scale = row_scales.index_select(1, idx).reshape(-1) if want_grad else None
         rows, dlogits = _triton_rows(logits.view(-1, n_classes), targets.index_select(0, idx).repeat(n_heads),
                                      scale, opt, mm_dtype, where)
@@ -479,79 +537,104 @@ def _triton_pass(hs, weight, targets, row_scales, opt):
         if want_grad:
             dlogits = dlogits.view(n_heads, c, n_classes)
             dh = torch.empty(n_heads, c, d, dtype=hs[0].dtype, device=device)
-            grid = (triton.cdiv(c, cfg["BLOCK_M"]) * triton.cdiv(d, cfg["BLOCK_N"]), n_heads)
-            _dh_kernel[grid](dlogits, dlogits.stride(0), dlogits.stride(1), w_mm, w_mm.stride(0), dh,
-                             dh.stride(0), dh.stride(1), *where, n_classes, d, **cfg)
+            _launch_dh(dlogits, w_mm, dh, where, tiles, opts)
             dhs.index_copy_(1, idx, dh)
-            grid = (triton.cdiv(d, cfg["BLOCK_N"]), triton.cdiv(n_classes, cfg["BLOCK_M"]))
-            _dw_kernel[grid](dlogits, dlogits.stride(0), dlogits.stride(1), x, x.stride(0), x.stride(1), dw,
-                             dw.stride(0), *where, n_heads, n_classes, d, **cfg)
+            _launch_dw(dlogits, x, dw, where, tiles, opts)
     return loss, dhs, (dw.to(weight.dtype) if want_grad else None)
 
 
-def _triton_rows(logits, tgt, scale, opt, grad_dtype, where):
+def _triton_rows(logits, tgt, scale, opt: CEOptions, grad_dtype, where):
     """Row loss (R,) of fp32 logits (R, V) and dlogits (R, V) in grad_dtype (in place when fp32)."""
-    smoothing, z_loss, ignore_index = opt
     n_rows, n_classes = logits.shape
     loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     want_grad = scale is not None
     dlogits = logits if grad_dtype == logits.dtype or not want_grad else torch.empty_like(logits, dtype=grad_dtype)
     _ce_rows_kernel[(n_rows,)](
         logits, logits.stride(0), dlogits, dlogits.stride(0), tgt,
-        scale.contiguous() if want_grad else loss, loss, *where, n_classes, ignore_index, smoothing, z_loss,
-        HAS_SMOOTHING=smoothing > 0, HAS_Z_LOSS=z_loss > 0, HAS_GRAD=want_grad,
+        scale.contiguous() if want_grad else loss, loss, *where, n_classes,
+        opt.ignore_index, opt.label_smoothing, opt.z_loss,
+        HAS_SMOOTHING=opt.label_smoothing > 0, HAS_Z_LOSS=opt.z_loss > 0, HAS_GRAD=want_grad,
         SERIES_MAX_Q=SERIES_MAX_Q, BLOCK_V=_block_v(n_classes), num_warps=ROW_WARPS)
     return loss, (dlogits if want_grad else None)
 
 
-# ----------------------------------------------------------------------------- autograd
-class _WeightedCE(torch.autograd.Function):
-    """Forward computes loss and grads chunk by chunk; backward scales them by grad_output.
+# ----------------------------------------------------------------------------- forward / backward
+class _Plan(NamedTuple):
+    """What the public function decided, for forward and backward (no tensor of the autograd graph)."""
+    run_pass: Callable  # _torch_pass or _triton_pass
+    opt: CEOptions
+    reduction: str
+    heads: HeadWeights  # the heads that run and their weights
+    n_heads: int  # K, running or not
 
-    reduction='none' has a per-token grad_output, so it saves the inputs and reruns the pass.
-    No host sync: head weights stay Python floats and reach the device only through kernels.
+
+def _forward(plan: _Plan, hs, weight, targets, want_grad: bool):
+    """(loss, tensors backward needs). hs: K tensors [N, d]; weight: [V, d]; targets: [N].
+
+    'mean'/'sum': the pass also computes the gradients of the loss, saved as (dhs (A, N, d),
+    dW [V, d]), both None without want_grad. 'none' returns (K, N); its grad_output is
+    per-token, so it saves (coef (A,), *hs that run) and backward reruns the pass.
     """
+    act_hs = [hs[k] for k in plan.heads.active]
+    coef = _row_loss_coefficients(plan.heads.values, targets, plan.reduction, plan.opt.ignore_index,
+                                  gemm.acc_dtype(weight))  # (A,)
+    if plan.reduction == "none":
+        rows, _, _ = _run_pass(plan.run_pass, act_hs, weight, targets, None, plan.opt)  # (A, N)
+        return _to_all_heads(coef[:, None] * rows, plan.heads.active, plan.n_heads), (coef, *act_hs)
+    scales = coef[:, None].expand(-1, targets.shape[0]) if want_grad else None  # (A, N)
+    rows, dhs, dw = _run_pass(plan.run_pass, act_hs, weight, targets, scales, plan.opt)
+    return (rows.sum(1) * coef).sum(), (dhs, dw)
+
+
+def _backward(plan: _Plan, weight, h0, targets, saved, grad_out):
+    """(dW [V, d], [dh_k] for all K heads) from _forward's saved tensors and grad_out (a scalar,
+    or (K, N) for 'none'). Heads that did not run get a stride-0 zero gradient: correct for
+    autograd.grad, and free."""
+    if plan.reduction == "none":
+        coef, *act_hs = saved
+        scales = _stack([coef[a] * grad_out[k] for a, k in enumerate(plan.heads.active)])  # (A, N)
+        _, dhs, dw = _run_pass(plan.run_pass, act_hs, weight, targets, scales, plan.opt)
+    else:
+        dhs, dw = saved
+        if dhs is not None:
+            dhs, dw = dhs * grad_out.to(dhs.dtype), dw * grad_out.to(dw.dtype)
+    dh = [_zeros_like(h0) for _ in range(plan.n_heads)]
+    for a, k in enumerate(plan.heads.active):
+        dh[k] = dhs[a]
+    return (_zeros_like(weight) if dw is None else dw), dh
+
+
+class _WeightedCE(torch.autograd.Function):
+    """ctx bookkeeping only: _forward computes the loss (and, unless reduction='none', its
+    gradients chunk by chunk), _backward scales them by grad_output or reruns the pass."""
 
     @staticmethod
-    def forward(ctx, run_pass, weight, targets, head_weights, reduction, opt, *hs):
-        ctx.active = [k for k, w in enumerate(head_weights) if w > 0]
-        ctx.weights = [head_weights[k] for k in ctx.active]
-        ctx.run_pass, ctx.opt, ctx.reduction, ctx.n_heads = run_pass, opt, reduction, len(hs)
-        act_hs, n = [hs[k] for k in ctx.active], targets.shape[0]
-        coef = _row_loss_coefficients(ctx.weights, targets, reduction, opt[2], gemm.acc_dtype(weight))  # (A,)
-        want_grad = reduction != "none" and any(ctx.needs_input_grad)
-        scales = coef[:, None].expand(-1, n) if want_grad else None  # (A, N)
-        rows, dhs, dw = _run_pass(run_pass, act_hs, weight, targets, scales, opt)
-        if reduction != "none":
-            ctx.save_for_backward(weight, hs[0], dhs, dw)
-            return (rows.sum(1) * coef).sum()
-        ctx.save_for_backward(weight, hs[0], targets, *act_hs)
-        out = rows.new_zeros(len(hs), n)  # (K, N)
-        for a, k in enumerate(ctx.active):
-            out[k] = coef[a] * rows[a]
+    def forward(ctx, plan: _Plan, weight, targets, *hs):
+        want_grad = plan.reduction != "none" and any(ctx.needs_input_grad)
+        out, saved = _forward(plan, hs, weight, targets, want_grad)
+        ctx.plan = plan
+        ctx.save_for_backward(weight, hs[0], targets, *saved)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        if ctx.reduction == "none":
-            weight, h0, targets, *act_hs = ctx.saved_tensors
-            scales = [w * grad_out[k] for w, k in zip(ctx.weights, ctx.active)]  # A x (N,)
-            _, dhs, dw = _run_pass(ctx.run_pass, act_hs, weight, targets, _stack(scales), ctx.opt)
-        else:
-            weight, h0, dhs, dw = ctx.saved_tensors
-            if dhs is not None:
-                dhs, dw = dhs * grad_out.to(dhs.dtype), dw * grad_out.to(dw.dtype)
-        # zero-weight heads get a stride-0 zero gradient: correct for autograd.grad, and free
-        dh = [_zeros_like(h0) for _ in range(ctx.n_heads)]
-        for a, k in enumerate(ctx.active):
-            dh[k] = dhs[a]
-        return (None, _zeros_like(weight) if dw is None else dw, None, None, None, None, *dh)
+        weight, h0, targets, *saved = ctx.saved_tensors
+        dw, dh = _backward(ctx.plan, weight, h0, targets, saved, grad_out)
+        return (None, dw, None, *dh)
 
 
-def _run_pass(run_pass, act_hs, weight, targets, scales, opt):
+def _run_pass(run_pass, act_hs, weight, targets, scales, opt: CEOptions):
     if not act_hs:  # every head weight is 0
         return weight.new_zeros(0, targets.shape[0], dtype=gemm.acc_dtype(weight)), None, None
     return run_pass(act_hs, weight, targets, scales, opt)
+
+
+def _to_all_heads(rows, active: list, n_heads: int) -> torch.Tensor:
+    """(K, N) with rows (A, N) at the heads that ran and zeros elsewhere."""
+    out = rows.new_zeros(n_heads, rows.shape[1])
+    for a, k in enumerate(active):  # one select per head: no index tensor to copy to the device
+        out[k] = rows[a]
+    return out
 
 
 def _stack(rows: list):
@@ -562,11 +645,16 @@ def _zeros_like(t: torch.Tensor) -> torch.Tensor:
     return t.new_zeros(()).expand(t.shape)
 
 
-def _row_loss_coefficients(weights: list, targets: torch.Tensor, reduction: str, ignore_index: int, dtype):
-    """d(total loss)/d(row loss) per weighted head (A,): w_k, over n_valid for 'mean'."""
+def _row_loss_coefficients(weights, targets: torch.Tensor, reduction: str, ignore_index: int, dtype):
+    """d(total loss)/d(row loss) per head that runs (A,): w_k, over n_valid for 'mean'.
+
+    weights: Python floats, or a (A,) device tensor (multiplied on the device, never read).
+    """
     unit = torch.ones((), dtype=dtype, device=targets.device)
     if reduction == "mean":
         unit = unit / (targets != ignore_index).sum().clamp(min=1)  # all ignored -> loss 0, grads 0
+    if isinstance(weights, torch.Tensor):
+        return weights.to(dtype) * unit
     return torch.stack([w * unit for w in weights]) if weights else unit.new_zeros(0)
 
 
@@ -579,7 +667,8 @@ def weighted_linear_cross_entropy(hiddens: Hiddens, weight: torch.Tensor, target
 
     hiddens: K tensors [N, d] or one [K, N, d] (fp32/bf16/fp16); weight: [V, d], same dtype;
     targets: [N] int64 in [0, V) or ignore_index; head_weights: K finite floats >= 0 (a
-    sequence or 1-D tensor; constants: no gradient flows to them).
+    sequence, or a 1-D tensor on the CPU or on the hiddens' device; constants: no gradient
+    flows to them).
 
     Per row i of head k: ce = lse - (1 - s) * x_t - s/V * sum_j x_j (label smoothing s,
     exactly F.cross_entropy's), plus z_loss * lse**2 (PaLM-style z-loss, reduced like ce).
@@ -587,30 +676,40 @@ def weighted_linear_cross_entropy(hiddens: Hiddens, weight: torch.Tensor, target
       F.cross_entropy); all rows ignored -> 0 with zero gradients.
     - 'sum': sum_k w_k * sum_i row_loss.
     - 'none': [K, N] of w_k * row_loss (0 on ignored rows), so .sum() equals 'sum'.
-    Returns fp32 (fp64 for fp64 inputs). Heads with w_k == 0 cost nothing; their gradient is a stride-0
-    zero tensor. Gradients to hiddens and weight come back in the input dtype; logits, lse
+    Returns fp32 (fp64 for fp64 inputs). Heads with w_k == 0 cost nothing (unless the weights
+    are a CUDA tensor, below); their gradient is a stride-0 zero tensor. Gradients to hiddens and weight come back in the input dtype; logits, lse
     and dW accumulate in fp32. backend: 'auto' | 'triton' | 'torch' (see kernels/backend.py);
     fp64 inputs take the PyTorch path ('auto' picks it; 'triton' raises a TypeError).
     Rows with target == ignore_index enter no GEMM, so whatever their hiddens hold (even NaN)
     never reaches the result or the gradients (their dH is 0).
 
-    Target range: checked on the host for CPU tensors (ValueError naming `targets`). On CUDA
-    it is an asynchronous device assert instead (no host sync on the hot path, so it surfaces
-    as a CUDA error at the next sync); meanwhile the Triton kernel treats such a row as ignored
-    and torch's gather asserts, so a bad target never reads out of bounds.
+    Bad input (kernels/checks.py): TypeError for a wrong dtype, ValueError for a wrong shape,
+    an empty batch, a device mismatch or a value out of range, each naming the argument.
+    Targets and head weights given as numbers or CPU tensors are checked on the host. A CUDA
+    tensor is never read on the host (that would be a sync on the hot path): its check is an
+    asynchronous device assert that surfaces as a CUDA error at the next sync. Meanwhile the
+    Triton kernel treats a bad target's row as ignored and torch's gather asserts, so a bad
+    target never reads out of bounds. CUDA head weights also make every head run, since the
+    host cannot know which are 0: a zero weight there costs its GEMMs and gets a computed zero
+    gradient, so its hiddens must be finite (0 * NaN is NaN).
     """
     hs = _as_head_list(hiddens)
     _check_tensors(hs, weight, targets)
-    ws = _check_head_weights(head_weights, len(hs))
+    heads = _check_head_weights(head_weights, len(hs), hs[0].device)
     _check_options(reduction, label_smoothing, z_loss)
+    run_pass = _pick_pass(backend, weight, targets, hs)
+    check_target_range(targets, weight.shape[0], ignore_index)  # last: it reads the targets
+    opt = CEOptions(float(label_smoothing), float(z_loss), int(ignore_index))
+    plan = _Plan(run_pass, opt, reduction, heads, len(hs))
+    return _WeightedCE.apply(plan, weight, targets.long(), *hs)
+
+
+def _pick_pass(backend: str, weight: torch.Tensor, targets: torch.Tensor, hs: list) -> Callable:
+    """_triton_pass or _torch_pass; fp64 has no Triton path ('auto' falls back, 'triton' raises)."""
     chosen = resolve_backend(backend, weight, targets, *hs)
     if chosen == "triton" and weight.dtype == torch.float64:
         if backend == "triton":
             raise TypeError("backend='triton' takes fp32/bf16/fp16 hiddens and weight, got float64: "
                             "use backend='torch'")
         chosen = "torch"
-    check_target_range(targets, weight.shape[0], ignore_index)
-    run_pass = _triton_pass if chosen == "triton" else _torch_pass
-    opt = (float(label_smoothing), float(z_loss), int(ignore_index))
-    return _WeightedCE.apply(run_pass, weight, targets.long(), ws, reduction, opt, *hs)
-
+    return _triton_pass if chosen == "triton" else _torch_pass

@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from fastexit.kernels import compact_indices, gather_rows, scatter_rows
+from fastexit.kernels import HAS_TRITON, compact_indices, gather_rows, scatter_rows
 
-BACKENDS = ["torch", "triton"]
+NEEDS_TRITON = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+BACKENDS = ["torch", pytest.param("triton", marks=NEEDS_TRITON)]
 
 
 def reference_indices(mask):
@@ -59,21 +60,30 @@ def test_empty_index(backend):
     assert torch.equal(scatter_rows(x.clone(), idx, x[:0], backend=backend), x)
 
 
+@NEEDS_TRITON
 def test_backends_agree_on_a_large_mask():
     mask = torch.rand(20_000) < 0.5
     assert torch.equal(compact_indices(mask, backend="triton"), compact_indices(mask, backend="torch"))
 
 
-@pytest.mark.parametrize("call,name", [
-    (lambda: compact_indices(torch.ones(4, dtype=torch.int64)), "mask"),
-    (lambda: gather_rows(torch.randn(4, 2), torch.tensor([0, 4])), "idx"),
-    (lambda: gather_rows(torch.randn(4, 2), torch.tensor([-1])), "idx"),
-    (lambda: gather_rows(torch.randn(4, 2), torch.tensor([0.0])), "idx"),
-    (lambda: scatter_rows(torch.randn(4, 2), torch.tensor([1]), torch.randn(2, 2)), "values"),
-    (lambda: scatter_rows(torch.randn(4, 2), torch.tensor([1]), torch.randn(1, 2).double()), "values"),
-    (lambda: scatter_rows(torch.randn(4, 2), torch.tensor([5]), torch.randn(1, 2)), "idx"),
-    (lambda: scatter_rows(torch.randn(2, 4).t(), torch.tensor([1]), torch.randn(1, 2), backend="triton"), "out"),
+@pytest.mark.parametrize("call,error,name", [
+    (lambda: compact_indices(torch.ones(4, dtype=torch.int64)), TypeError, "mask"),
+    (lambda: compact_indices([True, False]), TypeError, "mask"),
+    (lambda: gather_rows(torch.randn(4, 2), torch.tensor([0, 4])), ValueError, "idx"),
+    (lambda: gather_rows(torch.randn(4, 2), torch.tensor([-1])), ValueError, "idx"),
+    (lambda: gather_rows(torch.randn(4, 2), torch.tensor([[0]])), ValueError, "idx"),
+    (lambda: gather_rows(torch.randn(4, 2), torch.tensor([0.0])), TypeError, "idx"),
+    (lambda: gather_rows(torch.tensor(1.0), torch.tensor([0])), ValueError, "x"),
+    (lambda: scatter_rows(torch.randn(4, 2), torch.tensor([1]), torch.randn(2, 2)), ValueError, "values"),
+    (lambda: scatter_rows(torch.randn(4, 2), torch.tensor([1]), torch.randn(1, 2).double()), TypeError, "values"),
+    (lambda: scatter_rows(torch.randn(4, 2), torch.tensor([5]), torch.randn(1, 2)), ValueError, "idx"),
 ])
-def test_bad_input_names_the_argument(call, name):
-    with pytest.raises(ValueError, match=name):
+def test_bad_input_names_the_argument(call, error, name):
+    with pytest.raises(error, match=name):
         call()
+
+
+@NEEDS_TRITON
+def test_triton_scatter_needs_a_contiguous_out():
+    with pytest.raises(ValueError, match="out"):
+        scatter_rows(torch.randn(2, 4).t(), torch.tensor([1]), torch.randn(1, 2), backend="triton")

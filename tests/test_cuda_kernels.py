@@ -14,12 +14,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastexit.kernels import compact_indices, exit_confidence, gather_rows, scatter_rows
+from fastexit.kernels import HAS_TRITON, compact_indices, exit_confidence, gather_rows, scatter_rows
 from fastexit.kernels.backend import interpreting
 from fastexit.kernels.weighted_ce import weighted_linear_cross_entropy
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or interpreting(),
                                 reason="compiled GPU kernels: needs CUDA and TRITON_INTERPRET=0")
+NEEDS_TRITON = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+BACKENDS = [pytest.param("triton", marks=NEEDS_TRITON), "torch"]
 IGNORE = -100
 HEAD_WEIGHTS = (0.7, 0.0, 0.3)
 TOL = {torch.float32: 1e-4, torch.bfloat16: None, torch.float16: None}  # None: 2x PyTorch's own error
@@ -53,7 +55,7 @@ def rel_err(a, b):
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("dtype", list(TOL))
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_weighted_ce_on_gpu(backend, dtype, reduction):
     hs, weight, targets = inputs(dtype)
     hs = [h.masked_fill((targets == IGNORE)[:, None], float("nan")) for h in hs]  # never read
@@ -68,19 +70,37 @@ def test_weighted_ce_on_gpu(backend, dtype, reduction):
         assert torch.isfinite(a).all() and rel_err(a, r) <= bound, f"tensor {i}: {rel_err(a, r):.3g} > {bound:.3g}"
 
 
-def test_weighted_ce_never_syncs_with_the_host():
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_head_weights_on_the_device(backend, reduction):
+    """A CUDA tensor of head weights is never read on the host, so every head runs (the zero
+    one with a zero coefficient): value and gradients equal the numbers' up to GEMM rounding."""
+    hs, weight, targets = inputs(torch.float32)
+    run = lambda head_weights: value_and_grads(lambda h, w, y: weighted_linear_cross_entropy(  # noqa: E731
+        h, w, y, head_weights, reduction=reduction, backend=backend), hs, weight, targets)
+    on_device, numbers = run(torch.tensor(HEAD_WEIGHTS, device="cuda")), run(HEAD_WEIGHTS)
+    for i, (a, r) in enumerate(zip(on_device, numbers)):
+        assert torch.isfinite(a).all() and rel_err(a, r) <= 1e-5, f"tensor {i}: {rel_err(a, r):.3g}"
+    assert not on_device[2].any()  # (value, dW, dh0, dh1, dh2): the zero-weight head's gradient is 0
+
+
+@NEEDS_TRITON
+@pytest.mark.parametrize("weights_on_device", [False, True])
+def test_weighted_ce_never_syncs_with_the_host(weights_on_device):
     hs, weight, targets = inputs(torch.bfloat16)
     leaves = [t.requires_grad_() for t in (weight, *hs)]
-    torch.cuda.synchronize()
+    head_weights = torch.tensor(HEAD_WEIGHTS, device="cuda") if weights_on_device else HEAD_WEIGHTS
+    torch.cuda.synchronize()  # the copy above may sync; the loss must not
     torch.cuda.set_sync_debug_mode("error")
     try:
-        loss = weighted_linear_cross_entropy(leaves[1:], leaves[0], targets, HEAD_WEIGHTS, backend="triton")
+        loss = weighted_linear_cross_entropy(leaves[1:], leaves[0], targets, head_weights, backend="triton")
         loss.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss).item()
 
 
+@NEEDS_TRITON
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_exit_confidence_on_gpu(dtype):
     hs, weight, targets = inputs(dtype, n=777)
@@ -96,6 +116,7 @@ def test_exit_confidence_on_gpu(dtype):
     assert (logits.gather(1, stats.pred[:, None]).squeeze(1) >= logits.max(1).values - 1e-3).all()
 
 
+@NEEDS_TRITON
 def test_compaction_on_gpu():
     mask = torch.rand(100_003, device="cuda") < 0.3
     idx = compact_indices(mask, backend="triton")

@@ -4,15 +4,16 @@ import importlib
 import pytest
 import torch
 
-from fastexit.kernels import ExitStats, exit_confidence
+from fastexit.kernels import HAS_TRITON, ExitStats, exit_confidence, weighted_linear_cross_entropy
 
 ec = importlib.import_module("fastexit.kernels.exit_confidence")  # the module, not the function
 
-BACKENDS = ["torch", "triton"]
+NEEDS_TRITON = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+BACKENDS = ["torch", pytest.param("triton", marks=NEEDS_TRITON)]
 # (N, d, V): odd V, N not a multiple of the row block; the Triton shapes stay tiny (interpreter)
-SHAPES = {"torch": [(37, 64, 1000), (300, 48, 1003)],
-          "triton": [(19, 40, 77), (33, 72, 130)]}
-CASES = [(b, *s) for b in BACKENDS for s in SHAPES[b]]
+CASES = [("torch", 37, 64, 1000), ("torch", 300, 48, 1003),
+         pytest.param("triton", 19, 40, 77, marks=NEEDS_TRITON),
+         pytest.param("triton", 33, 72, 130, marks=NEEDS_TRITON)]
 
 
 def reference(hidden, weight, targets=None, ignore_index=-100):
@@ -106,24 +107,48 @@ def test_bf16_error_within_twice_pytorch_own():
 
 
 BAD = [
-    (lambda h, w, t: (h[0], w, t), "hidden"),
-    (lambda h, w, t: (h.long(), w, t), "hidden"),
-    (lambda h, w, t: (h[:0], w, t[:0]), "hidden"),
-    (lambda h, w, t: (h, w[:, :-1], t), "weight"),
-    (lambda h, w, t: (h, w.double(), t), "weight"),
-    (lambda h, w, t: (h, w, t[:-1]), "targets"),
-    (lambda h, w, t: (h, w, t.float()), "targets"),
-    (lambda h, w, t: (h, w, t.clone().fill_(77)), "targets"),
-    (lambda h, w, t: (h, w, t.clone().fill_(-5)), "targets"),
+    (lambda h, w, t: (h[0], w, t), ValueError, "hidden"),
+    (lambda h, w, t: (h.long(), w, t), TypeError, "hidden"),
+    (lambda h, w, t: ("not a tensor", w, t), TypeError, "hidden"),
+    (lambda h, w, t: (h[:0], w, t[:0]), ValueError, "hidden"),
+    (lambda h, w, t: (h, w[:, :-1], t), ValueError, "weight"),
+    (lambda h, w, t: (h, w[:0], t), ValueError, "weight"),
+    (lambda h, w, t: (h, w.double(), t), TypeError, "weight"),
+    (lambda h, w, t: (h, w, t[:-1]), ValueError, "targets"),
+    (lambda h, w, t: (h, w, t.float()), TypeError, "targets"),
+    (lambda h, w, t: (h, w, t.clone().fill_(77)), ValueError, "targets"),
+    (lambda h, w, t: (h, w, t.clone().fill_(-5)), ValueError, "targets"),
 ]
 
 
-@pytest.mark.parametrize("mutate,name", BAD)
-def test_bad_input_names_the_argument(mutate, name):
-    with pytest.raises(ValueError, match=name):
+@pytest.mark.parametrize("mutate,error,name", BAD)
+def test_bad_input_names_the_argument(mutate, error, name):
+    with pytest.raises(error, match=name):
         exit_confidence(*mutate(*make(8, 16, 77)))
 
 
 def test_unknown_backend():
     with pytest.raises(ValueError, match="backend"):
         exit_confidence(*make(8, 16, 77), backend="cuda")
+
+
+# one kind of bad input, one exception type, in both ops (kernels/checks.py)
+SAME_KIND = {  # kind: (mutate (hidden, weight, targets), expected type, argument named)
+    "hidden and weight dtypes differ": (lambda h, w, t: (h, w.double(), t), TypeError, "weight"),
+    "hidden not floating point": (lambda h, w, t: (h.long(), w.long(), t), TypeError, "hidden"),
+    "targets not integer": (lambda h, w, t: (h, w, t.float()), TypeError, "targets"),
+    "targets of the wrong length": (lambda h, w, t: (h, w, t[:-1]), ValueError, "targets"),
+    "weight of the wrong width": (lambda h, w, t: (h, w[:, :-1], t), ValueError, "weight"),
+    "empty batch": (lambda h, w, t: (h[:0], w, t[:0]), ValueError, "hidden"),
+    "target out of range": (lambda h, w, t: (h, w, t.clone().fill_(77)), ValueError, "targets"),
+}
+
+
+@pytest.mark.parametrize("kind", list(SAME_KIND))
+def test_same_bad_input_same_exception_in_both_ops(kind):
+    mutate, error, name = SAME_KIND[kind]
+    hidden, weight, targets = mutate(*make(8, 16, 77))
+    with pytest.raises(error, match=name):
+        exit_confidence(hidden, weight, targets)
+    with pytest.raises(error, match=name):
+        weighted_linear_cross_entropy([hidden], weight, targets, [1.0])

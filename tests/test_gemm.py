@@ -1,4 +1,5 @@
-"""kernels/gemm.py: the fp32-result GEMM and the differentiable fp32_linear against fp64 F.linear."""
+"""kernels/gemm.py: linear_fp32 (an fp32-result GEMM) and the differentiable linear (input dtype)
+against fp64 F.linear."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,13 +15,13 @@ def rel_err(a, b):
 
 @pytest.mark.parametrize("onednn", [True, False])
 @pytest.mark.parametrize("shape", [(37, 48), (3, 29, 48)])
-def test_fp32_linear_value_and_grads(monkeypatch, onednn, shape):
+def test_linear_value_and_grads(monkeypatch, onednn, shape):
     if not onednn:
         monkeypatch.setattr(gemm, "use_onednn", lambda t: False)
     x = torch.randn(*shape, requires_grad=True)
     w = torch.randn(70, 48, requires_grad=True)
     g = torch.randn(*shape[:-1], 70) + 2.5  # grad_output != 1
-    y = gemm.fp32_linear(x, w)
+    y = gemm.linear(x, w)
     dx, dw = torch.autograd.grad(y, (x, w), g)
     x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     y64 = F.linear(x64, w64)
@@ -30,25 +31,25 @@ def test_fp32_linear_value_and_grads(monkeypatch, onednn, shape):
         assert rel_err(ours, ref) <= FP32_TOL
 
 
-def test_fp32_linear_only_weight_grad():
+def test_linear_only_weight_grad():
     x, w = torch.randn(5, 7, 16), torch.randn(9, 16, requires_grad=True)
-    (dw,) = torch.autograd.grad(gemm.fp32_linear(x, w).square().sum(), (w,))
+    (dw,) = torch.autograd.grad(gemm.linear(x, w).square().sum(), (w,))
     w64 = w.detach().double().requires_grad_()
     (rdw,) = torch.autograd.grad(F.linear(x.double(), w64).square().sum(), (w64,))
     assert rel_err(dw, rdw) <= FP32_TOL
 
 
-def test_fp32_linear_without_grad_and_other_dtypes():
+def test_linear_without_grad_and_other_dtypes():
     x, w = torch.randn(4, 6, 16), torch.randn(9, 16)
     with torch.no_grad():
-        assert rel_err(gemm.fp32_linear(x, w), F.linear(x.double(), w.double())) <= FP32_TOL
+        assert rel_err(gemm.linear(x, w), F.linear(x.double(), w.double())) <= FP32_TOL
     xb, wb = x.bfloat16(), w.bfloat16()
-    assert torch.equal(gemm.fp32_linear(xb, wb), F.linear(xb, wb))  # not fp32: F.linear itself
+    assert torch.equal(gemm.linear(xb, wb), F.linear(xb, wb))  # not fp32: F.linear itself
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_linear_result_dtype(dtype):
+def test_linear_fp32_result_dtype(dtype):
     a, b = torch.randn(11, 24).to(dtype), torch.randn(13, 24).to(dtype)
-    out = gemm.linear(a, b)
+    out = gemm.linear_fp32(a, b)
     assert out.dtype == gemm.acc_dtype(a)
     assert rel_err(out, a.double() @ b.double().T) <= FP32_TOL  # bf16 operands multiply exactly in fp32

@@ -119,6 +119,18 @@ def test_one_row(backend):
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+@pytest.mark.parametrize("tiles", [(16, 32, 64), (64, 32, 16)])
+def test_triton_gemm_tiles_of_three_sizes(monkeypatch, tiles):
+    """Each GEMM launcher maps (out_rows, out_cols, inner) onto its kernel's row, class and
+    model-dim blocks; the interpreter's default tiles are all 16, where a mix-up is invisible."""
+    monkeypatch.setattr(weighted_ce, "INTERPRET_GEMM_TILES", weighted_ce.GemmTiles(*tiles))
+    hs, weight, targets = make_inputs(2, 37, 48, 131, ignore_every=6)
+    fn = lambda h, w, y: weighted_linear_cross_entropy(h, w, y, [0.6, 0.4], backend="triton")  # noqa: E731
+    ref = lambda h, w, y: reference(h, w, y, [0.6, 0.4])  # noqa: E731
+    assert_matches(loss_and_grads(fn, hs, weight, targets, 11), loss_and_grads(ref, hs, weight, targets, 11), FP32_TOL)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 def test_fp64_needs_the_torch_backend():
     hs, weight, targets = make_inputs(2, 9, 8, 11, dtype=torch.float64)
     with pytest.raises(TypeError, match="backend='torch'"):
@@ -185,26 +197,36 @@ def test_ignored_rows_are_never_read(backend, reduction):
     assert all(not g[targets == IGNORE].any() for g in ours[1][1:])  # dH of ignored rows is exactly 0
 
 
-def test_torch_path_gemms_see_only_kept_rows(monkeypatch):
-    """On CPU the count of kept rows is free to read: the logits GEMM gets exactly those rows."""
-    seen, linear = [], gemm.linear
-    monkeypatch.setattr(gemm, "linear", lambda a, b: seen.append(a.shape[0]) or linear(a, b))
-    hs, weight, targets = make_inputs(3, 203, 48, 1000, ignore_every=4)
-    weighted_linear_cross_entropy(hs, weight, targets, [0.7, 0.0, 0.3], backend="torch")
-    n_live = int((targets != IGNORE).sum())
-    assert sum(seen) == 2 * n_live  # forward only (no grad wanted): one logits GEMM per chunk
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_zero_weight_heads_are_never_read(backend, reduction):
+    """A head of weight 0 enters no GEMM (0 * NaN = NaN in a GEMM): NaN hiddens there change
+    nothing, and its gradient is exactly 0 without allow_unused (it stays in the graph)."""
+    n, d, n_classes = sizes(backend, 1000, 67)
+    hs, weight, targets = make_inputs(3, n, d, n_classes, ignore_every=5)
+    poisoned = [hs[0], torch.full_like(hs[1], float("nan")), hs[2]]
+    numbers = [0.5, 0.0, 0.5]
+    for head_weights in (numbers, torch.tensor(numbers)):  # a CPU tensor is read on the host like numbers
+        ours = loss_and_grads(lambda h, w, y: weighted_linear_cross_entropy(
+            h, w, y, head_weights, reduction=reduction, backend=backend), poisoned, weight, targets, 9)
+        ref = loss_and_grads(lambda h, w, y: reference(h, w, y, numbers, reduction=reduction), hs, weight, targets, 9)
+        assert_matches(ours, ref, FP32_TOL)
+        assert not ours[1][2].any()  # grads are (weight, h0, h1, h2): h1's is exactly 0
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_zero_weight_heads_cost_nothing_and_get_zero_gradient(backend, monkeypatch):
-    seen = []
-    run_pass = weighted_ce._triton_pass if backend == "triton" else weighted_ce._torch_pass
-    monkeypatch.setattr(weighted_ce, f"_{backend}_pass", lambda hs, *a: seen.append(len(hs)) or run_pass(hs, *a))
-    hs, weight, targets = make_inputs(3, 19, 16, 67)
-    leaves = [h.clone().requires_grad_() for h in hs]
-    out = weighted_linear_cross_entropy(leaves, weight, targets, torch.tensor([0.5, 0.0, 0.5]), backend=backend)
-    grads = torch.autograd.grad(out, leaves)  # no allow_unused: the zero head is part of the graph
-    assert seen == [2] and grads[0].any() and not grads[1].any() and grads[2].any()
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_head_weights_as_cpu_tensor_equal_numbers(backend, reduction):
+    """CPU tensors of head weights are read on the host: bit for bit the numbers' result."""
+    n, d, n_classes = sizes(backend, 1000, 67)
+    hs, weight, targets = make_inputs(3, n, d, n_classes, ignore_every=4)
+    numbers = [0.7, 0.0, 0.3]
+    runs = [loss_and_grads(lambda h, w, y: weighted_linear_cross_entropy(
+                h, w, y, head_weights, reduction=reduction, backend=backend), hs, weight, targets, 10)
+            for head_weights in (numbers, torch.tensor(numbers), torch.tensor(numbers, dtype=torch.float64))]
+    (value, grads), others = runs[0], runs[1:]
+    for other_value, other_grads in others:
+        assert torch.equal(other_value, value) and all(torch.equal(a, b) for a, b in zip(other_grads, grads))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -286,15 +308,20 @@ def test_out_of_range_target(backend, bad):
     (dict(hs=[torch.randn(9, 8), torch.randn(9, 8, dtype=torch.float64)]), TypeError, "hiddens"),
     (dict(hs=torch.randn(9, 8)), ValueError, "hiddens"),
     (dict(hs="not a tensor"), TypeError, "hiddens"),
+    (dict(hs=[torch.randn(9, 8), "not a tensor"]), TypeError, "hiddens"),
+    (dict(hs=[torch.randint(0, 5, (9, 8)), torch.randint(0, 5, (9, 8))]), TypeError, "hiddens"),
     (dict(hs=[torch.randn(0, 8), torch.randn(0, 8)], targets=torch.zeros(0, dtype=torch.long)), ValueError, "hiddens"),
     (dict(weight=torch.randn(11, 7)), ValueError, "weight"),
     (dict(weight=torch.randn(11, 8, dtype=torch.float64)), TypeError, "weight"),
+    (dict(weight=torch.randn(0, 8)), ValueError, "weight"),
     (dict(targets=torch.zeros(8, dtype=torch.long)), ValueError, "targets"),
     (dict(targets=torch.zeros(9)), TypeError, "targets"),
     (dict(head_weights=(0.7, -0.3)), ValueError, "head_weights"),
     (dict(head_weights=(0.7, float("nan"))), ValueError, "head_weights"),
     (dict(head_weights=(float("inf"), 0.3)), ValueError, "head_weights"),
     (dict(head_weights=(0.7, 0.2, 0.1)), ValueError, "head_weights"),
+    (dict(head_weights=torch.tensor([0.7, -0.3])), ValueError, "head_weights"),
+    (dict(head_weights=torch.tensor([0.7, 0.2, 0.1])), ValueError, "head_weights"),
     (dict(reduction="avg"), ValueError, "reduction"),
     (dict(backend="cuda"), ValueError, "backend"),
     (dict(label_smoothing=1.5), ValueError, "label_smoothing"),
