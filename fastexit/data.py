@@ -39,7 +39,8 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Sequence, Union
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write
+from .atomic import atomic_write
+from .config import DEFAULT_VOCAB_SIZE, MIN_VOCAB_SIZE
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -61,8 +62,6 @@ HELD_OUT_FILE_FRACTION = 0.05
 # Character fractions (train, val, test) when too few files to split by file.
 CHAR_SPLIT_FRACTIONS = (0.90, 0.05, 0.05)
 
-DEFAULT_VOCAB_SIZE = 8192
-MIN_VOCAB_SIZE = 257  # the 256 byte symbols plus at least one merge
 UINT16_LIMIT = 2 ** 16
 CACHE_FORMAT_VERSION = 1  # bump when the cache layout or the text conversion changes
 
@@ -526,7 +525,7 @@ def random_batches(ids, batch_size: int, seq_len: int, seed: int = 0,
     return RandomBatches(ids, batch_size, seq_len, seed, device)
 
 
-def eval_batches(ids, batch_size: int, seq_len: int, max_batches: int | None = None,
+def sequential_batches(ids, batch_size: int, seq_len: int, max_batches: int | None = None,
                  device="cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Sequential, non-overlapping windows over `ids` [n_tokens] as a list of (x, y), each
     int64 [b, seq_len] with b = batch_size except possibly the last batch (b < batch_size).

@@ -4,44 +4,16 @@ Each layer i has its own exit norm; all exits share one LM head (optionally tied
 embedding), so the exit logits of layer i are ``lm_head(exit_norms[i-1](h_i))``.
 """
 import math
-from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import routing
+from .config import ModelConfig
 from .kernels import gemm
 
-
-@dataclass
-class ModelConfig:
-    vocab_size: int
-    n_layers: int = 3
-    d_model: int = 256
-    n_heads: int = 4
-    d_ff: Optional[int] = None          # default 4 * d_model
-    max_seq_len: int = 256
-    dropout: float = 0.0
-    tie_embeddings: bool = True
-    norm_eps: float = 1e-5
-
-    def __post_init__(self):
-        for name in ("vocab_size", "n_layers", "d_model", "n_heads", "max_seq_len"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"ModelConfig.{name} must be an int >= 1, got {value!r}")
-        if self.d_model % self.n_heads:
-            raise ValueError(f"ModelConfig.d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
-        if self.d_ff is None:
-            self.d_ff = 4 * self.d_model
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout!r}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+__all__ = ["Attention", "Block", "EarlyExitTransformer", "KVCache", "ModelConfig", "QueryGrid"]
 
 
 class Linear(nn.Linear):
@@ -52,7 +24,36 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gemm.fp32_linear(x, self.weight)
+        return gemm.linear(x, self.weight)
+
+
+class QueryGrid(NamedTuple):
+    """Where n query rows sit in a padded (B, S) grid of attention queries.
+
+    slot: (n,) int64 flat positions in the (B * S) grid; n_slots: S; mask: (B, 1, S, Tk) bool
+    keys each query may attend to, or None for all. Padded slots hold zero queries whose
+    outputs are dropped.
+    """
+    slot: torch.Tensor
+    n_slots: int
+    mask: Optional[torch.Tensor]
+
+
+class KVCache:
+    """Keys and values of one layer for decoding, each (B, H, T_max, hd)."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v
+
+    def write(self, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v (B, H, t, hd) at slots start..start+t-1."""
+        end = start + k.shape[2]
+        self.k[:, :, start:end], self.v[:, :, start:end] = k, v
+
+    def upto(self, end: int, rows: Optional[torch.Tensor] = None):
+        """Keys and values of slots 0..end-1: (B, H, end, hd), or (n, ...) of the given rows."""
+        k, v = self.k[:, :, :end], self.v[:, :, :end]
+        return (k, v) if rows is None else (k.index_select(0, rows), v.index_select(0, rows))
 
 
 class Attention(nn.Module):
@@ -76,11 +77,27 @@ class Attention(nn.Module):
         return y.transpose(1, 2).reshape(B, T, self.d_model)  # (B, T, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d)
-        q = self.split_heads(self.q_proj(x))
-        k, v = map(self.split_heads, self.kv_proj(x).split(self.d_model, dim=-1))
         p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        return self.attend(x, *self.kv(x), is_causal=True, dropout_p=p)
+
+    def kv(self, a: torch.Tensor):
+        """Keys and values (B, H, t, hd) of the normed states a (B, t, d)."""
+        return [self.split_heads(t) for t in self.kv_proj(a).split(self.d_model, dim=-1)]
+
+    def attend(self, a: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
+               is_causal: bool = False, dropout_p: float = 0.0) -> torch.Tensor:
+        """Output (B, t, d) of queries from the normed states a (B, t, d) over k, v (B, H, Tk, hd)."""
+        q = self.split_heads(self.q_proj(a))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)
         return self.out_proj(self.merge_heads(y))
+
+    def attend_rows(self, a: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: QueryGrid) -> torch.Tensor:
+        """Output (n, d) of the queries of n rows (normed states a (n, d)) placed in ``grid``
+        over k, v (B, H, Tk, hd): only these rows pay for the q and out projections."""
+        B, d = k.shape[0], self.d_model
+        q = a.new_zeros(B * grid.n_slots, d).index_copy_(0, grid.slot, self.q_proj(a))  # (B*S, d)
+        y = F.scaled_dot_product_attention(self.split_heads(q.view(B, grid.n_slots, d)), k, v, attn_mask=grid.mask)
+        return self.out_proj(self.merge_heads(y).reshape(-1, d).index_select(0, grid.slot))
 
 
 class MLP(nn.Module):
@@ -107,6 +124,27 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d)
         x = x + self.resid_dropout(self.attn(self.attn_norm(x)))
         return x + self.resid_dropout(self.mlp(self.mlp_norm(x)))
+
+    def kv(self, x: torch.Tensor):
+        """Keys and values (B, H, t, hd) this block computes from the residual states x (B, t, d)."""
+        return self.attn.kv(self.attn_norm(x))
+
+    def forward_rows(self, xh: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: QueryGrid) -> torch.Tensor:
+        """The block on n rows only: states xh (n, d) -> (n, d), their queries placed in
+        ``grid`` over keys/values k, v (B, H, Tk, hd) of every position (no dropout)."""
+        xh = xh + self.attn.attend_rows(self.attn_norm(xh), k, v, grid)
+        return xh + self.mlp(self.mlp_norm(xh))
+
+    def forward_cached(self, x: torch.Tensor, cache: KVCache, start: int,
+                       mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The block on x (B, t, d) at cache slots start..start+t-1 (a prefill from 0, or one
+        decode step), writing their keys/values into ``cache`` first. mask: (B, 1, t, start+t)
+        bool for padded prompts; None = plain causal attention. No dropout."""
+        a = self.attn_norm(x)
+        cache.write(start, *self.attn.kv(a))
+        k, v = cache.upto(start + x.shape[1])
+        x = x + self.attn.attend(a, k, v, mask, is_causal=mask is None and x.shape[1] > 1)
+        return x + self.mlp(self.mlp_norm(x))
 
 
 class EarlyExitTransformer(nn.Module):
@@ -191,9 +229,16 @@ class EarlyExitTransformer(nn.Module):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, V)
         return self.exit_logits(idx, [self.n_layers])[0]
 
+    def new_kv_caches(self, batch: int, max_len: int, layers: Sequence[int]) -> List[KVCache]:
+        """Empty KV caches (B, H, max_len, hd) for the given blocks (1-indexed)."""
+        cfg, param = self.cfg, self.lm_head.weight
+        shape = (batch, cfg.n_heads, max_len, cfg.head_dim)
+        return [KVCache(param.new_empty(shape), param.new_empty(shape)) for _ in layers]
+
     def generate(self, idx: torch.Tensor, max_new_tokens: int, routing_threshold: Optional[float] = None,
-                 exit_layer: int = 1, **kwargs):
+                 exit_layer: Optional[int] = None, **kwargs):
         """Early-exit decoding with a KV cache, rows exiting independently; returns
         (tokens (B, T0 + max_new_tokens), exit_layers (B, max_new_tokens)). Options and
-        semantics: ``fastexit.routing.generate``."""
-        return routing.generate(self, idx, max_new_tokens, routing_threshold, exit_layer, **kwargs)
+        semantics: ``fastexit.generate.generate``."""
+        from .generate import generate  # generation builds on the model, not the other way round
+        return generate(self, idx, max_new_tokens, routing_threshold, exit_layer, **kwargs)

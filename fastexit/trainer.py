@@ -1,5 +1,6 @@
 """UniversalTrainer: trains any method expressible as per-layer loss weights, and evaluates
-it with max-softmax routing (DESIGN §2–3)."""
+it with max-softmax routing (docs/design.md §2–3)."""
+import functools
 import math
 import time
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -9,13 +10,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fastexit.kernels import exit_confidence, resolve_backend, weighted_linear_cross_entropy
-
-from .config import UniversalConfig
 from . import routing
+from .config import EVAL_MODES, UniversalConfig
+from .kernels import resolve_backend, weighted_linear_cross_entropy
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
-EVAL_MODES = ("exact", "compact")
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
@@ -181,83 +180,100 @@ class UniversalTrainer:
     # ------------------------------------------------------------------------- evaluate
     @torch.no_grad()
     def evaluate(self, model: nn.Module, val_batches: Sequence[Batch], mode: str = "exact", *,
-                 routing_threshold: Optional[float] = None, per_layer: bool = True,
-                 ignore_index: int = -100) -> Dict[str, float]:
-        """Routed metrics over ``val_batches`` ((x, y) int64 (B, T) pairs), DESIGN §3.
+                 routing_threshold: Optional[float] = None, per_layer: Optional[bool] = None,
+                 compare_exact: bool = False, ignore_index: int = -100) -> Dict[str, float]:
+        """Routed metrics over ``val_batches`` ((x, y) int64 (B, T) pairs), docs/design.md §3.
 
         Returns ``ppl``, ``acc``, ``nll``, ``shallow_ratio``, ``compute_cost``, ``tokens_per_s``
-        (of the routed pass alone), ``n_tokens``, and with ``per_layer`` ``ppl_L{i}``/``acc_L{i}``
-        of every exit. ``mode='compact'`` really skips the deeper layers for easy tokens and
-        also reports the exact pass it is compared with: ``ppl_exact``, ``ppl_diff_vs_exact``,
-        ``speedup_vs_exact`` (the two passes are timed batch by batch, interleaved).
-        ``routing_threshold`` overrides the config's.
+        and ``seconds`` (of the timed pass), ``n_tokens``; with ``per_layer`` also ``ppl_L{i}`` /
+        ``acc_L{i}`` of every exit.
+        - ``mode='exact'``: one pass through every layer; per_layer (default on) scores every
+          layer's exit in that same pass (one head pass per layer, timed with it).
+        - ``mode='compact'``: only the compact routed forward runs (the fast path). per_layer
+          (default off) costs an extra, untimed exact pass; ``compare_exact=True`` times an exact
+          routed pass batch by batch, interleaved, and adds ``ppl_exact``, ``ppl_diff_vs_exact``
+          and ``speedup_vs_exact``.
+        ``routing_threshold``: None = the config's (``routing.resolve_routing``).
         """
+        self._check_eval_args(mode, val_batches, compare_exact)
+        threshold, exit_layer = routing.resolve_routing(model, routing_threshold, None, self.config)
+        per_layer = mode == "exact" if per_layer is None else per_layer
+        exact = functools.partial(routing.exact_routed_forward, exit_layer=exit_layer, routing_threshold=threshold)
+        compact = functools.partial(routing.compact_routed_forward, exit_layer=exit_layer, routing_threshold=threshold)
+        was_training = model.training
+        model.eval()
+        if mode == "exact":
+            stats, = self._routed_stats(model, val_batches, [functools.partial(exact, all_layers=per_layer)],
+                                        ignore_index)
+        else:
+            stats = self._compact_stats(model, val_batches, compact, exact, compare_exact, ignore_index)
+            if per_layer:
+                layers, = self._routed_stats(model, val_batches, [functools.partial(exact, all_layers=True)],
+                                             ignore_index)
+                stats.update({k: v for k, v in layers.items() if k.startswith(("ppl_L", "acc_L"))})
+        model.train(was_training)
+        return stats
+
+    @staticmethod
+    def _check_eval_args(mode, val_batches, compare_exact) -> None:
         if mode not in EVAL_MODES:
             raise ValueError(f"mode must be one of {EVAL_MODES}, got {mode!r}")
         if not val_batches:
             raise ValueError("val_batches is empty")
-        threshold = self.config.routing_threshold if routing_threshold is None else routing_threshold
-        routing.check_routing(model, self.config.exit_layer, threshold)
-        was_training = model.training
-        model.eval()
-        if mode == "compact":
-            self._warm_up(model, val_batches[0], threshold)
-            forwards = (routing.exact_routed_forward, routing.compact_routed_forward)
-            exact, stats = self._routed_stats(model, val_batches, threshold, forwards, ignore_index)
-            stats.update(ppl_exact=exact["ppl"], ppl_diff_vs_exact=stats["ppl"] - exact["ppl"],
-                         speedup_vs_exact=exact["seconds"] / stats["seconds"])
-        else:
-            stats, = self._routed_stats(model, val_batches, threshold, (routing.exact_routed_forward,), ignore_index)
-        if per_layer:
-            stats.update(self._per_layer_stats(model, val_batches, ignore_index))
-        model.train(was_training)
+        if compare_exact and mode != "compact":
+            raise ValueError("compare_exact=True compares compact mode with exact mode: it needs mode='compact'")
+
+    def _compact_stats(self, model, val_batches, compact, exact, compare_exact, ignore_index) -> Dict[str, float]:
+        if not compare_exact:
+            return self._routed_stats(model, val_batches, [compact], ignore_index)[0]
+        x = val_batches[0][0].to(self.device)
+        for routed_forward in (exact, compact):  # untimed: first calls pay for allocator growth
+            routed_forward(model, x, backend=self.backend)
+        ex, stats = self._routed_stats(model, val_batches, [exact, compact], ignore_index)
+        stats.update(ppl_exact=ex["ppl"], ppl_diff_vs_exact=stats["ppl"] - ex["ppl"],
+                     speedup_vs_exact=ex["seconds"] / stats["seconds"])
         return stats
 
-    def _warm_up(self, model, batch: Batch, threshold: float) -> None:
-        """One untimed pass of each path, so that speedup_vs_exact compares steady states
-        (first calls pay for allocator growth and kernel selection)."""
-        x = batch[0].to(self.device)
-        for routed_forward in (routing.exact_routed_forward, routing.compact_routed_forward):
-            routed_forward(model, x, self.config.exit_layer, threshold, backend=self.backend)
-
-    def _routed_stats(self, model, val_batches, threshold, forwards, ignore_index) -> List[Dict[str, float]]:
+    def _routed_stats(self, model, val_batches, forwards, ignore_index) -> List[Dict[str, float]]:
         """Metrics of each routed forward over the same batches. With several forwards, each
         batch runs all of them back to back, in alternating order, so that load drift on a
-        shared machine hits their timings alike."""
-        sums = torch.zeros(len(forwards), 5, dtype=torch.float64, device=self.device)
-        seconds = [0.0] * len(forwards)
+        shared machine hits their timings alike. One host sync at the end."""
+        acc = [_EvalSums(self.device, model.n_layers) for _ in forwards]
         for i, (x, y) in enumerate(val_batches):
             x, y = x.to(self.device), y.to(self.device)
-            valid = y != ignore_index
             for j in (range(len(forwards)) if i % 2 == 0 else reversed(range(len(forwards)))):
                 t0 = _clock(self.device)
-                out = forwards[j](model, x, self.config.exit_layer, threshold, targets=y, backend=self.backend)
-                seconds[j] += _clock(self.device) - t0
-                sums[j] += _masked_sums(valid, out.nll, out.pred == y, out.easy, out.layers_run, valid)
-        return [self._summary(row, secs, model.n_layers) for row, secs in zip(sums.tolist(), seconds)]  # one sync
+                out = forwards[j](model, x, targets=y, backend=self.backend, ignore_index=ignore_index)
+                acc[j].seconds += _clock(self.device) - t0
+                acc[j].add(out, y, ignore_index)
+        return [a.summary() for a in acc]
 
-    @staticmethod
-    def _summary(sums: list, seconds: float, n_layers: int) -> Dict[str, float]:
-        nll, correct, easy, layers_run, n = sums
+
+class _EvalSums:
+    """fp64 sums of one routed forward's metrics over batches, kept on the device."""
+
+    def __init__(self, device, n_layers: int):
+        self.n_layers, self.seconds = n_layers, 0.0
+        self.routed = torch.zeros(5, dtype=torch.float64, device=device)  # nll, correct, easy, layers_run, n
+        self.layers = torch.zeros(n_layers, 2, dtype=torch.float64, device=device)  # (L, [nll, correct])
+        self.has_layers = False
+
+    def add(self, out: "routing.RoutedOutput", y: torch.Tensor, ignore_index: int) -> None:
+        valid, flat_y = y != ignore_index, y.reshape(-1)
+        self.routed += _masked_sums(valid, out.nll, out.pred == y, out.easy, out.layers_run, valid)
+        for i, s in (out.layer_stats or {}).items():  # (B*T,) rows per layer
+            self.has_layers = True
+            self.layers[i - 1] += _masked_sums(valid.reshape(-1), s.nll, s.pred == flat_y)
+
+    def summary(self) -> Dict[str, float]:
+        (nll, correct, easy, layers_run, n), layers = self.routed.tolist(), self.layers.tolist()  # the sync
         if n == 0:
             raise ValueError("val_batches has no scored tokens (all targets are ignore_index)")
-        return dict(ppl=math.exp(nll / n), nll=nll / n, acc=correct / n, shallow_ratio=easy / n,
-                    compute_cost=layers_run / (n * n_layers), tokens_per_s=n / seconds,
-                    seconds=seconds, n_tokens=int(n))
-
-    def _per_layer_stats(self, model, val_batches, ignore_index) -> Dict[str, float]:
-        layers = list(range(1, model.n_layers + 1))
-        sums = torch.zeros(len(layers), 3, dtype=torch.float64, device=self.device)  # (L, [nll, correct, n])
-        for x, y in val_batches:
-            x, y = x.to(self.device), y.to(self.device).reshape(-1)
-            valid = y != ignore_index
-            for j, h in enumerate(model.exit_hidden_states(x, layers)):
-                s = exit_confidence(h.reshape(-1, h.shape[-1]), model.lm_head.weight, y,
-                                    ignore_index=ignore_index, backend=self.backend)
-                sums[j] += _masked_sums(valid, s.nll, s.pred == y, valid)
-        out = {}
-        for i, (nll, correct, n) in zip(layers, sums.tolist()):
-            out.update({f"ppl_L{i}": math.exp(nll / n), f"acc_L{i}": correct / n})
+        out = dict(ppl=math.exp(nll / n), nll=nll / n, acc=correct / n, shallow_ratio=easy / n,
+                   compute_cost=layers_run / (n * self.n_layers), tokens_per_s=n / self.seconds,
+                   seconds=self.seconds, n_tokens=int(n))
+        for i, (layer_nll, layer_correct) in enumerate(layers if self.has_layers else [], start=1):
+            out.update({f"ppl_L{i}": math.exp(layer_nll / n), f"acc_L{i}": layer_correct / n})
         return out
 
 

@@ -6,6 +6,7 @@ import torch
 
 from fastexit import AlphaSchedule, EarlyExitTransformer, ModelConfig, UniversalConfig, UniversalTrainer
 from fastexit import checkpoint as ckpt
+from fastexit.config import DataConfig, RunConfig, TrainConfig
 
 V = 97
 
@@ -23,11 +24,14 @@ def make_run(n_layers=3, d_model=32):
     return model, cfg, config, opt
 
 
-def save(path, model, cfg, config, opt, step=7, data=None):
-    return ckpt.save_checkpoint(path, model=model, model_config=cfg, config=config, optimizer=opt, step=step,
-                                data_state={"seed": 3, "step": step},
-                                data=data or {"vocab_size": V, "fingerprint": "abc", "cache_dir": "/c"},
-                                run_config={"name": "t", "train": {"steps": 10}})
+def run_config(cfg, config):
+    identity = {"vocab_size": V, "fingerprint": "abc", "tokenizer": "t0", "cache_dir": "/c"}
+    return RunConfig("t", config, cfg, TrainConfig(steps=10, seq_len=16), DataConfig(identity=identity))
+
+
+def save(path, model, cfg, config, opt, step=7):
+    return ckpt.save_checkpoint(path, model=model, run_config=run_config(cfg, config), optimizer=opt, step=step,
+                                data_state={"seed": 3, "step": step})
 
 
 @pytest.fixture
@@ -44,7 +48,8 @@ def test_round_trip_restores_everything(saved):
     for k, v in model.state_dict().items():
         assert torch.equal(restored.state_dict()[k], v), k
     assert restored.lm_head.weight is restored.tok_emb.weight  # tying survives
-    again = ckpt.config_from_dict(payload["universal_config"])
+    assert payload["run_config"] == run_config(cfg, config)  # stored once, as one RunConfig
+    again = payload["run_config"].method
     assert again == config
     assert again.alpha_schedule == AlphaSchedule("cosine", 0.9, 0.4)
     assert again.layer_lr_scales == {1: 1.0, 2: 0.5, 3: 0.1}
@@ -53,7 +58,6 @@ def test_round_trip_restores_everything(saved):
     for (a, b) in zip(opt.state.values(), opt2.state.values()):
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert payload["step"] == 7 and payload["data_state"] == {"seed": 3, "step": 7}
-    assert payload["run_config"] == {"name": "t", "train": {"steps": 10}}
 
 
 def test_contents_load_with_weights_only(saved):
@@ -64,9 +68,29 @@ def test_contents_load_with_weights_only(saved):
 def test_config_dict_is_json_safe_and_round_trips():
     import json
     config = UniversalConfig({1: 0.7, 2: 0.0, 3: 0.3}, exit_layer=1, routing_threshold=0.95,
-                             alpha_schedule=AlphaSchedule("linear", 0.9, 0.5))
-    d = json.loads(json.dumps(ckpt.config_to_dict(config)))
-    assert ckpt.config_from_dict(d) == config
+                             alpha_schedule=AlphaSchedule("linear", 0.9, 0.5), layer_lr_scales={2: 0.5})
+    assert UniversalConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    run = run_config(ModelConfig(V, max_seq_len=16), config)
+    assert RunConfig.from_dict(json.loads(json.dumps(run.to_dict()))) == run
+
+
+def test_version_1_checkpoint_is_read(saved):
+    """A file of the previous format (method and model stored twice, "warmup") still loads."""
+    path, model, cfg, config, opt = saved
+    v2 = torch.load(path, weights_only=True)
+    run = v2["run_config"]
+    old_run = dict(name=run["name"], method=dict(run["method"], preset=None), model=run["model"],
+                   train={("warmup" if k == "warmup_steps" else k): v for k, v in run["train"].items()},
+                   data=run["data"])
+    v1 = dict({k: v2[k] for k in ("model", "optimizer", "step", "data_state", "rng")}, format=ckpt.FORMAT,
+              version=1, digest="", model_config=run["model"], universal_config=run["method"],
+              data=dict(run["data"]["identity"], paths=None), run_config=old_run)
+    v1["digest"] = ckpt.payload_digest(v1)
+    torch.save(v1, path)
+    payload = ckpt.load_checkpoint(path, model_config=cfg, data={"vocab_size": V, "fingerprint": "abc"})
+    assert payload["run_config"] == run_config(cfg, config) and payload["step"] == 7
+    restored = ckpt.restore_model(payload, path)
+    assert all(torch.equal(restored.state_dict()[k], v) for k, v in model.state_dict().items())
 
 
 def test_rng_states_round_trip():
@@ -144,6 +168,6 @@ def test_mismatched_model_config_or_data_is_refused(saved):
 def test_weights_that_do_not_fit_the_config_are_refused(saved):
     path = saved[0]
     payload = ckpt.load_checkpoint(path)
-    payload["model_config"]["d_ff"] = 64
+    payload["run_config"].model.d_ff = 64
     with pytest.raises(ValueError, match="do not fit its config"):
         ckpt.restore_model(payload, path)

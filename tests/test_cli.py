@@ -8,10 +8,11 @@ import shutil
 import pytest
 import torch
 
-import fastexit.cli as cli
-from fastexit import PRESETS, ModelConfig
+from fastexit import PRESETS, report
 from fastexit import checkpoint as ckpt
 from fastexit.cli import main
+from fastexit.compare import LAYER_LR_CONFIGS
+from fastexit.config import RunConfig
 from fastexit.trainer import UniversalTrainer
 
 STEPS = 8
@@ -106,38 +107,73 @@ def test_train_writes_metrics_config_and_checkpoint(run, data):
         assert math.isfinite(final[key]), key
     config = json.loads((run / "config.json").read_text())
     saved = state(run)
-    assert config == saved["run_config"]
-    assert ckpt.config_from_dict(config["method"]) == ckpt.config_from_dict(saved["universal_config"])
-    assert ckpt.config_from_dict(config["method"]) == PRESETS["asymmetric_best"]
-    assert ModelConfig(**config["model"]) == ModelConfig(**saved["model_config"])
-    assert config["model"]["d_model"] == 32 and config["train"]["steps"] == STEPS
-    assert saved["data"]["fingerprint"] == config["data"]["identity"]["fingerprint"]
-    assert saved["data"]["vocab_size"] == config["model"]["vocab_size"] <= 300
+    assert config == saved["run_config"]  # the checkpoint stores the config once, as config.json has it
+    assert not {"model_config", "universal_config", "data"} & set(saved)
+    typed = RunConfig.from_dict(config)
+    assert typed.method == PRESETS["asymmetric_best"] and typed.preset == "asymmetric_best"
+    assert typed.model.d_model == 32 and typed.train.steps == STEPS and typed.train.warmup_steps == 0
+    assert typed.data.identity["vocab_size"] == typed.model.vocab_size <= 300
 
 
 def test_final_table_bits_per_byte_use_the_scored_bytes(run, data):
     """bpb = mean NLL * tokens / (bytes of exactly the scored target tokens * ln 2)."""
-    from fastexit.data import eval_batches, prepare_data
+    from fastexit.data import prepare_data, sequential_batches
     final = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     corpus = prepare_data(data["text"], vocab_size=300, cache_dir=data["cache"])
-    batches = eval_batches(corpus.splits["val"], 4, 32)
+    batches = sequential_batches(corpus.splits["val"], 4, 32)
     n_bytes = sum(len(corpus.decode(y.reshape(-1).tolist()).encode("utf-8")) for _, y in batches)  # ASCII text
     assert final["n_tokens"] == sum(y.numel() for _, y in batches)
     assert final["bpb"] == pytest.approx(final["nll"] * final["n_tokens"] / (n_bytes * math.log(2)), rel=1e-12)
 
 
-def test_train_prints_the_eval_table(data, tmp_path, capsys):
+def test_train_prints_the_eval_table_and_what_early_exit_buys(data, tmp_path, capsys):
     out = tmp_path / "custom"
-    argv = tiny(data, out, "--layer-weights", "1=0.5,3=0.5", "--threshold", "0.3",
-                "--alpha-schedule", "linear:0.9:0.5", "--layer-lr", "1=1,2=0.5,3=0.1")
+    argv = tiny(data, out, "--layer-weights", "1=0.5,3=0.5", "--routing-threshold", "0.3",
+                "--alpha-schedule", "linear:0.9:0.5", "--layer-lr-scales", "1=1,2=0.5,3=0.1")
     argv[argv.index("--steps") + 1] = "3"
     assert main(["train", *argv]) == 0
-    (row,) = table_rows(capsys.readouterr().out, "split")
+    text = capsys.readouterr().out
+    (row,) = table_rows(text, "split")
     assert row["split"] == "val" and {"ppl", "bits/byte", "acc", "shallow_ratio", "compute_cost", "ppl_L3"} <= set(row)
-    method = json.loads((out / "config.json").read_text())["method"]
-    cfg = ckpt.config_from_dict(method)
-    assert method["preset"] is None and cfg.routing_threshold == 0.3
-    assert cfg.alpha_schedule.kind == "linear" and cfg.layer_lr_scales == {1: 1.0, 2: 0.5, 3: 0.1}
+    sweep = table_rows(text, "routing_threshold")
+    assert [r["routing_threshold"] for r in sweep] == ["0", "0.1", "0.2", "0.3", "0.5", "0.95"]
+    assert all(float(r["speedup_vs_exact"]) > 0 for r in sweep) and float(sweep[0]["shallow_ratio"]) == 0
+    full = float(sweep[0]["ppl"])
+    assert float(sweep[0]["ppl"]) == pytest.approx(float(row["ppl_L3"]), rel=1e-3)  # threshold 0: full depth
+    assert "keeps ppl within 2% of full depth" in text or "No threshold in this table" in text
+    best = report.cheapest_within([dict(r, ppl=float(r["ppl"]), compute_cost=float(r["compute_cost"]))
+                                   for r in sweep], full, 0.02)
+    assert best is not None and float(best["ppl"]) <= 1.02 * full
+    method = RunConfig.from_dict(json.loads((out / "config.json").read_text())).method
+    assert method.routing_threshold == 0.3 and method.alpha_schedule.kind == "linear"
+    assert method.layer_lr_scales == {1: 1.0, 2: 0.5, 3: 0.1}
+
+
+def test_old_flag_spellings_still_work_with_a_note(data, tmp_path, capsys):
+    out = tmp_path / "old"
+    argv = tiny(data, out, "--threshold", "0.3", "--layer-lr", "1=1,2=0.5,3=0.1", "--warmup", "1")
+    argv[argv.index("--steps") + 1] = "2"
+    assert main(["train", *argv]) == 0
+    err = capsys.readouterr().err
+    for old, new in (("--threshold", "--routing-threshold"), ("--layer-lr", "--layer-lr-scales"),
+                     ("--warmup", "--warmup-steps")):
+        assert f"{old} is deprecated; use {new}" in err
+    config = RunConfig.from_dict(json.loads((out / "config.json").read_text()))
+    assert config.method.routing_threshold == 0.3 and config.method.layer_lr_scales == {1: 1.0, 2: 0.5, 3: 0.1}
+    assert config.train.warmup_steps == 1
+
+
+@pytest.mark.parametrize("command, flags", [
+    ("train", ["--routing-threshold", "--exit-layer", "--layer-lr-scales", "--warmup-steps"]),
+    ("eval", ["--routing-threshold", "--compare-exact", "--eval-batches"]),
+    ("sweep", ["--routing-thresholds", "--compare-exact"]),
+    ("generate", ["--routing-threshold"]),
+])
+def test_help_uses_the_config_vocabulary(command, flags, capsys):
+    assert main([command, "--help"]) == 0
+    text = capsys.readouterr().out
+    assert all(flag in text for flag in flags)
+    assert not re.search(r"--(threshold|layer-lr|warmup|thresholds)\b(?!-)", text)
 
 
 # --------------------------------------------------------------------------- resume
@@ -154,18 +190,18 @@ def test_stop_then_resume_matches_an_uninterrupted_run(run, data, tmp_path):
 
 def test_kill_mid_run_then_resume_matches_an_uninterrupted_run(run, data, tmp_path, monkeypatch, capsys):
     out = tmp_path / "killed"
-    real_step = UniversalTrainer._train_step
+    real_loss = UniversalTrainer.compute_loss
 
-    def dying_step(self, *args):
+    def dying_loss(self, *args):
         if self.step == 5:  # Ctrl-C in the middle of step 6: the checkpoint of step 3 is the last
             raise KeyboardInterrupt
-        return real_step(self, *args)
+        return real_loss(self, *args)
 
-    monkeypatch.setattr(UniversalTrainer, "_train_step", dying_step)
+    monkeypatch.setattr(UniversalTrainer, "compute_loss", dying_loss)
     assert main(["train", *tiny(data, out)]) == 130
     assert "holds step 3" in capsys.readouterr().err
     assert state(out)["step"] == 3
-    monkeypatch.setattr(UniversalTrainer, "_train_step", real_step)
+    monkeypatch.setattr(UniversalTrainer, "compute_loss", real_loss)
     assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 0
     assert_same_final_state(run, out)
 
@@ -196,7 +232,8 @@ def test_existing_run_is_never_overwritten(run, data, capsys):
     ("weights", ["--layer-weights", "1:0.7,3=0.3"], "--layer-weights"),
     ("weights_layer", ["--layer-weights", "1=0.7,9=0.3"], "layer 9"),
     ("alpha", ["--alpha-schedule", "wobbly:0.9"], "--alpha-schedule"),
-    ("threshold", ["--threshold", "1.5"], "routing_threshold"),
+    ("threshold", ["--routing-threshold", "1.5"], "routing_threshold"),
+    ("warmup", ["--warmup-steps", "99"], "warmup_steps"),
     ("flag", ["--colour", "red"], "--colour"),
 ])
 def test_bad_input_is_one_error_line(case, flags, needle, data, tmp_path, capsys):
@@ -267,7 +304,8 @@ def test_changed_data_is_refused(data, tmp_path, capsys):
 
 # ---------------------------------------------------------------- eval/sweep/generate
 def test_eval_compact_on_test_split(run, capsys):
-    assert main(["eval", "--run", str(run), "--mode", "compact", "--split", "test", "--threshold", "0.05"]) == 0
+    assert main(["eval", "--run", str(run), "--mode", "compact", "--split", "test", "--routing-threshold", "0.05",
+                 "--compare-exact"]) == 0
     (row,) = table_rows(capsys.readouterr().out, "split")
     assert row["split"] == "test"
     assert float(row["speedup_vs_exact"]) > 0
@@ -275,9 +313,9 @@ def test_eval_compact_on_test_split(run, capsys):
 
 
 def test_sweep_table_and_plot(run, capsys):
-    assert main(["sweep", "--run", str(run), "--thresholds", "0.5,0,0.005,0.02,0.1,1"]) == 0
-    rows = table_rows(capsys.readouterr().out, "threshold")
-    assert [float(r["threshold"]) for r in rows] == [0, 0.005, 0.02, 0.1, 0.5, 1]
+    assert main(["sweep", "--run", str(run), "--routing-thresholds", "0.5,0,0.005,0.02,0.1,1"]) == 0
+    rows = table_rows(capsys.readouterr().out, "routing_threshold")
+    assert [float(r["routing_threshold"]) for r in rows] == [0, 0.005, 0.02, 0.1, 0.5, 1]
     shallow = [float(r["shallow_ratio"]) for r in rows]
     cost = [float(r["compute_cost"]) for r in rows]
     assert shallow[0] == 0 and cost[0] == 1
@@ -292,12 +330,22 @@ def test_sweep_table_and_plot(run, capsys):
 def test_pareto_flags():
     rows = [dict(ppl=10, compute_cost=1.0), dict(ppl=12, compute_cost=0.5), dict(ppl=13, compute_cost=0.6),
             dict(ppl=10, compute_cost=1.0)]
-    assert cli.pareto_flags(rows) == [True, True, False, True]
+    assert report.pareto_flags(rows) == [True, True, False, True]
+
+
+def test_cheapest_threshold_within_the_ppl_bound():
+    rows = [dict(routing_threshold="0", ppl=100.0, compute_cost=1.0, shallow_ratio=0.0),
+            dict(routing_threshold="0.2", ppl=104.0, compute_cost=0.6, shallow_ratio=0.6),
+            dict(routing_threshold="0.5", ppl=101.5, compute_cost=0.8, shallow_ratio=0.3),
+            dict(routing_threshold="0.9", ppl=100.2, compute_cost=0.9, shallow_ratio=0.15)]
+    assert report.cheapest_within(rows, 100.0, 0.02)["routing_threshold"] == "0.5"
+    assert "routing_threshold 0.5 keeps ppl within 2% of full depth" in report.within_line(rows, 100.0, 0.02)
+    assert report.within_line(rows[:1], 100.0, 0.02).startswith("No threshold")
 
 
 @pytest.mark.parametrize("threshold, early", [("0", 0), ("0.001", 12)])
 def test_generate_shows_exit_layers(run, threshold, early, capsys):
-    assert main(["generate", "--run", str(run), "--prompt", "KING:\n", "--threshold", threshold,
+    assert main(["generate", "--run", str(run), "--prompt", "KING:\n", "--routing-threshold", threshold,
                  "--max-new-tokens", "12", "--temperature", "0"]) == 0
     out = capsys.readouterr().out
     layers = re.search(r"exit layer per token: ([\d ]+)", out).group(1).split()
@@ -325,7 +373,7 @@ def test_compare_every_preset_and_layer_lr(data, tmp_path, capsys):
     for r in rows:
         assert float(r["PPL"]) > 1 and 1 / 3 <= float(r["compute_cost"]) <= 1
     lr_rows = {r["Config"]: r for r in table_rows(text, "Config")}
-    assert list(lr_rows) == [label for label, _, _ in cli.LAYER_LR_CONFIGS]
+    assert list(lr_rows) == [label for label, _, _ in LAYER_LR_CONFIGS]
     base = float(lr_rows["Standard (no Layer-wise LR)"]["PPL"])
     assert lr_rows["Standard (no Layer-wise LR)"]["vs Baseline"] == "baseline"
     assert base == float(next(r for r in rows if r["Model"] == "asymmetric_best")["PPL"])

@@ -2,7 +2,6 @@
 import importlib.metadata
 import json
 import math
-import time
 
 import numpy as np
 import pytest
@@ -133,10 +132,12 @@ def test_default_corpus_tokens_and_bytes(default_corpus, default_texts):
     assert c.decode(c.splits["val"]) == default_texts["val"]
 
 
-def test_default_corpus_reloads_fast(default_corpus):
-    start = time.perf_counter()
+def test_default_corpus_reloads_from_its_cache(default_corpus, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("the tokenizer was retrained")
+    monkeypatch.setattr(data, "train_tokenizer", no_training)
     again = data.prepare_data(vocab_size=SMALL_VOCAB, cache_dir=default_corpus.cache_dir)
-    assert time.perf_counter() - start < 3.0
+    assert isinstance(again.splits["test"], np.memmap)  # read back from the cache, not re-encoded
     assert np.array_equal(again.splits["test"], default_corpus.splits["test"])
 
 
@@ -195,9 +196,7 @@ def test_cache_is_reused_without_retraining(user_files, tmp_path, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("the tokenizer was retrained")
     monkeypatch.setattr(data, "train_tokenizer", no_training)
-    start = time.perf_counter()
     second = data.prepare_data(user_files, vocab_size=SMALL_VOCAB, cache_dir=cache)
-    assert time.perf_counter() - start < 1.0
     assert (cache / "tokenizer.json").stat().st_mtime_ns == stamp
     assert isinstance(second.splits["train"], np.memmap)
     for split in data.SPLITS:
@@ -350,9 +349,9 @@ def test_random_batches_resume_from_state():
         assert torch.equal(x, ex) and torch.equal(y, ey)
 
 
-def test_eval_batches_cover_without_overlap():
+def test_sequential_batches_cover_without_overlap():
     n, batch_size, seq_len = 1003, 4, 10
-    batches = data.eval_batches(np.arange(n), batch_size, seq_len)
+    batches = data.sequential_batches(np.arange(n), batch_size, seq_len)
     assert len(batches) == 25 and all(x.shape == (4, 10) for x, _ in batches)
     xs = torch.cat([x.reshape(-1) for x, _ in batches])
     ys = torch.cat([y.reshape(-1) for _, y in batches])
@@ -360,13 +359,13 @@ def test_eval_batches_cover_without_overlap():
     assert ys.dtype == torch.int64
 
 
-def test_eval_batches_last_batch_and_max_batches():
-    batches = data.eval_batches(np.arange(95), batch_size=4, seq_len=10)
+def test_sequential_batches_last_batch_and_max_batches():
+    batches = data.sequential_batches(np.arange(95), batch_size=4, seq_len=10)
     assert [x.shape[0] for x, _ in batches] == [4, 4, 1]  # 9 windows; tail of 4 dropped
     assert int(batches[-1][1][-1, -1]) == 90
-    assert len(data.eval_batches(np.arange(95), 4, 10, max_batches=2)) == 2
+    assert len(data.sequential_batches(np.arange(95), 4, 10, max_batches=2)) == 2
     tensor_ids = torch.arange(95)
-    assert torch.equal(data.eval_batches(tensor_ids, 4, 10)[0][0], batches[0][0])
+    assert torch.equal(data.sequential_batches(tensor_ids, 4, 10)[0][0], batches[0][0])
 
 
 # --- bits per byte -----------------------------------------------------------------------
@@ -415,7 +414,7 @@ def test_bad_vocab_size(user_files, tmp_path, vocab_size):
         data.train_tokenizer("some text\n", vocab_size)
 
 
-@pytest.mark.parametrize("make_batches", [data.random_batches, data.eval_batches])
+@pytest.mark.parametrize("make_batches", [data.random_batches, data.sequential_batches])
 @pytest.mark.parametrize("arg, value", [("batch_size", 0), ("batch_size", -2),
                                         ("seq_len", 0), ("seq_len", 2.5)])
 def test_bad_batch_shape(make_batches, arg, value):
@@ -424,7 +423,7 @@ def test_bad_batch_shape(make_batches, arg, value):
         make_batches(np.arange(100), **kwargs)
 
 
-@pytest.mark.parametrize("make_batches", [data.random_batches, data.eval_batches])
+@pytest.mark.parametrize("make_batches", [data.random_batches, data.sequential_batches])
 def test_corpus_too_small_says_how_many(make_batches):
     with pytest.raises(ValueError, match=r"ids: the corpus has 10 tokens.*needs.* 11"):
         make_batches(np.arange(10), batch_size=2, seq_len=10)
@@ -436,6 +435,6 @@ def test_other_bad_arguments():
     with pytest.raises(ValueError, match="seed"):
         data.random_batches(np.arange(100), 2, 4, seed=-1)
     with pytest.raises(ValueError, match="max_batches"):
-        data.eval_batches(np.arange(100), 2, 4, max_batches=0)
+        data.sequential_batches(np.arange(100), 2, 4, max_batches=0)
     with pytest.raises(ValueError, match="n_bytes"):
         data.bits_per_byte(1.0, 10, 0)

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fastexit.trainer as trainer_module
 from fastexit import (PRESETS, AlphaSchedule, EarlyExitTransformer, ModelConfig, UniversalConfig,
                       UniversalTrainer)
+from fastexit.trainer import lr_factor
 
 V, T = 101, 12
 
@@ -90,22 +90,28 @@ def test_compute_loss_rejects_vocab_mismatch():
         UniversalTrainer(PRESETS["lpt"], vocab_size=50).compute_loss(small_model(), *batch())
 
 
-def test_schedule_weights_move_inside_fit(monkeypatch):
-    used = []
-    real = trainer_module.weighted_linear_cross_entropy
-
-    def spy(hiddens, weight, targets, head_weights, **kw):
-        used.append(list(head_weights))
-        return real(hiddens, weight, targets, head_weights, **kw)
-
-    monkeypatch.setattr(trainer_module, "weighted_linear_cross_entropy", spy)
+def test_schedule_weights_move_inside_fit():
+    """Step k (1-based) trains at progress (k - 1) / steps: its recorded loss is the weighted
+    loss at the schedule's alpha there (lr ~ 0 keeps the model fixed, so it can be recomputed)."""
     cfg = UniversalConfig({1: 0.9, 2: 0, 3: 0.1}, alpha_schedule=AlphaSchedule("linear", 0.9, 0.5))
-    trainer = UniversalTrainer(cfg, V)
-    history = trainer.fit(small_model(), iter([batch(seed=s) for s in range(4)]), steps=4, progress_bar=False)
-    expected = [[0.9 - 0.4 * s / 4, 0.1 + 0.4 * s / 4] for s in range(4)]  # progress = step / steps
-    assert used == [pytest.approx(e) for e in expected]
+    trainer, model, batches = UniversalTrainer(cfg, V), small_model(), [batch(seed=s) for s in range(4)]
+    with torch.no_grad():
+        model.lm_head.weight.mul_(25)
+        for block in model.blocks:
+            block.mlp.fc_out.weight.mul_(50)  # deeper blocks move the state: layer 1 and 3 losses differ
+    seen = []
+    history = trainer.fit(model, iter(batches), steps=4, base_lr=1e-12, weight_decay=0.0, progress_bar=False,
+                          callback=lambda tr, record: seen.append(tr.layer_weights(3)))
+    for s, (record, (x, y)) in enumerate(zip(history, batches)):
+        alpha = 0.9 - 0.4 * s / 4  # progress = (step - 1) / steps
+        with torch.no_grad():
+            l1, l3 = [F.cross_entropy(lg.reshape(-1, V), y.reshape(-1)) for lg in model.exit_logits(x, [1, 3])]
+        expected = float(alpha * l1 + (1 - alpha) * l3)
+        assert 0.1 * abs(float(l1 - l3)) > 5 * 1e-5 * expected  # a neighbouring step's alpha would fail
+        assert record["loss"] == pytest.approx(expected, rel=1e-5)
+        assert seen[s][1] == pytest.approx(alpha) and seen[s][3] == pytest.approx(1 - alpha)
     assert [r["progress"] for r in history] == [0, 0.25, 0.5, 0.75]
-    assert trainer.progress == 1.0
+    assert [r["step"] for r in history] == [1, 2, 3, 4] and trainer.step == 4 and trainer.progress == 1.0
 
 
 def test_compute_loss_outside_fit_uses_progress_zero():
@@ -141,20 +147,20 @@ def test_fit_lr_schedule_keeps_layer_ratios():
                 warmup_steps=1, progress_bar=False)
     for group in trainer.optimizer.param_groups:
         ratio = group["lr"] / group["initial_lr"]
-        assert ratio == pytest.approx(trainer_module.lr_factor(2, 3, 1, 0.1))
+        assert ratio == pytest.approx(lr_factor(2, 3, 1, 0.1))
         assert group["initial_lr"] == pytest.approx(2e-3 * (cfg.lr_scale(group["layer"]) if group["layer"] else 1))
 
 
 def test_lr_factor_endpoints():
-    assert trainer_module.lr_factor(0, 100, 10, 0.1) == pytest.approx(0.1)
-    assert trainer_module.lr_factor(9, 100, 10, 0.1) == pytest.approx(1.0)
-    assert trainer_module.lr_factor(10, 100, 10, 0.1) == pytest.approx(1.0)
-    assert trainer_module.lr_factor(100, 100, 10, 0.1) == pytest.approx(0.1)
-    assert trainer_module.lr_factor(55, 100, 10, 0.0) == pytest.approx(0.5)
+    assert lr_factor(0, 100, 10, 0.1) == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10, 0.1) == pytest.approx(1.0)
+    assert lr_factor(10, 100, 10, 0.1) == pytest.approx(1.0)
+    assert lr_factor(100, 100, 10, 0.1) == pytest.approx(0.1)
+    assert lr_factor(55, 100, 10, 0.0) == pytest.approx(0.5)
 
 
 def reference_routed_metrics(model, batches, threshold, exit_layer=1):
-    """Routed metrics from full logits, DESIGN §3, computed independently of the kernels."""
+    """Routed metrics from full logits, docs/design.md §3, computed independently of the kernels."""
     nll, correct, easy, n = 0.0, 0, 0, 0
     for x, y in batches:
         l_exit, l_final = (lg.reshape(-1, V).double() for lg in model.exit_logits(x, [exit_layer, 3]))
@@ -270,7 +276,7 @@ def test_seed_usage_snippet_runs_as_written():
     assert {"ppl", "acc", "shallow_ratio", "compute_cost"} <= set(stats)
 
 
-def test_evaluate_compact_mode_reports_its_difference_from_exact():
+def _two_layer_routed():
     torch.manual_seed(0)
     model = EarlyExitTransformer(ModelConfig(V, n_layers=2, d_model=32, n_heads=4, max_seq_len=32))
     with torch.no_grad():
@@ -278,9 +284,13 @@ def test_evaluate_compact_mode_reports_its_difference_from_exact():
     batches = [batch(seed=s) for s in range(2)]
     conf = model.exit_logits(batches[0][0], [1])[0].softmax(-1).max(-1).values
     cfg = UniversalConfig({1: 0.5, 2: 0.5}, routing_threshold=conf.median().item())
-    trainer = UniversalTrainer(cfg, V)
+    return UniversalTrainer(cfg, V), model, batches
+
+
+def test_evaluate_compact_mode_reports_its_difference_from_exact():
+    trainer, model, batches = _two_layer_routed()
     exact = trainer.evaluate(model, batches)
-    compact = trainer.evaluate(model, batches, mode="compact")
+    compact = trainer.evaluate(model, batches, mode="compact", compare_exact=True, per_layer=True)
     # exit at 1 of 2 layers: the one block after the exit is exact, so the modes agree
     assert 0 < exact["shallow_ratio"] < 1
     for key in ("ppl", "acc", "shallow_ratio", "compute_cost", "ppl_L1", "ppl_L2"):
@@ -288,3 +298,23 @@ def test_evaluate_compact_mode_reports_its_difference_from_exact():
     assert compact["ppl_exact"] == pytest.approx(exact["ppl"], rel=1e-9)
     assert compact["ppl_diff_vs_exact"] == pytest.approx(compact["ppl"] - exact["ppl"])
     assert compact["speedup_vs_exact"] > 0
+
+
+def test_evaluate_defaults_compact_pass_only_and_per_layer_in_exact():
+    trainer, model, batches = _two_layer_routed()
+    exact, compact = trainer.evaluate(model, batches), trainer.evaluate(model, batches, mode="compact")
+    assert {"ppl_L1", "acc_L1", "ppl_L2"} <= set(exact)
+    assert not {"ppl_L1", "ppl_exact", "ppl_diff_vs_exact", "speedup_vs_exact"} & set(compact)
+    assert compact["ppl"] == pytest.approx(exact["ppl"], rel=1e-5)
+    lean = trainer.evaluate(model, batches, per_layer=False)
+    assert "ppl_L1" not in lean and lean["ppl"] == pytest.approx(exact["ppl"], rel=1e-9)
+    with pytest.raises(ValueError, match="compare_exact.*mode='compact'"):
+        trainer.evaluate(model, batches, compare_exact=True)
+
+
+def test_evaluate_routing_threshold_none_is_the_configs():
+    trainer, model, batches = _two_layer_routed()
+    explicit = trainer.evaluate(model, batches, routing_threshold=trainer.config.routing_threshold)
+    assert trainer.evaluate(model, batches) == pytest.approx(dict(explicit, tokens_per_s=pytest.approx(0, abs=1e12),
+                                                                   seconds=pytest.approx(0, abs=1e12)))
+    assert trainer.evaluate(model, batches, routing_threshold=0)["shallow_ratio"] == 0

@@ -1,0 +1,127 @@
+"""What the command line shows: markdown tables, Pareto flags, plots and rendered tokens.
+
+Pure functions of metric dicts (no model, no data); plots need matplotlib (the ``data``
+extra) and are skipped with a note without it.
+"""
+import math
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+Columns = Sequence[Tuple[str, str]]  # (header, key)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
+    return str(value)
+
+
+def markdown_table(rows: Sequence[Dict[str, Any]], columns: Columns) -> str:
+    """rows of dicts -> markdown; columns are (header, key)."""
+    lines = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(row.get(k, "")) for _, k in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def eval_columns(n_layers: int, per_layer: bool, compare_exact: bool) -> List[Tuple[str, str]]:
+    cols = [("split", "split"), ("tokens", "n_tokens"), ("ppl", "ppl"), ("bits/byte", "bpb"), ("acc", "acc"),
+            ("shallow_ratio", "shallow_ratio"), ("compute_cost", "compute_cost")]
+    if per_layer:
+        cols += [(f"ppl_L{i}", f"ppl_L{i}") for i in range(1, n_layers + 1)]
+    if compare_exact:
+        cols += [("ppl_exact", "ppl_exact"), ("ppl_diff_vs_exact", "ppl_diff_vs_exact"),
+                 ("speedup_vs_exact", "speedup_vs_exact")]
+    return cols
+
+
+def eval_table(title: str, stats: Dict[str, Any], n_layers: int) -> str:
+    cols = eval_columns(n_layers, "ppl_L1" in stats, "speedup_vs_exact" in stats)
+    return f"{title}\n\n{markdown_table([stats], cols)}"
+
+
+def pareto_flags(rows: Sequence[Dict[str, Any]], x: str = "compute_cost", y: str = "ppl") -> List[bool]:
+    """True where no other row is at least as good on both x and y and better on one."""
+    def dominated(a):
+        return any(b[x] <= a[x] and b[y] <= a[y] and (b[x] < a[x] or b[y] < a[y]) for b in rows)
+    return [not dominated(r) for r in rows]
+
+
+def sweep_columns(compare_exact: bool) -> List[Tuple[str, str]]:
+    cols = [("routing_threshold", "routing_threshold"), ("ppl", "ppl"), ("bits/byte", "bpb"), ("acc", "acc"),
+            ("shallow_ratio", "shallow_ratio"), ("compute_cost", "compute_cost")]
+    if compare_exact:
+        cols.append(("speedup_vs_exact", "speedup_vs_exact"))
+    return cols + [("pareto", "pareto")]
+
+
+def sweep_table(rows: List[Dict[str, Any]], compare_exact: bool) -> str:
+    """The threshold sweep's table; marks Pareto-optimal rows (``pareto``: "*") in place."""
+    for row, best in zip(rows, pareto_flags(rows)):
+        row["pareto"] = "*" if best else ""
+    return markdown_table(rows, sweep_columns(compare_exact))
+
+
+def cheapest_within(rows: Sequence[Dict[str, Any]], full_depth_ppl: float, max_increase: float) -> Optional[dict]:
+    """The row with the lowest compute_cost whose ppl is within ``max_increase`` (a fraction)
+    of ``full_depth_ppl``; None when none is."""
+    ok = [r for r in rows if r["ppl"] <= full_depth_ppl * (1 + max_increase)]
+    return min(ok, key=lambda r: r["compute_cost"]) if ok else None
+
+
+def within_line(rows: Sequence[Dict[str, Any]], full_depth_ppl: float, max_increase: float) -> str:
+    """One sentence naming the cheapest threshold that keeps ppl within the bound."""
+    best = cheapest_within(rows, full_depth_ppl, max_increase)
+    bound = f"{max_increase:.0%} of full depth (ppl {full_depth_ppl:.2f})"
+    if best is None or best["shallow_ratio"] == 0:
+        return f"No threshold in this table lets tokens leave early while keeping ppl within {bound}."
+    return (f"routing_threshold {best['routing_threshold']} keeps ppl within {bound}: ppl {best['ppl']:.2f}, "
+            f"{best['shallow_ratio']:.0%} of tokens leave early, compute_cost {best['compute_cost']:.3f}.")
+
+
+def vs_baseline(ppl: float, baseline: float) -> str:
+    """The seed's "vs Baseline" cell: PPL improvement relative to the baseline, in %."""
+    gain = (baseline - ppl) / baseline * 100
+    return f"{gain:.1f}% improvement" if gain >= 0 else f"{-gain:.1f}% worse"
+
+
+def save_plot(path: Path, points: Sequence[Tuple[str, float, float]], title: str, xlabel: str, ylabel: str,
+              line: bool = False) -> Optional[Path]:
+    """Labelled scatter (optionally joined) of (label, x, y) as a PNG; None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"note: matplotlib is not installed; skipped {path}", file=sys.stderr)
+        return None
+    fig, ax = plt.subplots(figsize=(7, 5))
+    ax.plot([p[1] for p in points], [p[2] for p in points], "o-" if line else "o")
+    for label, x, y in points:
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def render_tokens(pieces: Sequence[str], early: Sequence[bool]) -> str:
+    """Join decoded pieces, wrapping those that left early in [ ] (after leading spaces)."""
+    out = []
+    for piece, is_early in zip(pieces, early):
+        if is_early and piece.strip():
+            body = piece.lstrip()
+            out.append(f"{piece[:len(piece) - len(body)]}[{body}]")
+        else:
+            out.append(piece)
+    return "".join(out)
+
+
+def token_pieces(tokenizer, prompt_ids: List[int], new_ids: List[int]) -> List[str]:
+    """The text each new token adds, decoded in context (byte-level pieces can merge)."""
+    texts = [tokenizer.decode(prompt_ids + new_ids[:i], skip_special_tokens=False) for i in range(len(new_ids) + 1)]
+    return [b[len(a):] if b.startswith(a) else b for a, b in zip(texts, texts[1:])]

@@ -1,0 +1,339 @@
+"""A run folder as an object: create or resume it, train it, load it, evaluate a split.
+
+A run folder holds one training run:
+
+- ``config.json``: the resolved ``RunConfig`` (method, model, training, data identity);
+- ``metrics.jsonl``: one JSON line per training step (``kind: "train"``), per periodic
+  evaluation (``"eval"``) and for the final evaluation (``"final"``);
+- ``ckpt.pt``: the latest checkpoint (``fastexit.checkpoint``), written atomically every
+  ``ckpt_every`` steps and at the end.
+
+A run is never overwritten: ``Run.create`` refuses a folder that already holds one, and
+``Run.resume`` continues from ``ckpt.pt`` to the same final weights as an uninterrupted run
+(only ``RESUME_OVERRIDABLE`` fields may change). Every check runs before anything is written.
+
+Bits per byte (``bpb``) sit next to perplexity: ``bpb = mean_nll * n_tokens / (n_bytes * ln 2)``
+where ``n_bytes`` is the exact UTF-8 byte count of the scored target tokens, summed from the
+tokenizer's per-token byte lengths (``Corpus.bytes_of``), not a split-wide average.
+"""
+import hashlib
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from .atomic import write_json, write_lines
+from .config import DataConfig, RunConfig
+from .model import EarlyExitTransformer
+from .trainer import UniversalTrainer
+
+RUN_FILES = ("config.json", "metrics.jsonl", ckpt.CKPT_NAME)
+# Dotted RunConfig fields a resumed run may change; every other field defines the run.
+RESUME_OVERRIDABLE = ("train.steps", "train.eval_every", "train.eval_batches", "train.ckpt_every", "data.cache_dir")
+
+
+class StopTraining(Exception):
+    """Raised from the step callback at ``stop_at``, after the checkpoint is written."""
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def is_run_folder(path: Path) -> bool:
+    return any((Path(path) / name).exists() for name in RUN_FILES)
+
+
+def resolve_device(device: Optional[str]) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device: unknown device {device!r}") from None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------ data
+def load_corpus(data: DataConfig):
+    """The tokenized corpus of a run's data section; errors name the --data flag. A trained
+    run reads the cache its checkpoint was made with."""
+    from .data import prepare_data
+    cache_dir = data.cache_dir or (data.identity or {}).get("cache_dir")
+    try:
+        return prepare_data(data.paths, vocab_size=data.vocab_size, cache_dir=cache_dir)
+    except (ValueError, FileNotFoundError) as err:
+        what = "--data" if data.paths else "the default corpus"
+        raise ValueError(f"{what}: {str(err).removeprefix('paths: ')}") from None
+
+
+def corpus_identity(corpus) -> Dict[str, Any]:
+    """Vocab size, text fingerprint (from the cache's meta.json), a digest of the tokenizer's
+    vocabulary (a retrained tokenizer must give the same ids) and the cache folder."""
+    meta = json.loads((Path(corpus.cache_dir) / "meta.json").read_text(encoding="utf-8"))
+    vocab = sorted(corpus.tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    tokenizer = hashlib.sha256(json.dumps(vocab).encode()).hexdigest()
+    return dict(vocab_size=int(corpus.vocab_size), fingerprint=meta["fingerprint"], tokenizer=tokenizer,
+                cache_dir=str(corpus.cache_dir))
+
+
+def data_key(identity: Dict[str, Any]) -> Dict[str, Any]:
+    """The parts of a corpus identity a checkpoint must match."""
+    return {k: identity[k] for k in ckpt.DATA_KEYS}
+
+
+def check_corpus(corpus, batch_size: int, seq_len: int, splits: Sequence[str] = ("train", "val")) -> None:
+    """Refuse a corpus too small to train on (one batch) or to evaluate (one window)."""
+    need = dict(train=batch_size * seq_len + 1, val=seq_len + 1, test=seq_len + 1)
+    for split in splits:
+        n = len(corpus.splits[split])
+        if n < need[split]:
+            what = f"one batch (batch_size {batch_size} x seq_len {seq_len})" if split == "train" \
+                else f"one window of seq_len {seq_len}"
+            raise ValueError(f"the corpus is too small: its {split} split has {n} tokens, "
+                             f"fewer than the {need[split]} that {what} needs")
+
+
+def split_batches(corpus, split: str, batch_size: int, seq_len: int, eval_batches: Optional[int], device):
+    """(batches, n_bytes): the first ``eval_batches`` batches (None: all) of sequential windows
+    of a split, and the UTF-8 bytes of their targets."""
+    from .data import sequential_batches
+    batches = sequential_batches(corpus.splits[split], batch_size, seq_len, max_batches=eval_batches, device=device)
+    return batches, sum(corpus.bytes_of(y) for _, y in batches)
+
+
+def with_bpb(stats: Dict[str, float], n_bytes: int) -> Dict[str, float]:
+    from .data import bits_per_byte
+    return dict(stats, bpb=bits_per_byte(stats["nll"], stats["n_tokens"], n_bytes))
+
+
+# ------------------------------------------------------------------------- run files
+def read_config(path: Path) -> RunConfig:
+    """The RunConfig of a run folder; the checkpoint's copy wins over config.json (it is the
+    one the weights belong to)."""
+    if (path / ckpt.CKPT_NAME).exists():
+        return ckpt.load_checkpoint(path / ckpt.CKPT_NAME)["run_config"]
+    try:
+        return RunConfig.from_dict(json.loads((path / "config.json").read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: not a run folder (no {ckpt.CKPT_NAME} or config.json)") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path / 'config.json'}: not a valid run config ({err})") from None
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop the lines an interrupted run wrote after its last checkpoint."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut by a crash
+        if record.get("step", 0) <= last_step and record.get("kind") != "final":
+            keep.append(line)
+    write_lines(path, keep)
+
+
+def _field(d: Dict[str, Any], dotted: str):
+    section, _, key = dotted.rpartition(".")
+    return (d[section] if section else d).get(key)
+
+
+def _flag(dotted: str) -> str:
+    """The command-line flag that sets a dotted RunConfig field."""
+    key = dotted.rpartition(".")[2]
+    return "--data" if key == "paths" else "--" + key.replace("_", "-")
+
+
+def apply_resume_changes(saved: RunConfig, changes: Dict[str, Any], source: Path) -> RunConfig:
+    """The saved config with ``changes`` ({dotted field: value in to_dict form}) applied where
+    ``RESUME_OVERRIDABLE`` allows; any other field that differs is an error naming both."""
+    run = saved.to_dict()
+    for dotted, value in changes.items():
+        if dotted in RESUME_OVERRIDABLE:
+            section, key = dotted.split(".")
+            run[section][key] = value
+        elif value != _field(run, dotted):
+            raise ValueError(f"{_flag(dotted)} {value!r} does not match the run being resumed ({dotted} = "
+                             f"{_field(run, dotted)!r} in {source}); a resumed run keeps its config")
+    return RunConfig.from_dict(run)
+
+
+# ------------------------------------------------------------------------------- Run
+class Run:
+    """One run folder: its config, and once prepared its corpus, model and trainer."""
+
+    def __init__(self, path: Path, config: RunConfig, *, device="cpu", backend: str = "auto"):
+        self.path, self.config = Path(path), config
+        self.device, self.backend = torch.device(device), backend
+        self.corpus, self.model, self.trainer, self.payload = None, None, None, None
+
+    # ---------------------------------------------------------------- opening a run
+    @classmethod
+    def create(cls, path: Path, config: RunConfig, **runtime) -> "Run":
+        """A new run in ``path``; refuses a folder that already holds one."""
+        if is_run_folder(Path(path)):
+            raise ValueError(f"{path} already holds a run; resume it, or choose another folder "
+                             "(fastexit never overwrites a run)")
+        return cls(path, config, **runtime)._prepare(resume=False)
+
+    @classmethod
+    def resume(cls, path: Path, changes: Optional[Dict[str, Any]] = None, **runtime) -> "Run":
+        """The run in ``path``, continued from its checkpoint (or started, if it has none)."""
+        config = apply_resume_changes(read_config(Path(path)), changes or {}, Path(path))
+        return cls(path, config, **runtime)._prepare(resume=True)
+
+    @classmethod
+    def load(cls, path: Path, *, need_data: bool = True, **runtime) -> "Run":
+        """A trained run's model and trainer from its checkpoint (and its corpus)."""
+        ckpt_path = Path(path) / ckpt.CKPT_NAME
+        if not ckpt_path.exists():
+            raise FileNotFoundError(f"{ckpt_path}: no checkpoint there (train the run first)")
+        payload = ckpt.load_checkpoint(ckpt_path)
+        run = cls(path, payload["run_config"], **runtime)
+        if need_data:
+            run.corpus = load_corpus(run.config.data)
+            ckpt.check_matches(payload, ckpt_path, data=data_key(corpus_identity(run.corpus)))
+        run.model = ckpt.restore_model(payload, ckpt_path).to(run.device)
+        run.trainer = run._new_trainer()
+        return run
+
+    def _new_trainer(self) -> UniversalTrainer:
+        return UniversalTrainer(self.config.method, self.config.model.vocab_size, device=self.device,
+                                backend=self.backend)
+
+    def _prepare(self, resume: bool) -> "Run":
+        """Load data, fix the model's vocabulary and the corpus identity in the config, build
+        the model (restored when resuming) and check that checkpoint, config and data agree.
+        Writes nothing."""
+        cfg = self.config
+        self.corpus = load_corpus(cfg.data)
+        check_corpus(self.corpus, cfg.train.batch_size, cfg.train.seq_len)
+        identity = corpus_identity(self.corpus)
+        data = DataConfig(**dict(cfg.data.to_dict(), identity=identity, n_bytes=dict(self.corpus.n_bytes),
+                                 n_tokens={s: int(len(a)) for s, a in self.corpus.splits.items()}))
+        model = dict(cfg.model.to_dict(), vocab_size=identity["vocab_size"])
+        self.config = cfg = RunConfig.from_dict(dict(cfg.to_dict(), data=data.to_dict(), model=model))
+        ckpt_path = self.path / ckpt.CKPT_NAME
+        if resume and ckpt_path.exists():
+            self.payload = ckpt.load_checkpoint(ckpt_path, model_config=cfg.model, data=data_key(identity))
+            if self.payload["step"] > cfg.train.steps:
+                raise ValueError(f"steps {cfg.train.steps} is below the checkpoint's step {self.payload['step']} "
+                                 f"({ckpt_path})")
+        seed_everything(cfg.train.seed)
+        self.model = EarlyExitTransformer(cfg.model)
+        if self.payload is not None:
+            self.model.load_state_dict(self.payload["model"])
+        self.model.to(self.device)
+        self.trainer = self._new_trainer()
+        return self
+
+    # ---------------------------------------------------------------------- training
+    def train(self, *, progress: bool = True, stop_at: Optional[int] = None) -> int:
+        """Train (or continue) to ``train.steps``, or stop after step ``stop_at``; writes
+        config.json, metrics.jsonl and ckpt.pt. Returns the step reached."""
+        from .data import random_batches
+        t = self.config.train
+        if stop_at is not None and not 1 <= stop_at <= t.steps:
+            raise ValueError(f"stop_at must be in [1, steps={t.steps}], got {stop_at}")
+        optimizer = self.trainer.create_optimizer(self.model, t.lr, weight_decay=t.weight_decay)
+        stream = random_batches(self.corpus.splits["train"], t.batch_size, t.seq_len, seed=t.seed, device=self.device)
+        start = self._restore_state(optimizer, stream)
+        val, val_bytes = split_batches(self.corpus, "val", t.batch_size, t.seq_len, t.eval_batches, self.device)
+        self.path.mkdir(parents=True, exist_ok=True)  # every check passed: from here on, files are written
+        write_json(self.path / "config.json", self.config.to_dict())
+        truncate_metrics(self.path / "metrics.jsonl", start)
+        if start == t.steps:
+            log(f"{self.path}: already trained to step {start}")
+            return start
+        with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as metrics:
+            writer = _StepWriter(self, optimizer, stream, metrics, val_bytes, stop_at, start)
+            try:
+                self.trainer.fit(self.model, stream, t.steps, t.lr, warmup_steps=t.warmup_steps,
+                                 min_lr_ratio=t.min_lr_ratio, grad_clip=t.grad_clip, val_batches=val,
+                                 eval_every=t.eval_every, start_step=start, optimizer=optimizer,
+                                 progress_bar=progress, callback=writer)
+            except StopTraining as stop:
+                log(f"stopped after step {stop.args[0]} of {t.steps}; continue with: "
+                    f"fastexit train --out {self.path} --resume")
+                return stop.args[0]
+            except KeyboardInterrupt:
+                raise writer.interrupted() from None
+            writer.save(t.steps)
+        return t.steps
+
+    def _restore_state(self, optimizer, stream) -> int:
+        """Optimizer, data stream and RNG states from the checkpoint; returns its step (0 if none)."""
+        if self.payload is None:
+            return 0
+        optimizer.load_state_dict(self.payload["optimizer"])
+        stream.load_state_dict(self.payload["data_state"])
+        ckpt.restore_rng_state(self.payload["rng"])
+        return self.payload["step"]
+
+    def save(self, optimizer, stream, step: int) -> None:
+        ckpt.save_checkpoint(self.path / ckpt.CKPT_NAME, model=self.model, run_config=self.config,
+                             optimizer=optimizer, step=step, data_state=stream.state_dict())
+
+    def log_final(self, step: int, stats: Dict[str, Any]) -> None:
+        with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as metrics:
+            metrics.write(json.dumps(dict(kind="final", step=step, **stats)) + "\n")
+
+    # -------------------------------------------------------------------- evaluation
+    def evaluate(self, split: str = "val", mode: str = "exact", *, eval_batches: Optional[int] = None,
+                 routing_threshold: Optional[float] = None, per_layer: Optional[bool] = None,
+                 compare_exact: bool = False) -> Dict[str, Any]:
+        """``UniversalTrainer.evaluate`` on the first ``eval_batches`` batches (None: all) of a
+        split, with bits per byte; ``routing_threshold`` None = the run's."""
+        t = self.config.train
+        check_corpus(self.corpus, t.batch_size, t.seq_len, splits=(split,))
+        batches, n_bytes = split_batches(self.corpus, split, t.batch_size, t.seq_len, eval_batches, self.device)
+        stats = self.trainer.evaluate(self.model, batches, mode=mode, routing_threshold=routing_threshold,
+                                      per_layer=per_layer, compare_exact=compare_exact)
+        return dict(with_bpb(stats, n_bytes), split=split, mode=mode)
+
+
+class _StepWriter:
+    """The step callback of ``fit``: metrics.jsonl lines, periodic checkpoints, stop_at."""
+
+    def __init__(self, run: Run, optimizer, stream, metrics, val_bytes: int, stop_at, start: int):
+        self.run, self.optimizer, self.stream, self.metrics = run, optimizer, stream, metrics
+        self.val_bytes, self.stop_at, self.saved_step = val_bytes, stop_at, start
+        self.t0 = time.perf_counter()
+
+    def save(self, step: int) -> None:
+        self.run.save(self.optimizer, self.stream, step)
+        self.saved_step = step
+
+    def __call__(self, _trainer, record: Dict[str, Any]) -> None:
+        step, t = record["step"], self.run.config.train
+        line = {k: v for k, v in record.items() if k != "eval"}
+        self.metrics.write(json.dumps(dict(kind="train", elapsed_s=round(time.perf_counter() - self.t0, 3),
+                                           **line)) + "\n")
+        if "eval" in record:
+            stats = with_bpb(record["eval"], self.val_bytes)
+            self.metrics.write(json.dumps(dict(kind="eval", step=step, split="val", mode="exact", **stats)) + "\n")
+        self.metrics.flush()
+        if step == self.stop_at or (step % t.ckpt_every == 0 and step < t.steps):
+            self.save(step)
+        if step == self.stop_at and step < t.steps:
+            raise StopTraining(step)
+
+    def interrupted(self) -> KeyboardInterrupt:
+        path = self.run.path
+        where = (f"{path / ckpt.CKPT_NAME} holds step {self.saved_step}; continue with: fastexit train "
+                 f"--out {path} --resume" if self.saved_step else "no checkpoint was written yet")
+        return KeyboardInterrupt(f"interrupted; {where}")
