@@ -181,8 +181,11 @@ def _chunked_pass(hs, weight, targets, row_scales, opt: CEOptions, rows_fn):
         rows_of = (lambda t, dim=0: t.narrow(dim, s, e - s)) if keep is None else \
             (lambda t, dim=0: t.index_select(dim, keep[s:e]))
         x = torch.cat([rows_of(h) for h in hs]).to(w_mm.dtype)  # (A*c, d): one GEMM for all heads
+        tgt = rows_of(targets).repeat(n_heads)
+        if keep is None:  # every row runs (CUDA): zero the ignored ones, or 0 * NaN would reach dW and dH
+            x.masked_fill_((tgt == opt.ignore_index).unsqueeze(1), 0.0)
         scale = rows_of(row_scales, 1).reshape(-1) if want_grad else None
-        rows, dlogits = rows_fn(gemm.linear_fp32(x, w_mm), rows_of(targets).repeat(n_heads), scale, opt, x.dtype)
+        rows, dlogits = rows_fn(gemm.linear_fp32(x, w_mm), tgt, scale, opt, x.dtype)
         _put_rows(loss, keep, s, rows.view(n_heads, e - s))
         if want_grad:
             _put_rows(dhs, keep, s, gemm.linear_fp32(dlogits, w_mm_t).view(n_heads, e - s, -1))  # (A, c, d)

@@ -197,6 +197,14 @@ def test_ignored_rows_are_never_read(backend, reduction):
     assert all(not g[targets == IGNORE].any() for g in ours[1][1:])  # dH of ignored rows is exactly 0
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_torch_path_running_every_row_ignores_nan_in_ignored_rows(reduction, monkeypatch):
+    """On CUDA the PyTorch path runs every row (skipping needs the live count on the host): the
+    ignored rows' NaN must still reach neither the loss nor any gradient. Forced here on CPU."""
+    monkeypatch.setattr(weighted_ce, "_kept_rows", lambda targets, ignore_index: None)
+    test_ignored_rows_are_never_read("torch", reduction)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_zero_weight_heads_are_never_read(backend, reduction):
