@@ -35,3 +35,25 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
         if not on_cuda and not interpreting():
             raise ValueError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
     return backend
+
+
+def fp32_matmul_is_tf32() -> bool:
+    """Whether torch's own fp32 CUDA matmuls run as TF32: the matmul setting, falling back to the
+    global ``torch.backends.fp32_precision`` when it is "none" (torch >= 2.9), else the older
+    ``allow_tf32`` switch (reading that one raises once the newer setting has been used)."""
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        return bool(matmul.allow_tf32)
+    setting = matmul.fp32_precision
+    if setting == "none":
+        setting = getattr(torch.backends, "fp32_precision", "none")
+    return setting == "tf32"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` of every ``tl.dot`` in fastexit for operands of ``dtype``: fp32 follows
+    torch's fp32 matmul setting ("tf32" or "ieee"); 16-bit operands are exact in either; the
+    interpreter computes in IEEE."""
+    if interpreting() or dtype != torch.float32:
+        return "ieee"
+    return "tf32" if fp32_matmul_is_tf32() else "ieee"

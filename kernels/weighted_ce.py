@@ -33,7 +33,7 @@ from typing import Callable, List, NamedTuple, Sequence, Union
 import torch
 
 from . import gemm
-from .backend import HAS_TRITON, interpreting, resolve_backend
+from .backend import HAS_TRITON, dot_precision, interpreting, resolve_backend
 from .checks import check_matrix, check_same, check_shape, check_target_range, check_targets
 
 if HAS_TRITON:
@@ -474,14 +474,9 @@ CUDA_GEMM_TILES = GemmTiles(128, 128, 64)  # fp32 operands use inner=32
 def _gemm_config(dtype: torch.dtype):
     """(GemmTiles, launch options) of the three GEMM kernels for operands of this dtype."""
     if interpreting():
-        return INTERPRET_GEMM_TILES, dict(PRECISION="ieee")
-    # fp32 operands follow torch's own switch between IEEE and TF32 GEMMs (reading allow_tf32
-    # raises once the newer fp32_precision setting has been used)
-    matmul = torch.backends.cuda.matmul
-    tf32 = matmul.fp32_precision == "tf32" if hasattr(matmul, "fp32_precision") else matmul.allow_tf32
-    precision = "tf32" if dtype == torch.float32 and tf32 else "ieee"
+        return INTERPRET_GEMM_TILES, dict(PRECISION=dot_precision(dtype))
     tiles = CUDA_GEMM_TILES._replace(inner=32) if dtype == torch.float32 else CUDA_GEMM_TILES
-    return tiles, dict(PRECISION=precision, num_warps=8, num_stages=3)
+    return tiles, dict(PRECISION=dot_precision(dtype), num_warps=8, num_stages=3)
 
 
 def _launch_logits(x, w_mm, logits, where, tiles: GemmTiles, opts: dict) -> None:
