@@ -1,7 +1,20 @@
-"""fastexit: train and serve early-exit language models."""
-from .config import AlphaSchedule, PRESETS, UniversalConfig, get_preset
-from .model import EarlyExitTransformer, ModelConfig
-from .trainer import UniversalTrainer
+"""fastexit: train and serve early-exit language models.
 
-__all__ = ["AlphaSchedule", "EarlyExitTransformer", "ModelConfig", "PRESETS",
-           "UniversalConfig", "UniversalTrainer", "get_preset"]
+The configs (standard library only) import eagerly; the model and the trainer (torch and the
+kernels) on first use, so that e.g. ``fastexit.data`` loads a corpus without the model.
+"""
+import importlib
+
+from .config import (PRESETS, AlphaSchedule, DataConfig, ModelConfig, RunConfig, TrainConfig, UniversalConfig,
+                     get_preset, make_method)
+
+_LAZY = {"EarlyExitTransformer": "model", "UniversalTrainer": "trainer"}
+
+__all__ = ["AlphaSchedule", "DataConfig", "EarlyExitTransformer", "ModelConfig", "PRESETS", "RunConfig",
+           "TrainConfig", "UniversalConfig", "UniversalTrainer", "get_preset", "make_method"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'fastexit' has no attribute {name!r}")

@@ -438,3 +438,11 @@ def test_other_bad_arguments():
         data.sequential_batches(np.arange(100), 2, 4, max_batches=0)
     with pytest.raises(ValueError, match="n_bytes"):
         data.bits_per_byte(1.0, 10, 0)
+
+
+def test_loading_a_corpus_does_not_import_the_model():
+    import subprocess
+    import sys
+    code = "import sys, fastexit.data; print(sorted(m for m in sys.modules if m.startswith('fastexit')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "fastexit.model" not in out and "fastexit.checkpoint" not in out and "fastexit.atomic" in out
