@@ -12,15 +12,16 @@ import argparse
 import math
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
 from . import report
-from .config import (DEFAULT_PRESET, EVAL_MODES, MAX_PPL_INCREASE, PRESETS, RUN_MODEL_DEFAULTS, SWEEP_THRESHOLDS,
-                     TRAIN_SWEEP_THRESHOLDS, AlphaSchedule, DataConfig, ModelConfig, RunConfig, TrainConfig,
-                     make_method)
+from .config import (DEFAULT_PRESET, EVAL_MODES, GENERATE_DEFAULTS, MAX_PPL_INCREASE, PRESETS, RUN_MODEL_DEFAULTS,
+                     SWEEP_THRESHOLDS, TRAIN_SWEEP_THRESHOLDS, AlphaSchedule, DataConfig, ModelConfig, RunConfig,
+                     TrainConfig, make_method)
 from .runs import Run, is_run_folder, log, resolve_device
 
 TRAIN_FLAGS = tuple(f for f in TrainConfig.__dataclass_fields__ if f not in ("min_lr_ratio", "weight_decay",
@@ -153,18 +154,19 @@ def resume_changes(args) -> Dict[str, Any]:
         changes["data.cache_dir"] = str(Path(args.cache_dir).resolve())
     if args.preset is not None:
         changes["preset"] = args.preset
-    method_flags = ("layer_weights", "exit_layer", "routing_threshold", "alpha_schedule", "layer_lr_scales")
-    given = {f: getattr(args, f) for f in method_flags if getattr(args, f) is not None}
-    if "layer_weights" in given:
-        given["layer_weights"] = {str(k): v for k, v in parse_layer_map(given["layer_weights"], "--layer-weights").items()}
-    if "layer_lr_scales" in given:
-        given["layer_lr_scales"] = {str(k): v for k, v in parse_layer_map(given["layer_lr_scales"],
-                                                                          "--layer-lr-scales").items()}
-    if "alpha_schedule" in given:
-        s = parse_alpha_schedule(given["alpha_schedule"])
-        given["alpha_schedule"] = dict(kind=s.kind, start=s.start, end=s.end)
-    changes.update({f"method.{k}": v for k, v in given.items()})
-    return changes
+    return dict(changes, **_method_changes(args))
+
+
+def _method_changes(args) -> Dict[str, Any]:
+    """The method flags given on --resume, in RunConfig.to_dict form."""
+    out = {name: getattr(args, name) for name in ("exit_layer", "routing_threshold") if getattr(args, name) is not None}
+    for name in ("layer_weights", "layer_lr_scales"):
+        if getattr(args, name) is not None:
+            flag = "--" + name.replace("_", "-")
+            out[name] = {str(k): v for k, v in parse_layer_map(getattr(args, name), flag).items()}
+    if args.alpha_schedule is not None:
+        out["alpha_schedule"] = asdict(parse_alpha_schedule(args.alpha_schedule))
+    return {f"method.{k}": v for k, v in out.items()}
 
 
 # ------------------------------------------------------------------------- commands
@@ -399,9 +401,11 @@ def _inference_parsers(sub) -> None:
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--routing-threshold", type=float, help="routing_threshold (default: the run's)")
     _alias(p, "--threshold", "--routing-threshold", type=float)
-    p.add_argument("--max-new-tokens", type=int, default=60)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=40, help="sample from the top k tokens (default 40)")
+    g = GENERATE_DEFAULTS
+    p.add_argument("--max-new-tokens", type=int, default=g["max_new_tokens"], help=f"(default {g['max_new_tokens']})")
+    p.add_argument("--temperature", type=float, default=g["temperature"],
+                   help=f"0 = greedy (default {g['temperature']})")
+    p.add_argument("--top-k", type=int, default=g["top_k"], help=f"sample from the top k tokens (default {g['top_k']})")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     _add_runtime_flags(p)
     p.set_defaults(func=cmd_generate)

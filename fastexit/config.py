@@ -30,6 +30,8 @@ DEFAULT_WARMUP_STEPS = 50  # capped at steps // 10 when not given
 SWEEP_THRESHOLDS = (0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 TRAIN_SWEEP_THRESHOLDS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.95)
 MAX_PPL_INCREASE = 0.02  # the train table names the cheapest threshold within 2% of full depth
+# `fastexit generate`: tokens to add, sampling temperature (0 = greedy) and top-k.
+GENERATE_DEFAULTS = dict(max_new_tokens=60, temperature=0.8, top_k=40)
 
 
 def _check_unit(field: str, value: float) -> None:

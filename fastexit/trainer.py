@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import routing
-from .config import EVAL_MODES, UniversalConfig
+from .config import EVAL_MODES, TrainConfig, UniversalConfig
 from .kernels import resolve_backend, weighted_linear_cross_entropy
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
@@ -102,7 +102,7 @@ class UniversalTrainer:
         n_layers = len(blocks) if blocks is not None else 0
         if n_layers:
             self.config.validate_for(n_layers)
-        weight_decay = adamw_kwargs.pop("weight_decay", 0.1)
+        weight_decay = adamw_kwargs.pop("weight_decay", TrainConfig.weight_decay)
         groups, seen = [], set()
         for layer, module in [(i + 1, b) for i, b in enumerate(blocks or [])] + [(0, model)]:
             lr = base_lr * (self.config.lr_scale(layer) if layer else 1.0)
@@ -120,7 +120,8 @@ class UniversalTrainer:
 
     # ---------------------------------------------------------------------------- train
     def fit(self, model: nn.Module, train_batches: Iterable[Batch], steps: int, base_lr: float = 1e-3, *,
-            warmup_steps: int = 0, min_lr_ratio: float = 0.1, grad_clip: Optional[float] = 1.0,
+            warmup_steps: int = 0, min_lr_ratio: float = TrainConfig.min_lr_ratio,
+            grad_clip: Optional[float] = TrainConfig.grad_clip,
             val_batches: Optional[Sequence[Batch]] = None, eval_every: int = 0, start_step: int = 0,
             optimizer: Optional[torch.optim.Optimizer] = None, progress_bar: bool = True,
             callback: Optional[Callable[["UniversalTrainer", dict], None]] = None, **adamw_kwargs) -> List[dict]:

@@ -284,6 +284,10 @@ def test_mismatched_resume_is_refused(run, data, tmp_path, capsys):
     assert "--d-model 64" in error_line(capsys)
     assert main(["train", "--out", str(copy), "--resume", "--vocab-size", "400"]) == 2
     assert "--vocab-size" in error_line(capsys)
+    assert main(["train", "--out", str(copy), "--resume", "--routing-threshold", "0.5"]) == 2
+    assert "--routing-threshold 0.5" in error_line(capsys)
+    assert main(["train", "--out", str(copy), "--resume", "--layer-weights", "1=0.5,3=0.5"]) == 2
+    assert "--layer-weights" in error_line(capsys)
     assert (copy / ckpt.CKPT_NAME).read_bytes() == before
 
 
