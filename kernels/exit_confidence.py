@@ -7,18 +7,23 @@ vocabulary per row:
 
 - PyTorch path: row chunks of fp32 logits (CHUNK_BYTES; kernels/gemm.py's GEMM), max/argmax,
   then an in-place exp.
-- Triton path (CUDA, or CPU under TRITON_INTERPRET=1): one program per block of rows walks the
-  vocabulary in tiles with an online max / argmax / sum-exp and picks the target logit on the
-  way.
+- Triton path (CUDA, or CPU under TRITON_INTERPRET=1), flash-decoding style: the grid is
+  (row blocks, vocabulary splits). Each program walks its slice of W in tiles with an online
+  max / first argmax / sum-exp and picks the target logit on the way, writing [n_splits, N]
+  partials; a second small kernel merges them in vocabulary order, with no host sync. A
+  decode step (1-64 rows) would otherwise have one or a few programs each read all of W;
+  split, programs on every SM share one read of it. Large N takes 128-row blocks, so tl.dot
+  runs as Hopper's wgmma. Every tl.dot takes backend.dot_precision (fp32 is not silently TF32).
 
 Inference only: no autograd graph is built.
 """
+import functools
 from typing import NamedTuple, Optional
 
 import torch
 
 from . import gemm
-from .backend import HAS_TRITON, resolve_backend
+from .backend import HAS_TRITON, dot_precision, interpreting, resolve_backend
 from .checks import check_matrix, check_same, check_target_range, check_targets
 
 if HAS_TRITON:
@@ -26,7 +31,35 @@ if HAS_TRITON:
     import triton.language as tl
 
 CHUNK_BYTES = 16 * 2**20  # fp32 logits of one row chunk in the PyTorch path
-BLOCK_M, BLOCK_V, BLOCK_D = 16, 64, 64  # Triton tiles: rows, classes, model dim (tl.dot needs >= 16)
+
+
+class Tiles(NamedTuple):
+    """Split-kernel tiles (rows, classes, model dim; tl.dot needs >= 16) and launch options."""
+    block_m: int
+    block_v: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+
+
+DECODE_ROWS = 64  # up to this many rows (a decode step) take the decode tiles
+CUDA_DECODE_TILES = Tiles(16, 128, 64, num_warps=4, num_stages=4)  # bandwidth-bound: deep W pipeline
+CUDA_TILES = Tiles(128, 128, 64, num_warps=8, num_stages=3)  # two warpgroups of m64 wgmma on Hopper
+FP32_BLOCK_D = 32  # fp32 operands: half the model-dim tile, the same shared memory per stage
+INTERPRET_DECODE_TILES = Tiles(16, 16, 16, num_warps=1, num_stages=1)  # the interpreter is slow:
+INTERPRET_TILES = Tiles(32, 16, 16, num_warps=1, num_stages=1)  # small tiles, many splits on test shapes
+PROGRAMS_PER_SM = 2  # split the vocabulary until the grid holds this many programs per SM
+INTERPRET_SM_COUNT = 8  # the interpreter's stand-in for the SM count
+COMBINE_BLOCK_S, COMBINE_BLOCK_M, COMBINE_WARPS = 64, 32, 4  # combine tile: splits x rows
+
+
+class SplitPlan(NamedTuple):
+    """Grid of the split kernel: n_row_blocks x n_splits; every split but the last holds
+    split_v classes (a multiple of tiles.block_v)."""
+    tiles: Tiles
+    n_row_blocks: int
+    split_v: int
+    n_splits: int
 
 
 class ExitStats(NamedTuple):
@@ -74,76 +107,179 @@ def _torch_exit_confidence(hidden, weight, targets, ignore_index):
 # ----------------------------------------------------------------------------- Triton path
 if HAS_TRITON:
     @triton.jit
-    def _exit_confidence_kernel(
+    def _split_partials_kernel(
         H_ptr,
         H_row_stride,
         W_ptr,
         W_row_stride,
         T_ptr,
-        Conf_ptr,
-        Pred_ptr,
-        Lse_ptr,
-        Nll_ptr,
+        Max_ptr,
+        Arg_ptr,
+        Sum_ptr,
+        Tgt_ptr,
         n_rows,
         n_classes,
         d_model,
-        ignore_index,
+        split_v,
         HAS_TARGETS: tl.constexpr,
+        PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_V: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
+        """Partials of one row block over one vocabulary split [split * split_v, + split_v):
+        row max, its first index, sum of exp(x - max), and the target logit (0 where the target
+        lies outside the split). Outputs are [n_splits, n_rows]."""
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < n_rows
         rows64 = rows.to(tl.int64)
+        split = tl.program_id(1)
+        v_start = split * split_v
+        v_end = tl.minimum(v_start + split_v, n_classes)
+        ds = tl.arange(0, BLOCK_D)
+        h_ptrs = H_ptr + rows64[:, None] * H_row_stride + ds[None, :]
         run_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         run_sum = tl.zeros((BLOCK_M,), tl.float32)
         best = tl.zeros((BLOCK_M,), tl.int64)
         tgt_logit = tl.zeros((BLOCK_M,), tl.float32)
         if HAS_TARGETS:
-            tgt = tl.load(T_ptr + rows64, mask=row_ok, other=ignore_index).to(tl.int64)
-        for v0 in range(0, n_classes, BLOCK_V):
+            tgt = tl.load(T_ptr + rows64, mask=row_ok, other=-1).to(tl.int64)
+        for v0 in range(v_start, v_end, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
-            col_ok = cols < n_classes
+            col_ok = cols < v_end
             cols64 = cols.to(tl.int64)
+            w_ptrs = W_ptr + cols64[:, None] * W_row_stride + ds[None, :]
             acc = tl.zeros((BLOCK_M, BLOCK_V), tl.float32)
             for d0 in range(0, d_model, BLOCK_D):
-                ds = d0 + tl.arange(0, BLOCK_D)
-                d_ok = ds < d_model
-                h = tl.load(H_ptr + rows64[:, None] * H_row_stride + ds[None, :],
-                            mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-                w = tl.load(W_ptr + cols64[:, None] * W_row_stride + ds[None, :],
-                            mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-                acc = tl.dot(h, tl.trans(w), acc)
+                d_ok = d0 + ds < d_model
+                h = tl.load(h_ptrs + d0, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                w = tl.load(w_ptrs + d0, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+                acc = tl.dot(h, tl.trans(w), acc, input_precision=PRECISION)
             acc = tl.where(col_ok[None, :], acc, float("-inf"))
             tile_max = tl.max(acc, axis=1)
-            tile_arg = tl.argmax(acc, axis=1).to(tl.int64) + v0
+            # tie_break_left: the first index on GPUs too (the fast tie-break leaves it unspecified)
+            tile_arg = tl.argmax(acc, axis=1, tie_break_left=True).to(tl.int64) + v0
             best = tl.where(tile_max > run_max, tile_arg, best)  # strict: the first maximum wins
             new_max = tl.maximum(run_max, tile_max)
             run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(acc - new_max[:, None]), axis=1)
             run_max = new_max
             if HAS_TARGETS:
                 tgt_logit += tl.sum(tl.where(cols64[None, :] == tgt[:, None], acc, 0.0), axis=1)
+        out = split.to(tl.int64) * n_rows + rows64
+        tl.store(Max_ptr + out, run_max, mask=row_ok)
+        tl.store(Arg_ptr + out, best, mask=row_ok)
+        tl.store(Sum_ptr + out, run_sum, mask=row_ok)
+        if HAS_TARGETS:
+            tl.store(Tgt_ptr + out, tgt_logit, mask=row_ok)
+
+    @triton.jit
+    def _combine_splits_kernel(
+        Max_ptr,
+        Arg_ptr,
+        Sum_ptr,
+        Tgt_ptr,
+        T_ptr,
+        Conf_ptr,
+        Pred_ptr,
+        Lse_ptr,
+        Nll_ptr,
+        n_rows,
+        n_splits,
+        ignore_index,
+        HAS_TARGETS: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+    ):
+        """Merge the [n_splits, n_rows] partials, BLOCK_S splits at a time in vocabulary order:
+        global max, the argmax of the first split reaching it, sum_s sum_s * exp(max_s - max),
+        and the target logit (only its split's partial is nonzero)."""
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < n_rows
+        rows64 = tl.minimum(rows, n_rows - 1).to(tl.int64)  # padded rows read the last row, never stored
+        splits = tl.arange(0, BLOCK_S)
+        run_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        run_sum = tl.zeros((BLOCK_M,), tl.float32)
+        best = tl.zeros((BLOCK_M,), tl.int64)
+        tgt_logit = tl.zeros((BLOCK_M,), tl.float32)
+        for s0 in range(0, n_splits, BLOCK_S):
+            s_ok = (s0 + splits < n_splits)[:, None]
+            offs = (s0 + splits).to(tl.int64)[:, None] * n_rows + rows64[None, :]  # (BLOCK_S, BLOCK_M)
+            m = tl.load(Max_ptr + offs, mask=s_ok, other=float("-inf"))
+            chunk_max = tl.max(m, axis=0)
+            first = tl.argmax(m, axis=0, tie_break_left=True)  # ties: the smallest split
+            arg = tl.load(Arg_ptr + offs, mask=s_ok & (splits[:, None] == first[None, :]), other=0)
+            best = tl.where(chunk_max > run_max, tl.sum(arg, axis=0), best)  # strict: earlier chunks win
+            new_max = tl.maximum(run_max, chunk_max)
+            s_sum = tl.load(Sum_ptr + offs, mask=s_ok, other=0.0)
+            run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(s_sum * tl.exp(m - new_max[None, :]), axis=0)
+            run_max = new_max
+            if HAS_TARGETS:
+                tgt_logit += tl.sum(tl.load(Tgt_ptr + offs, mask=s_ok, other=0.0), axis=0)
         lse = run_max + tl.log(run_sum)
-        tl.store(Conf_ptr + rows64, 1.0 / run_sum, mask=row_ok)
+        tl.store(Conf_ptr + rows64, 1.0 / run_sum, mask=row_ok)  # exp(max - lse)
         tl.store(Pred_ptr + rows64, best, mask=row_ok)
         tl.store(Lse_ptr + rows64, lse, mask=row_ok)
         if HAS_TARGETS:
+            tgt = tl.load(T_ptr + rows64)
             tl.store(Nll_ptr + rows64, tl.where(tgt == ignore_index, 0.0, lse - tgt_logit), mask=row_ok)
 
 
+def _tiles(n: int, dtype: torch.dtype) -> Tiles:
+    """Tiles of the split kernel for n rows of ``dtype`` operands."""
+    if interpreting():
+        return INTERPRET_DECODE_TILES if n <= DECODE_ROWS else INTERPRET_TILES
+    tiles = CUDA_DECODE_TILES if n <= DECODE_ROWS else CUDA_TILES
+    return tiles._replace(block_d=FP32_BLOCK_D) if dtype == torch.float32 else tiles
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    return INTERPRET_SM_COUNT if interpreting() else _cuda_sm_count(device.index)  # a tensor's device has an index
+
+
+def _split_plan(n: int, n_classes: int, dtype: torch.dtype, device: torch.device) -> SplitPlan:
+    """Row blocks x vocabulary splits: enough splits that the grid holds PROGRAMS_PER_SM
+    programs per SM (a decode step's one or few row blocks fill the GPU), never an empty split.
+    Splits add no reads of W (each reads its own slice), only [n_splits, N] partials."""
+    tiles = _tiles(n, dtype)
+    n_row_blocks = triton.cdiv(n, tiles.block_m)
+    v_tiles = triton.cdiv(n_classes, tiles.block_v)
+    wanted = min(v_tiles, triton.cdiv(PROGRAMS_PER_SM * _sm_count(device), n_row_blocks))
+    split_v = triton.cdiv(v_tiles, wanted) * tiles.block_v
+    return SplitPlan(tiles, n_row_blocks, split_v, triton.cdiv(n_classes, split_v))
+
+
 def _triton_exit_confidence(hidden, weight, targets, ignore_index):
-    hidden, weight = hidden.contiguous(), weight.contiguous()
-    n, d = hidden.shape
-    conf, lse = (torch.empty(n, device=hidden.device) for _ in range(2))
-    pred = torch.empty(n, dtype=torch.int64, device=hidden.device)
-    nll = torch.empty(n, device=hidden.device) if targets is not None else None
-    tgt = targets.contiguous() if targets is not None else pred  # dummy pointer when HAS_TARGETS=False
-    _exit_confidence_kernel[(triton.cdiv(n, BLOCK_M),)](
+    mm_dtype = gemm.mm_dtype(weight)  # on CUDA the input dtype; the interpreter's dot needs fp32
+    hidden, weight = hidden.to(mm_dtype).contiguous(), weight.to(mm_dtype).contiguous()
+    (n, d), n_classes, device = hidden.shape, weight.shape[0], hidden.device
+    plan = _split_plan(n, n_classes, mm_dtype, device)
+    has_targets = targets is not None
+    part_max, part_sum = (torch.empty(plan.n_splits, n, device=device) for _ in range(2))  # (S, N)
+    part_arg = torch.empty(plan.n_splits, n, dtype=torch.int64, device=device)
+    part_tgt = torch.empty(plan.n_splits, n, device=device) if has_targets else part_sum  # dummy without targets
+    conf, lse = (torch.empty(n, device=device) for _ in range(2))
+    pred = torch.empty(n, dtype=torch.int64, device=device)
+    nll = torch.empty(n, device=device) if has_targets else None
+    tgt = targets.contiguous() if has_targets else pred  # dummy pointer when HAS_TARGETS=False
+    t = plan.tiles
+    _split_partials_kernel[(plan.n_row_blocks, plan.n_splits)](
         hidden, hidden.stride(0), weight, weight.stride(0), tgt,
-        conf, pred, lse, nll if nll is not None else conf,
-        n, weight.shape[0], d, ignore_index,
-        HAS_TARGETS=targets is not None, BLOCK_M=BLOCK_M, BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D,
+        part_max, part_arg, part_sum, part_tgt,
+        n, n_classes, d, plan.split_v,
+        HAS_TARGETS=has_targets, PRECISION=dot_precision(hidden.dtype),
+        BLOCK_M=t.block_m, BLOCK_V=t.block_v, BLOCK_D=t.block_d,
+        num_warps=t.num_warps, num_stages=t.num_stages,
+    )
+    _combine_splits_kernel[(triton.cdiv(n, COMBINE_BLOCK_M),)](
+        part_max, part_arg, part_sum, part_tgt, tgt,
+        conf, pred, lse, nll if has_targets else conf,
+        n, plan.n_splits, ignore_index,
+        HAS_TARGETS=has_targets, BLOCK_S=COMBINE_BLOCK_S, BLOCK_M=COMBINE_BLOCK_M, num_warps=COMBINE_WARPS,
     )
     return ExitStats(conf, pred, lse, nll)
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from fastexit.kernels import HAS_TRITON, compact_indices, exit_confidence, gather_rows, scatter_rows
-from fastexit.kernels.backend import interpreting
+from fastexit.kernels.backend import dot_precision, interpreting
 from fastexit.kernels.weighted_ce import weighted_linear_cross_entropy
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or interpreting(),
@@ -101,9 +101,13 @@ def test_weighted_ce_never_syncs_with_the_host(weights_on_device):
 
 
 @NEEDS_TRITON
+@pytest.mark.parametrize("n", [1, 3, 64, 777])  # decode steps (16-row blocks, many vocabulary splits); a batch
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_exit_confidence_on_gpu(dtype):
-    hs, weight, targets = inputs(dtype, n=777)
+def test_exit_confidence_on_gpu(dtype, n):
+    """fp32 runs at torch's default fp32 matmul precision (IEEE, not TF32): 1e-4 against fp64,
+    so both backends route the same tokens."""
+    assert dot_precision(torch.float32) == "ieee", "torch's fp32 matmul setting was changed from its default"
+    hs, weight, targets = inputs(dtype, n=n)
     stats = exit_confidence(hs[0], weight, targets, backend="triton")
     logits = hs[0].double() @ weight.double().T
     conf, _ = logits.softmax(1).max(1)
@@ -114,6 +118,19 @@ def test_exit_confidence_on_gpu(dtype):
     for ours, ref in ((stats.conf, conf), (stats.lse, lse), (stats.nll, nll)):
         assert rel_err(ours.double(), ref) <= tol
     assert (logits.gather(1, stats.pred[:, None]).squeeze(1) >= logits.max(1).values - 1e-3).all()
+
+
+@NEEDS_TRITON
+def test_exit_confidence_never_syncs_with_the_host():
+    hs, weight, targets = inputs(torch.bfloat16, n=3)
+    exit_confidence(hs[0], weight, targets, backend="triton")  # compiles the kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        stats = exit_confidence(hs[0], weight, targets, backend="triton")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(stats.lse).all()
 
 
 @NEEDS_TRITON

@@ -19,7 +19,10 @@ CASES = [("torch", 37, 64, 1000), ("torch", 300, 48, 1003),
 def reference(hidden, weight, targets=None, ignore_index=-100):
     logits = hidden.double() @ weight.double().T  # (N, V)
     lse = logits.logsumexp(1)
-    conf, pred = logits.softmax(1).max(1)
+    conf = logits.softmax(1).max(1).values
+    classes = torch.arange(logits.shape[1]).expand_as(logits)
+    is_max = logits == logits.max(1, keepdim=True).values
+    pred = torch.where(is_max, classes, logits.shape[1]).min(1).values  # the first maximum
     if targets is None:
         return conf, pred, lse, None
     valid = targets != ignore_index
@@ -95,15 +98,112 @@ def test_ties_pick_the_first_class(backend):
     assert stats.pred[0] == 3
 
 
-def test_bf16_error_within_twice_pytorch_own():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_error_within_twice_pytorch_own(backend):
     hidden, weight, targets = make(64, 64, 1000, dtype=torch.bfloat16)
     conf, _, lse, _ = reference(hidden, weight, targets)
     own = (hidden @ weight.T).float()  # PyTorch's own bf16 logits
     own_err = (own.logsumexp(1).double() - lse).abs().max()
-    stats = exit_confidence(hidden, weight, targets, backend="torch")
+    stats = exit_confidence(hidden, weight, targets, backend=backend)
     assert (stats.lse.double() - lse).abs().max() <= 2 * own_err + 1e-6
     own_conf_err = (own.softmax(1).max(1).values.double() - conf).abs().max()
     assert (stats.conf.double() - conf).abs().max() <= 2 * own_conf_err + 1e-6
+
+
+# ----------------------------------------------------------------------------- Triton split kernel
+# (N, d, V) that reach several vocabulary splits with a ragged last split (and a ragged last
+# tile): decode steps (N = 1, 3, 64: 16-row blocks) and training-like batches (N not a multiple
+# of any row block, V odd; one with several row blocks and vocabulary splits at once)
+SPLIT_SHAPES = [(1, 40, 1000), (3, 24, 1000), (64, 32, 1000), (70, 16, 5003), (150, 24, 1003)]
+
+
+def split_plan(n, v):
+    return ec._split_plan(n, v, torch.float32, torch.device("cpu"))
+
+
+@NEEDS_TRITON
+@pytest.mark.parametrize("n,d,v", SPLIT_SHAPES)
+def test_shapes_reach_several_ragged_splits(n, d, v):
+    plan = split_plan(n, v)
+    assert plan.n_splits > 1 and v % plan.split_v and v % plan.tiles.block_v
+    assert n <= ec.DECODE_ROWS or n % plan.tiles.block_m  # training-like: a ragged last row block
+
+
+@NEEDS_TRITON
+@pytest.mark.parametrize("n,d,v", SPLIT_SHAPES)
+@pytest.mark.parametrize("with_targets", [True, False])
+def test_split_kernel_matches_fp64_and_torch_path(n, d, v, with_targets):
+    hidden, weight, targets = make(n, d, v)
+    targets = targets if with_targets else None
+    stats = exit_confidence(hidden, weight, targets, backend="triton")
+    assert_matches(stats, reference(hidden, weight, targets))
+    torch_stats = exit_confidence(hidden, weight, targets, backend="torch")
+    assert torch.equal(stats.pred, torch_stats.pred)
+    for ours, theirs in zip(stats, torch_stats):
+        if ours is not None:
+            torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+@NEEDS_TRITON
+def test_more_splits_than_one_combine_tile(monkeypatch):
+    monkeypatch.setattr(ec, "INTERPRET_SM_COUNT", 64)  # as a big GPU sees a decode step
+    hidden, weight, targets = make(2, 16, 5003)
+    plan = split_plan(2, 5003)
+    assert plan.n_splits > ec.COMBINE_BLOCK_S and plan.n_splits % ec.COMBINE_BLOCK_S
+    assert_matches(exit_confidence(hidden, weight, targets, backend="triton"), reference(hidden, weight, targets))
+
+
+@NEEDS_TRITON
+@pytest.mark.parametrize("sm_count", [ec.INTERPRET_SM_COUNT, 64])  # split boundary; combine-tile boundary
+def test_tie_across_a_split_boundary_picks_the_first_class(monkeypatch, sm_count):
+    monkeypatch.setattr(ec, "INTERPRET_SM_COUNT", sm_count)
+    n, d, v = 3, 16, 5003
+    plan = split_plan(n, v)
+    later_split = ec.COMBINE_BLOCK_S if plan.n_splits > ec.COMBINE_BLOCK_S else 1
+    later = plan.split_v * later_split  # the first class of that split
+    hidden = torch.randint(-3, 4, (n, d)).float()  # integers: every logit is exact, the tie too
+    hidden[0, 0] = 3  # row 0's top logit |h|^2 >= 9 beats every other class's (<= 6)
+    weight = torch.randint(-1, 2, (v, d)).float() / 8
+    weight[[later - 1, later, later + 1, v - 1]] = hidden[0]  # the top logit 4x, straddling the boundary
+    stats = exit_confidence(hidden, weight, backend="triton")
+    assert stats.pred[0] == later - 1
+    assert_matches(stats, reference(hidden, weight))
+
+
+@NEEDS_TRITON
+@pytest.mark.parametrize("n", [1, 64, 150])
+def test_ties_everywhere_match_the_first_maximum(n):
+    hidden = torch.randint(-2, 3, (n, 8)).float()  # integer logits in [-32, 32] over 1003 classes
+    weight = torch.randint(-2, 3, (1003, 8)).float()
+    conf, pred, lse, _ = reference(hidden, weight)
+    stats = exit_confidence(hidden, weight, backend="triton")
+    assert (conf < 0.5).any()  # many rows tie at the top
+    assert torch.equal(stats.pred, pred)
+    assert torch.equal(exit_confidence(hidden, weight, backend="torch").pred, pred)
+    torch.testing.assert_close(stats.conf.double(), conf, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(stats.lse.double(), lse, atol=1e-5, rtol=1e-6)
+
+
+@NEEDS_TRITON
+@pytest.mark.parametrize("n", [1, 70])
+def test_split_kernel_very_confident_rows(n):
+    hidden, weight, targets = make(n, 16, 1000, scale=300.0)  # logits in the thousands
+    conf, pred, lse, nll = reference(hidden, weight, targets)
+    stats = exit_confidence(hidden, weight, targets, backend="triton")
+    assert split_plan(n, 1000).n_splits > 1 and conf.max() > 0.999
+    assert torch.isfinite(stats.lse).all() and torch.isfinite(stats.nll).all()
+    torch.testing.assert_close(stats.conf.double(), conf, atol=1e-5, rtol=0)
+    assert torch.equal(stats.pred, pred)
+    torch.testing.assert_close(stats.lse.double(), lse, atol=2e-3, rtol=1e-6)
+    torch.testing.assert_close(stats.nll.double(), nll, atol=2e-3, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_targets_ignored(backend):
+    hidden, weight, targets = make(5, 16, 1000)
+    stats = exit_confidence(hidden, weight, targets.fill_(-100), backend=backend)
+    assert torch.equal(stats.nll, torch.zeros(5))
+    assert_matches(stats, reference(hidden, weight, targets))
 
 
 BAD = [
