@@ -45,6 +45,8 @@ class Tiles(NamedTuple):
 DECODE_ROWS = 64  # up to this many rows (a decode step) take the decode tiles
 CUDA_DECODE_TILES = Tiles(16, 128, 64, num_warps=4, num_stages=4)  # bandwidth-bound: deep W pipeline
 CUDA_TILES = Tiles(128, 128, 64, num_warps=8, num_stages=3)  # two warpgroups of m64 wgmma on Hopper
+PRE_HOPPER_BLOCK_V = 64  # mma.sync keeps the 128x128 accumulator and the online max/argmax in registers:
+# 255 registers and spills on sm_80 (ahead-of-time compile, tests/test_aot_compile.py); half the classes fit
 FP32_BLOCK_D = 32  # fp32 operands: half the model-dim tile, the same shared memory per stage
 INTERPRET_DECODE_TILES = Tiles(16, 16, 16, num_warps=1, num_stages=1)  # the interpreter is slow:
 INTERPRET_TILES = Tiles(32, 16, 16, num_warps=1, num_stages=1)  # small tiles, many splits on test shapes
@@ -224,11 +226,16 @@ if HAS_TRITON:
             tl.store(Nll_ptr + rows64, tl.where(tgt == ignore_index, 0.0, lse - tgt_logit), mask=row_ok)
 
 
-def _tiles(n: int, dtype: torch.dtype) -> Tiles:
-    """Tiles of the split kernel for n rows of ``dtype`` operands."""
+def _tiles(n: int, dtype: torch.dtype, device: torch.device) -> Tiles:
+    """Tiles of the split kernel for n rows of ``dtype`` operands on ``device``."""
     if interpreting():
         return INTERPRET_DECODE_TILES if n <= DECODE_ROWS else INTERPRET_TILES
-    tiles = CUDA_DECODE_TILES if n <= DECODE_ROWS else CUDA_TILES
+    if n <= DECODE_ROWS:
+        tiles = CUDA_DECODE_TILES
+    elif torch.cuda.get_device_capability(device)[0] < 9:
+        tiles = CUDA_TILES._replace(block_v=PRE_HOPPER_BLOCK_V)
+    else:
+        tiles = CUDA_TILES
     return tiles._replace(block_d=FP32_BLOCK_D) if dtype == torch.float32 else tiles
 
 
@@ -245,7 +252,7 @@ def _split_plan(n: int, n_classes: int, dtype: torch.dtype, device: torch.device
     """Row blocks x vocabulary splits: enough splits that the grid holds PROGRAMS_PER_SM
     programs per SM (a decode step's one or few row blocks fill the GPU), never an empty split.
     Splits add no reads of W (each reads its own slice), only [n_splits, N] partials."""
-    tiles = _tiles(n, dtype)
+    tiles = _tiles(n, dtype, device)
     n_row_blocks = triton.cdiv(n, tiles.block_m)
     v_tiles = triton.cdiv(n_classes, tiles.block_v)
     wanted = min(v_tiles, triton.cdiv(PROGRAMS_PER_SM * _sm_count(device), n_row_blocks))

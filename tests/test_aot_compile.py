@@ -1,0 +1,101 @@
+"""Ahead-of-time compile for Hopper (sm_90) and Ampere (sm_80), without a GPU.
+
+Every Triton kernel configuration the launchers choose (every dtype, option and shape of
+tests/aot_report.py) must compile, fit the target's shared memory per block and, with tensor
+cores (bf16, fp16, TF32) at the large shape, not spill registers (fp32 on CUDA cores may: a
+warning). fp32 dots follow torch's fp32 matmul precision: no TF32 MMA under "ieee", TF32 MMA
+under "tf32".
+
+The default run compiles the large shape, each dtype for one arch (DEFAULT_ARCH); `--runslow`
+adds the other arch and the odd and decode shapes. Compiles go to the session's pytest tmp dir,
+never to ~/.triton.
+"""
+import warnings
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+import aot_report as aot  # noqa: E402  (tests/aot_report.py)
+
+DEFAULT_ARCH = {"fp32": 80, "tf32": 90, "bf16": 90, "fp16": 80}  # both archs, each dtype once
+NO_SPILL_DTYPES = ("bf16", "fp16", "tf32")  # tensor-core dtypes: a spill at the large shape fails
+
+
+def _in_default_run(v: aot.Variant) -> bool:
+    return v.arch == DEFAULT_ARCH[v.dtype] and v.shape == "large"
+
+
+def _param(v: aot.Variant):
+    return pytest.param(v, id=v.id, marks=() if _in_default_run(v) else pytest.mark.slow)
+
+
+def _ptx_params(dtype: str, ops) -> list:
+    """One case per op and arch: the op's variants of `dtype` at the large shape on that arch."""
+    return [pytest.param(tuple(aot.variants(ops=(op,), dtypes=(dtype,), shapes=("large",), archs=(arch,))),
+                         id=f"{op}-sm{arch}", marks=() if arch == DEFAULT_ARCH[dtype] else pytest.mark.slow)
+            for op in ops for arch in aot.GPUS]
+
+
+def _variants_of(item) -> list:
+    """The variants a test of this file reads: its `variant` or `variants` parameter."""
+    params = item.callspec.params if item.path == Path(__file__) and hasattr(item, "callspec") else {}
+    return [params["variant"]] if "variant" in params else list(params.get("variants", ()))
+
+
+@pytest.fixture(scope="session")
+def reports(request, tmp_path_factory):
+    """{variant id: report} for the variants of every selected test here that runs, compiled at once."""
+    todo = {v for item in request.session.items if not item.get_closest_marker("skip") for v in _variants_of(item)}
+    return aot.compile_variants(sorted(todo), tmp_path_factory.mktemp("triton_cache"))
+
+
+def _label(kernel: dict, v: aot.Variant) -> str:
+    return f"{kernel['kernel']} [{aot.config(kernel)}] {v.dtype} {v.shape} sm_{v.arch}"
+
+
+@pytest.mark.parametrize("variant", [_param(v) for v in aot.variants()])
+def test_compiles_within_limits(variant, reports):
+    report = reports[variant.id]
+    assert report["error"] is None, f"the launcher failed on meta tensors: {report['error']}"
+    assert report["kernels"], "no kernel launched"
+    limit, problems = aot.GPUS[variant.arch].shared_per_block, []
+    for k in report["kernels"]:
+        if k["error"]:
+            problems.append(f"{_label(k, variant)}: does not compile: {k['error']}")
+            continue
+        if k["shared"] > limit:
+            problems.append(f"{_label(k, variant)}: shared memory {k['shared']:,} B > {limit:,} B per block")
+        if k["spill_stores"] or k["spill_loads"]:
+            spill = (f"{_label(k, variant)}: {k['registers']} registers, spills {k['spill_stores']} B stores "
+                     f"/ {k['spill_loads']} B loads")
+            if variant.dtype in NO_SPILL_DTYPES and variant.shape == "large":
+                problems.append(spill)
+            else:
+                warnings.warn(spill)
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("variants", _ptx_params("fp32", aot.OPTIONS))
+def test_ieee_fp32_has_no_tf32_mma(variants, reports):
+    tf32 = sorted({_label(k, v) for v in variants for k in reports[v.id]["kernels"] if k.get("tf32_mma")})
+    assert not tf32, "TF32 MMA in the PTX of fp32 kernels while torch's fp32 matmul precision is 'ieee':\n" + \
+        "\n".join(tf32)
+
+
+@pytest.mark.parametrize("variants", _ptx_params("tf32", ("weighted_ce", "exit_confidence")))
+def test_tf32_dots_use_tf32_mma(variants, reports):
+    dots = [(k, v) for v in variants for k in reports[v.id]["kernels"] if k.get("calls_dot")]
+    assert dots, "no kernel calling tl.dot was compiled"
+    missing = sorted({_label(k, v) for k, v in dots if not k["error"] and not k["tf32_mma"]})
+    assert not missing, "no TF32 MMA in the PTX while torch's fp32 matmul precision is 'tf32':\n" + "\n".join(missing)
+
+
+@pytest.mark.parametrize("variants", [pytest.param(tuple(filter(_in_default_run, aot.variants())), id="default")])
+def test_every_kernel_is_compiled(variants, reports):
+    """Every kernel that the ops' modules define is compiled by the default matrix (a new kernel
+    or launcher option that no variant reaches fails here: extend aot_report.OPTIONS or SHAPES)."""
+    defined = {name for v in variants for name in reports[v.id]["defined"]}
+    compiled = {k["kernel"] for v in variants for k in reports[v.id]["kernels"]}
+    assert defined - compiled == set(), f"never compiled: {sorted(defined - compiled)}"
