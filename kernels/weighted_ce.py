@@ -6,23 +6,38 @@ every weighted head and of W, one chunk of rows at a time (backward only rescale
 
 1. one GEMM gives the fp32 logits of the chunk's rows of all weighted heads, stacked;
 2. a row step turns them in place into row losses and dlogits;
-3. two GEMMs give dH and add dlogits^T @ H into an fp32 dW.
+3. two GEMMs give dH and add dlogits^T @ H into dW.
 Heads with weight 0 are never touched (for weights given as numbers or a CPU tensor; a CUDA
 tensor of weights is never read on the host, so there every head runs), and rows whose target
 is ignore_index enter no GEMM.
+
+Gradients stay out of 16-bit storage until grad_output is applied: dH (A, N, d) and dW [V, d]
+are fp32 from the GEMMs to backward, which multiplies them by grad_output in fp32 and rounds
+once to the input dtype. fp16 cannot hold either intermediate: a GradScaler's grad_output of
+2**16 is inf there, and a dlogit is ~ w_k / N * p (2e-10 at N = 16k, V = 128k), below fp16's
+smallest subnormal (6e-8) until the scale lifts it. Saving them in fp32 costs 2 bytes per
+element over the input dtype: 2 * A * N * d + 2 * V * d bytes held from forward to backward.
 
 - PyTorch path: oneDNN's GEMMs on CPU (MKL's sgemm runs AVX2 code on AMD CPUs, 2-3x slower),
   cuBLAS's on CUDA (fp32 output for bf16/fp16 inputs); the row step is torch ops (max, exp,
   sum, scale) in place on the chunk. On CPU only the non-ignored rows are gathered into
   chunks; on CUDA that would need their count on the host (a sync), so every row runs there.
+  CPU multiplies 16-bit inputs in fp32; on CUDA fp16 keeps its dlogits in fp32 and runs the
+  dH/dW GEMMs in fp32 on an fp32 copy of W (4 * V * d bytes), bf16 keeps bf16 dlogits.
 - Triton path (CUDA, or CPU under TRITON_INTERPRET=1): the non-ignored rows are moved first
   by a stable argsort on the device and their count stays on the device. Three Triton GEMM
   kernels (tl.dot, fp32 accumulators) and one row kernel read that count and skip every tile
   past it, so ignored rows cost no matmul work and the host never waits. The row kernel, one
-  program per row, does an online logsumexp over V tiles, then writes dlogits tile by tile
-  (straight to bf16/fp16 for low-precision inputs). dW is one program per [V, d] tile looping
-  over rows: no atomics, deterministic. Storing the chunk's logits costs 3 GEMMs, where
-  recomputing logit tiles inside one kernel would cost 5.
+  program per row, does an online logsumexp over V tiles, then writes fp32 dlogits over the
+  logits tile by tile. For 16-bit inputs the dH and dW kernels multiply each dlogits tile by
+  the chunk's power of two that brings its largest |dlogit| near 2**14 before rounding it to
+  the input dtype for tl.dot, and divide it out of the fp32 sum: 16-bit tensor-core rate, and
+  no flush to 0. The chunk's rows are padded to a multiple of ROW_ALIGN columns, so every row
+  starts aligned whatever V is (V = 5003 or 50257 otherwise costs the dH kernel its
+  vectorised loads: 254 registers on sm_90); the padding is never read as a logit, and holds
+  zeros as dlogits. dW is one program per [V, d] tile looping over rows: no atomics,
+  deterministic. Storing the chunk's logits costs 3 GEMMs, where recomputing logit tiles
+  inside one kernel would cost 5.
 Both keep the true-class gradient p - 1 exact for confident rows: it is computed as minus the
 exp-sum of the other classes over the total, never as a difference of numbers close to 1.
 """
@@ -31,6 +46,7 @@ from dataclasses import dataclass
 from typing import Callable, List, NamedTuple, Sequence, Union
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import gemm
 from .backend import HAS_TRITON, dot_precision, interpreting, resolve_backend
@@ -45,6 +61,10 @@ CHUNK_BYTES = 32 * 2**20  # fp32 logits of one CPU row chunk (all heads): about 
 CUDA_CHUNK_BYTES = 2**30  # on GPUs: big enough for GEMMs at full rate, small next to [N, V]
 CUDA_BLOCK_V, INTERPRET_BLOCK_V = 4096, 32  # classes per tile of the row kernel
 ROW_WARPS = 8
+ROW_ALIGN = 32  # Triton logits rows padded to this many fp32 columns: 128 B, a multiple of the
+                # 16 that Triton specialises strides and bounds on, so loads along V vectorise
+DLOGITS_16BIT_MAX = 2.0 ** 14  # 16-bit operands: a chunk's dlogits scaled by a power of two to at
+                               # most this before rounding: fp16's max is 65504, a factor 2 spare
 SERIES_MAX_Q = 1e-3  # below this 1 - p_target, -log(p_target) comes from its series
 
 Hiddens = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -160,22 +180,32 @@ def _kept_rows(targets: torch.Tensor, ignore_index: int):
     return None if keep.numel() == targets.numel() else keep
 
 
+def _grad_mm_dtype(mm_dtype: torch.dtype) -> torch.dtype:
+    """dtype of the PyTorch path's dlogits and of its dH/dW GEMM operands. fp16 cannot hold
+    dlogits (w_k / N * p falls below its smallest subnormal, 6e-8, before any loss scale can
+    lift it), so they stay fp32 and those two GEMMs run in fp32 (CUDA only: CPU multiplies
+    every 16-bit input in fp32 anyway); bf16 has fp32's exponent range and keeps its own."""
+    return torch.float32 if mm_dtype == torch.float16 else mm_dtype
+
+
 def _chunked_pass(hs, weight, targets, row_scales, opt: CEOptions, rows_fn):
     """Loss rows (A, N) of the heads that run and, if row_scales (A, N) is given, grads.
 
     hs: A tensors [N, d]; weight: [V, d]; targets: [N] int64. Per chunk of kept rows: one GEMM for
-    the logits of all heads, rows_fn for loss and dlogits, GEMMs for dH and an fp32 dW.
-    Returns (loss (A, N) fp32, dhs (A, N, d) in input dtype or None, dW [V, d] or None).
+    the logits of all heads, rows_fn for loss and dlogits, GEMMs for dH and dW.
+    Returns (loss (A, N), dhs (A, N, d) or None, dW [V, d] or None), all in fp32 (fp64 for
+    fp64 inputs): the caller applies grad_output before rounding them to the input dtype.
     """
     (n, _), n_heads, device, want_grad = hs[0].shape, len(hs), weight.device, row_scales is not None
     keep = _kept_rows(targets, opt.ignore_index)
-    n_kept = n if keep is None else keep.numel()
+    n_kept, acc_dtype = (n if keep is None else keep.numel()), gemm.acc_dtype(weight)
     step, w_mm = _chunk_rows(n_kept, n_heads, weight.shape[0], device), weight.to(gemm.mm_dtype(weight))
-    w_mm_t = w_mm.t().contiguous() if gemm.use_onednn(w_mm) else w_mm.t()  # (d, V): dH = dlogits @ W as a linear
+    w_grad = w_mm.to(_grad_mm_dtype(w_mm.dtype))  # w_mm itself, or an fp32 copy for fp16 on CUDA
+    w_grad_t = w_grad.t().contiguous() if gemm.use_onednn(w_grad) else w_grad.t()  # (d, V): dH as a linear
     new = torch.empty if keep is None else torch.zeros  # ignored rows: loss 0, dH 0
-    loss = new(n_heads, n, dtype=gemm.acc_dtype(weight), device=device)  # (A, N)
-    dhs = new(n_heads, *hs[0].shape, dtype=hs[0].dtype, device=device) if want_grad else None
-    dw = _new_dw(w_mm) if want_grad else None  # (V, d) fp32
+    loss = new(n_heads, n, dtype=acc_dtype, device=device)  # (A, N)
+    dhs = new(n_heads, *hs[0].shape, dtype=acc_dtype, device=device) if want_grad else None
+    dw = _new_dw(w_grad) if want_grad else None  # (V, d)
     for s in range(0, n_kept, step):
         e = min(n_kept, s + step)
         rows_of = (lambda t, dim=0: t.narrow(dim, s, e - s)) if keep is None else \
@@ -185,12 +215,12 @@ def _chunked_pass(hs, weight, targets, row_scales, opt: CEOptions, rows_fn):
         if keep is None:  # every row runs (CUDA): zero the ignored ones, or 0 * NaN would reach dW and dH
             x.masked_fill_((tgt == opt.ignore_index).unsqueeze(1), 0.0)
         scale = rows_of(row_scales, 1).reshape(-1) if want_grad else None
-        rows, dlogits = rows_fn(gemm.linear_fp32(x, w_mm), tgt, scale, opt, x.dtype)
+        rows, dlogits = rows_fn(gemm.linear_fp32(x, w_mm), tgt, scale, opt, w_grad.dtype)
         _put_rows(loss, keep, s, rows.view(n_heads, e - s))
         if want_grad:
-            _put_rows(dhs, keep, s, gemm.linear_fp32(dlogits, w_mm_t).view(n_heads, e - s, -1))  # (A, c, d)
-            dw = _accumulate_dw(dw, dlogits, x)
-    return loss, dhs, (dw.to(weight.dtype).contiguous() if want_grad else None)
+            _put_rows(dhs, keep, s, gemm.linear_fp32(dlogits, w_grad_t).view(n_heads, e - s, -1))  # (A, c, d)
+            dw = _accumulate_dw(dw, dlogits, x.to(w_grad.dtype))
+    return loss, dhs, dw
 
 
 def _put_rows(out: torch.Tensor, keep, start: int, values: torch.Tensor) -> None:
@@ -291,32 +321,52 @@ if HAS_TRITON:
             out_ptrs = Out_ptr + head * Out_head_stride + rows[:, None].to(tl.int64) * Out_row_stride + vs[None, :]
             tl.store(out_ptrs, acc, mask=(rows[:, None] < live) & (vs[None, :] < n_classes))
 
+    @triton.jit
+    def _dlogits_range_scale(Dmax_ptr, DLOGITS_16BIT_MAX: tl.constexpr):
+        """The power of two F that puts the chunk's largest |dlogit| in (MAX/2, MAX], MAX =
+        DLOGITS_16BIT_MAX: dlogits * F fit fp16 with 2**27 of range left in its normals, where
+        unscaled dlogits ~ w_k / N * p would flush to 0. 1 for a chunk without gradients; at
+        most 2**126 (finite in fp32) for absurdly small head weights."""
+        d_max = tl.load(Dmax_ptr)
+        exponent = tl.minimum(tl.floor(tl.log2(DLOGITS_16BIT_MAX / d_max)), 126.0)
+        return tl.where(d_max > 0, tl.exp2(exponent), 1.0)
+
+    @triton.jit
+    def _load_logits(logits_row, offs, n_classes, n_padded):
+        """A row's logits at offs, -inf past n_classes. The load runs to the aligned n_padded so
+        it vectorises (a bound of V = 5003 would split it into single floats); the padding it
+        reads is never a logit."""
+        x = tl.load(logits_row + offs, mask=offs < n_padded, other=float("-inf"))
+        return tl.where(offs < n_classes, x, float("-inf"))
+
     @triton.jit(do_not_specialize=["chunk_start", "n_rows"])
     def _ce_rows_kernel(
         Logits_ptr,
         logits_row_stride,
-        Dlogits_ptr,
-        dlogits_row_stride,
         Targets_ptr,
         Scales_ptr,
         Loss_ptr,
+        Dmax_ptr,
         N_live_ptr,
         chunk_start,
         n_rows,
         n_classes,
+        n_padded,
         ignore_index,
         label_smoothing,
         z_loss,
         HAS_SMOOTHING: tl.constexpr,
         HAS_Z_LOSS: tl.constexpr,
         HAS_GRAD: tl.constexpr,
+        TRACK_MAX: tl.constexpr,
         SERIES_MAX_Q: tl.constexpr,
         BLOCK_V: tl.constexpr,
     ):
-        """One row: online logsumexp over V tiles, then (HAS_GRAD) dlogits written tile by tile."""
+        """One row: online logsumexp over its n_classes logits, then (HAS_GRAD) fp32 dlogits
+        written over them tile by tile, zeros over the padding up to n_padded (the dH and dW
+        GEMMs read whole aligned rows), and (TRACK_MAX) the row's max |dlogit| into Dmax."""
         row = tl.program_id(0).to(tl.int64)
         logits_row = Logits_ptr + row * logits_row_stride
-        dlogits_row = Dlogits_ptr + row * dlogits_row_stride
         target = tl.load(Targets_ptr + row)
         is_live = row % n_rows < _live_rows(N_live_ptr, chunk_start, n_rows)  # else ignored, never read
         cols = tl.arange(0, BLOCK_V)
@@ -329,7 +379,7 @@ if HAS_TRITON:
             x_sum = 0.0
             for v0 in range(0, n_classes, BLOCK_V):
                 offs = v0 + cols
-                x = tl.load(logits_row + offs, mask=offs < n_classes, other=float("-inf")).to(tl.float32)
+                x = _load_logits(logits_row, offs, n_classes, n_padded)
                 is_target = offs == target
                 x_target += tl.sum(tl.where(is_target, x, 0.0))
                 if HAS_SMOOTHING:
@@ -353,20 +403,24 @@ if HAS_TRITON:
                 scale = tl.load(Scales_ptr + row).to(tl.float32)
                 uniform = label_smoothing / n_classes
                 d_target = scale * (z_factor - 1.0 - z_factor * q + label_smoothing - uniform)
-                for v0 in range(0, n_classes, BLOCK_V):
+                d_max = 0.0
+                for v0 in range(0, n_padded, BLOCK_V):
                     offs = v0 + cols
-                    x = tl.load(logits_row + offs, mask=offs < n_classes, other=float("-inf")).to(tl.float32)
+                    x = _load_logits(logits_row, offs, n_classes, n_padded)
                     d = scale * (z_factor * tl.exp(x - lse) - uniform)
-                    d = tl.where(offs == target, d_target, d)
-                    tl.store(dlogits_row + offs, d.to(Dlogits_ptr.dtype.element_ty), mask=offs < n_classes)
+                    d = tl.where(offs == target, d_target, tl.where(offs < n_classes, d, 0.0))
+                    if TRACK_MAX:
+                        d_max = tl.maximum(d_max, tl.max(tl.abs(d)))
+                    tl.store(logits_row + offs, d, mask=offs < n_padded)
+                if TRACK_MAX:
+                    tl.atomic_max(Dmax_ptr, d_max)
         else:
             tl.store(Loss_ptr + row, 0.0)
             if HAS_GRAD:
                 if is_live:  # a live row with a bad target: the dH and dW kernels read its zeros
-                    for v0 in range(0, n_classes, BLOCK_V):
+                    for v0 in range(0, n_padded, BLOCK_V):
                         offs = v0 + cols
-                        zeros = tl.zeros([BLOCK_V], dtype=Dlogits_ptr.dtype.element_ty)
-                        tl.store(dlogits_row + offs, zeros, mask=offs < n_classes)
+                        tl.store(logits_row + offs, tl.zeros([BLOCK_V], dtype=tl.float32), mask=offs < n_padded)
 
     @triton.jit(do_not_specialize=["chunk_start", "n_rows"])
     def _dh_kernel(
@@ -378,17 +432,27 @@ if HAS_TRITON:
         DH_ptr,
         DH_head_stride,
         DH_row_stride,
+        Dmax_ptr,
         N_live_ptr,
         chunk_start,
         n_rows,
         n_classes,
+        n_padded,
         d,
         PRECISION: tl.constexpr,
+        SCALE_DLOGITS: tl.constexpr,
+        DLOGITS_16BIT_MAX: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_D: tl.constexpr,
         BLOCK_V: tl.constexpr,
     ):
-        """DH[a, m] = sum_v dlogits[a, m, v] * W[v]; tiles past the live rows write zeros."""
+        """DH[a, m] = sum_v dlogits[a, m, v] * W[v] in fp32; tiles past the live rows write zeros.
+
+        dlogits are fp32 rows of n_padded columns (zeros past n_classes), so their loads stay
+        aligned whatever n_classes is. They meet W in W's dtype; for 16-bit W (SCALE_DLOGITS)
+        they are multiplied by the chunk's power of two first (_dlogits_range_scale), which
+        the fp32 sum divides out. bf16 has the range without it, but compiles better with it:
+        without the multiply, sm_90 loads the dW kernel's dlogits tile 4 bytes at a time."""
         pid_m, pid_n, head = _row_tile(n_rows, BLOCK_M)
         live = _live_rows(N_live_ptr, chunk_start, n_rows)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -396,15 +460,20 @@ if HAS_TRITON:
         vs = tl.arange(0, BLOCK_V)
         d_ptrs = D_ptr + head * D_head_stride + rows[:, None].to(tl.int64) * D_row_stride + vs[None, :]
         w_ptrs = W_ptr + vs[:, None].to(tl.int64) * W_row_stride + ds[None, :]
-        v_end = tl.where(pid_m * BLOCK_M < live, n_classes, 0)
+        v_end = tl.where(pid_m * BLOCK_M < live, n_padded, 0)
+        range_scale = 1.0
+        if SCALE_DLOGITS:
+            range_scale = _dlogits_range_scale(Dmax_ptr, DLOGITS_16BIT_MAX)
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         for v0 in range(0, v_end, BLOCK_V):
-            g = tl.load(d_ptrs + v0, mask=(rows[:, None] < live) & (v0 + vs[None, :] < n_classes), other=0.0)
+            g = tl.load(d_ptrs + v0, mask=(rows[:, None] < live) & (v0 + vs[None, :] < n_padded), other=0.0)
             w = tl.load(w_ptrs, mask=(v0 + vs[:, None] < n_classes) & (ds[None, :] < d), other=0.0)
-            acc = tl.dot(g, w, acc, input_precision=PRECISION)
+            if SCALE_DLOGITS:
+                g = g * range_scale
+            acc = tl.dot(g.to(w.dtype), w, acc, input_precision=PRECISION)
             w_ptrs += BLOCK_V * W_row_stride  # a pointer step: v0 * W_row_stride could pass int32
         dh_ptrs = DH_ptr + head * DH_head_stride + rows[:, None].to(tl.int64) * DH_row_stride + ds[None, :]
-        tl.store(dh_ptrs, acc.to(DH_ptr.dtype.element_ty), mask=(rows[:, None] < n_rows) & (ds[None, :] < d))
+        tl.store(dh_ptrs, acc / range_scale, mask=(rows[:, None] < n_rows) & (ds[None, :] < d))
 
     @triton.jit(do_not_specialize=["chunk_start", "n_rows"])
     def _dw_kernel(
@@ -416,23 +485,31 @@ if HAS_TRITON:
         X_row_stride,
         DW_ptr,
         DW_row_stride,
+        Dmax_ptr,
         N_live_ptr,
         chunk_start,
         n_rows,
         n_heads,
         n_classes,
+        n_padded,
         d,
         PRECISION: tl.constexpr,
+        SCALE_DLOGITS: tl.constexpr,
+        DLOGITS_16BIT_MAX: tl.constexpr,
         BLOCK_V: tl.constexpr,
         BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr,
     ):
-        """DW[v] += sum_{a, live m} dlogits[a, m, v] * X[a, m] in fp32; one program per tile, no atomics."""
+        """DW[v] += sum_{a, live m} dlogits[a, m, v] * X[a, m] in fp32; one program per tile, no
+        atomics. dlogits as in _dh_kernel: fp32, n_padded aligned columns, scaled for 16 bits."""
         live = _live_rows(N_live_ptr, chunk_start, n_rows)
         if live > 0:
             vs = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)  # d tiles vary fastest: programs
             ds = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)  # running together share dlogits
             ms = tl.arange(0, BLOCK_M)
+            range_scale = 1.0
+            if SCALE_DLOGITS:
+                range_scale = _dlogits_range_scale(Dmax_ptr, DLOGITS_16BIT_MAX)
             acc = tl.zeros((BLOCK_V, BLOCK_D), dtype=tl.float32)
             # pointers advance by strides (64-bit pointer arithmetic), never head * stride in int32
             d_head = D_ptr + ms[:, None].to(tl.int64) * D_row_stride + vs[None, :]
@@ -441,16 +518,18 @@ if HAS_TRITON:
                 d_ptrs, x_ptrs = d_head, x_head
                 for m0 in range(0, live, BLOCK_M):
                     in_rows = m0 + ms[:, None] < live
-                    g = tl.load(d_ptrs, mask=in_rows & (vs[None, :] < n_classes), other=0.0)
+                    g = tl.load(d_ptrs, mask=in_rows & (vs[None, :] < n_padded), other=0.0)
                     x = tl.load(x_ptrs, mask=in_rows & (ds[None, :] < d), other=0.0)
-                    acc = tl.dot(tl.trans(g), x, acc, input_precision=PRECISION)
+                    if SCALE_DLOGITS:
+                        g = g * range_scale
+                    acc = tl.dot(tl.trans(g.to(x.dtype)), x, acc, input_precision=PRECISION)
                     d_ptrs += BLOCK_M * D_row_stride
                     x_ptrs += BLOCK_M * X_row_stride
                 d_head += D_head_stride
                 x_head += X_head_stride
             dw_ptrs = DW_ptr + vs[:, None].to(tl.int64) * DW_row_stride + ds[None, :]
             in_tile = (vs[:, None] < n_classes) & (ds[None, :] < d)
-            tl.store(dw_ptrs, acc + tl.load(dw_ptrs, mask=in_tile, other=0.0), mask=in_tile)
+            tl.store(dw_ptrs, acc / range_scale + tl.load(dw_ptrs, mask=in_tile, other=0.0), mask=in_tile)
 
 
 def _block_v(n_classes: int) -> int:
@@ -468,7 +547,7 @@ class GemmTiles(NamedTuple):
 
 
 INTERPRET_GEMM_TILES = GemmTiles(16, 16, 16)  # tl.dot's minimum: the interpreter is slow
-CUDA_GEMM_TILES = GemmTiles(128, 128, 64)  # fp32 operands use inner=32
+CUDA_GEMM_TILES = GemmTiles(128, 128, 64)  # fp32 operands (fp32 dlogits too) use inner=32
 
 
 def _gemm_config(dtype: torch.dtype):
@@ -477,6 +556,14 @@ def _gemm_config(dtype: torch.dtype):
         return INTERPRET_GEMM_TILES, dict(PRECISION=dot_precision(dtype))
     tiles = CUDA_GEMM_TILES._replace(inner=32) if dtype == torch.float32 else CUDA_GEMM_TILES
     return tiles, dict(PRECISION=dot_precision(dtype), num_warps=8, num_stages=3)
+
+
+def _logits_buffer(n_heads: int, n_rows: int, n_classes: int, device: torch.device) -> torch.Tensor:
+    """Uninitialised fp32 (A, c, V) view of rows padded to a multiple of ROW_ALIGN columns: a
+    chunk's logits, then its dlogits in place. Unpadded, a row stride of V = 50257 or 5003
+    makes every row start unaligned, and the dH/dW GEMMs lose their vectorised loads."""
+    padded = triton.cdiv(n_classes, ROW_ALIGN) * ROW_ALIGN
+    return torch.empty(n_heads, n_rows, padded, dtype=torch.float32, device=device)[..., :n_classes]
 
 
 def _launch_logits(x, w_mm, logits, where, tiles: GemmTiles, opts: dict) -> None:
@@ -489,27 +576,30 @@ def _launch_logits(x, w_mm, logits, where, tiles: GemmTiles, opts: dict) -> None
                          BLOCK_M=tiles.out_rows, BLOCK_V=tiles.out_cols, BLOCK_D=tiles.inner, **opts)
 
 
-def _launch_dh(dlogits, w_mm, dh, where, tiles: GemmTiles, opts: dict) -> None:
-    """dh (A, c, d) = dlogits (A, c, V) @ w_mm (V, d); rows past the live ones get zeros."""
+def _launch_dh(dlogits, w_mm, dh, d_max, where, tiles: GemmTiles, opts: dict) -> None:
+    """dh (A, c, d) fp32 = dlogits (A, c, V) @ w_mm (V, d); rows past the live ones get zeros.
+    dlogits: fp32 rows of stride(1) columns, zeros past V; d_max (1,): their max |value|."""
     n_heads, c, d = dh.shape
     grid = (triton.cdiv(c, tiles.out_rows) * triton.cdiv(d, tiles.out_cols), n_heads)
     _dh_kernel[grid](dlogits, dlogits.stride(0), dlogits.stride(1), w_mm, w_mm.stride(0), dh,
-                     dh.stride(0), dh.stride(1), *where, w_mm.shape[0], d,
+                     dh.stride(0), dh.stride(1), d_max, *where, w_mm.shape[0], dlogits.stride(1), d,
                      BLOCK_M=tiles.out_rows, BLOCK_D=tiles.out_cols, BLOCK_V=tiles.inner, **opts)
 
 
-def _launch_dw(dlogits, x, dw, where, tiles: GemmTiles, opts: dict) -> None:
-    """dw (V, d) fp32 += sum_a dlogits[a].T (V, c) @ x[a] (c, d) over the live rows."""
+def _launch_dw(dlogits, x, dw, d_max, where, tiles: GemmTiles, opts: dict) -> None:
+    """dw (V, d) fp32 += sum_a dlogits[a].T (V, c) @ x[a] (c, d) over the live rows (dlogits
+    and d_max as in _launch_dh)."""
     n_heads, _, d = x.shape
     n_classes = dw.shape[0]
     grid = (triton.cdiv(d, tiles.out_cols), triton.cdiv(n_classes, tiles.out_rows))
     _dw_kernel[grid](dlogits, dlogits.stride(0), dlogits.stride(1), x, x.stride(0), x.stride(1), dw,
-                     dw.stride(0), *where, n_heads, n_classes, d,
+                     dw.stride(0), d_max, *where, n_heads, n_classes, dlogits.stride(1), d,
                      BLOCK_V=tiles.out_rows, BLOCK_D=tiles.out_cols, BLOCK_M=tiles.inner, **opts)
 
 
 def _triton_pass(hs, weight, targets, row_scales, opt: CEOptions):
-    """The Triton counterpart of _chunked_pass: same contract, no host sync, ignored rows skipped."""
+    """The Triton counterpart of _chunked_pass: same contract (fp32 results), no host sync,
+    ignored rows skipped."""
     (n, d), n_heads, device, want_grad = hs[0].shape, len(hs), weight.device, row_scales is not None
     n_classes, mm_dtype = weight.shape[0], gemm.mm_dtype(weight)  # the interpreter's dot needs fp32
     live = targets != opt.ignore_index
@@ -519,41 +609,44 @@ def _triton_pass(hs, weight, targets, row_scales, opt: CEOptions):
     (tiles, opts), step = _gemm_config(mm_dtype), _chunk_rows(n, n_heads, n_classes, device)
     if step < n:  # whole row tiles per chunk: no partial tile in every chunk's three GEMMs
         step = max(tiles.out_rows, step // tiles.out_rows * tiles.out_rows)
+    grad_tiles = _gemm_config(torch.float32)[0]  # dH/dW read fp32 dlogits: fp32's tiles (sm_90: 250 -> 192 regs)
+    grad_opts = dict(opts, SCALE_DLOGITS=mm_dtype.itemsize == 2, DLOGITS_16BIT_MAX=DLOGITS_16BIT_MAX)
     loss = torch.empty(n_heads, n, dtype=torch.float32, device=device)  # (A, N)
-    dhs = torch.empty(n_heads, n, d, dtype=hs[0].dtype, device=device) if want_grad else None
+    dhs = torch.empty(n_heads, n, d, dtype=torch.float32, device=device) if want_grad else None
     dw = torch.zeros(n_classes, d, dtype=torch.float32, device=device) if want_grad else None
+    d_maxes = torch.zeros(triton.cdiv(n, step), dtype=torch.float32, device=device)  # per chunk: max |dlogit|
     for s in range(0, n, step):
-        c, idx = min(step, n - s), order[s:s + step]
+        c, idx, d_max = min(step, n - s), order[s:s + step], d_maxes.narrow(0, s // step, 1)
         where = (n_live, s, c)  # the kernels' view of this chunk: rows s..s+c of the live-first order
         x = torch.stack([h.index_select(0, idx) for h in hs]).to(mm_dtype)  # (A, c, d)
-        logits = torch.empty(n_heads, c, n_classes, dtype=torch.float32, device=device)  # (A, c, V)
+        logits = _logits_buffer(n_heads, c, n_classes, device)  # (A, c, V), then dlogits in place
         _launch_logits(x, w_mm, logits, where, tiles, opts)
         scale = row_scales.index_select(1, idx).reshape(-1) if want_grad else None
-        rows, dlogits = _triton_rows(logits.view(-1, n_classes), targets.index_select(0, idx).repeat(n_heads),
-                                     scale, opt, mm_dtype, where)
+        rows = _triton_rows(logits.view(-1, n_classes), targets.index_select(0, idx).repeat(n_heads), scale,
+                            opt, where, d_max, track_max=grad_opts["SCALE_DLOGITS"])
         loss.index_copy_(1, idx, rows.view(n_heads, c))
         if want_grad:
-            dlogits = dlogits.view(n_heads, c, n_classes)
-            dh = torch.empty(n_heads, c, d, dtype=hs[0].dtype, device=device)
-            _launch_dh(dlogits, w_mm, dh, where, tiles, opts)
+            dh = torch.empty(n_heads, c, d, dtype=torch.float32, device=device)
+            _launch_dh(logits, w_mm, dh, d_max, where, grad_tiles, grad_opts)
             dhs.index_copy_(1, idx, dh)
-            _launch_dw(dlogits, x, dw, where, tiles, opts)
-    return loss, dhs, (dw.to(weight.dtype) if want_grad else None)
+            _launch_dw(logits, x, dw, d_max, where, grad_tiles, grad_opts)
+    return loss, dhs, dw
 
 
-def _triton_rows(logits, tgt, scale, opt: CEOptions, grad_dtype, where):
-    """Row loss (R,) of fp32 logits (R, V) and dlogits (R, V) in grad_dtype (in place when fp32)."""
+def _triton_rows(logits, tgt, scale, opt: CEOptions, where, d_max, track_max: bool):
+    """Row loss (R,) of fp32 logits (R, V) whose rows are padded to stride(0) columns. Given
+    `scale` (R,), the rows are overwritten with fp32 dlogits (zeros over the padding) and, with
+    track_max, their max |value| is maxed into d_max (1,)."""
     n_rows, n_classes = logits.shape
     loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     want_grad = scale is not None
-    dlogits = logits if grad_dtype == logits.dtype or not want_grad else torch.empty_like(logits, dtype=grad_dtype)
     _ce_rows_kernel[(n_rows,)](
-        logits, logits.stride(0), dlogits, dlogits.stride(0), tgt,
-        scale.contiguous() if want_grad else loss, loss, *where, n_classes,
-        opt.ignore_index, opt.label_smoothing, opt.z_loss,
+        logits, logits.stride(0), tgt, scale.contiguous() if want_grad else loss, loss, d_max, *where,
+        n_classes, logits.stride(0), opt.ignore_index, opt.label_smoothing, opt.z_loss,
         HAS_SMOOTHING=opt.label_smoothing > 0, HAS_Z_LOSS=opt.z_loss > 0, HAS_GRAD=want_grad,
-        SERIES_MAX_Q=SERIES_MAX_Q, BLOCK_V=_block_v(n_classes), num_warps=ROW_WARPS)
-    return loss, (dlogits if want_grad else None)
+        TRACK_MAX=want_grad and track_max, SERIES_MAX_Q=SERIES_MAX_Q, BLOCK_V=_block_v(logits.stride(0)),
+        num_warps=ROW_WARPS)
+    return loss
 
 
 # ----------------------------------------------------------------------------- forward / backward
@@ -570,7 +663,7 @@ def _forward(plan: _Plan, hs, weight, targets, want_grad: bool):
     """(loss, tensors backward needs). hs: K tensors [N, d]; weight: [V, d]; targets: [N].
 
     'mean'/'sum': the pass also computes the gradients of the loss, saved as (dhs (A, N, d),
-    dW [V, d]), both None without want_grad. 'none' returns (K, N); its grad_output is
+    dW [V, d]) in fp32, both None without want_grad. 'none' returns (K, N); its grad_output is
     per-token, so it saves (coef (A,), *hs that run) and backward reruns the pass.
     """
     act_hs = [hs[k] for k in plan.heads.active]
@@ -585,39 +678,50 @@ def _forward(plan: _Plan, hs, weight, targets, want_grad: bool):
 
 
 def _backward(plan: _Plan, weight, h0, targets, saved, grad_out):
-    """(dW [V, d], [dh_k] for all K heads) from _forward's saved tensors and grad_out (a scalar,
-    or (K, N) for 'none'). Heads that did not run get a stride-0 zero gradient: correct for
+    """(dW [V, d], [dh_k] for all K heads) in the input dtype from _forward's saved tensors and
+    grad_out (a scalar, or (K, N) for 'none'). The pass's fp32 gradients meet grad_out in fp32
+    and are rounded once. Heads that did not run get a stride-0 zero gradient: correct for
     autograd.grad, and free."""
     if plan.reduction == "none":
         coef, *act_hs = saved
         scales = _stack([coef[a] * grad_out[k] for a, k in enumerate(plan.heads.active)])  # (A, N)
         _, dhs, dw = _run_pass(plan.run_pass, act_hs, weight, targets, scales, plan.opt)
+        grad_out = None  # already in the row scales
     else:
         dhs, dw = saved
-        if dhs is not None:
-            dhs, dw = dhs * grad_out.to(dhs.dtype), dw * grad_out.to(dw.dtype)
     dh = [_zeros_like(h0) for _ in range(plan.n_heads)]
     for a, k in enumerate(plan.heads.active):
-        dh[k] = dhs[a]
-    return (_zeros_like(weight) if dw is None else dw), dh
+        dh[k] = _to_input_dtype(dhs[a], grad_out, h0)
+    return (_zeros_like(weight) if dw is None else _to_input_dtype(dw, grad_out, weight)), dh
+
+
+def _to_input_dtype(grad: torch.Tensor, grad_out, like: torch.Tensor) -> torch.Tensor:
+    """grad (fp32) * grad_out in fp32, rounded once to like's dtype: cast first, a GradScaler's
+    2**16 is inf in fp16; grad cast first loses its entries below fp16's subnormals."""
+    out = torch.empty(grad.shape, dtype=like.dtype, device=like.device)
+    return out.copy_(grad) if grad_out is None else torch.mul(grad, grad_out, out=out)
 
 
 class _WeightedCE(torch.autograd.Function):
     """ctx bookkeeping only: _forward computes the loss (and, unless reduction='none', its
-    gradients chunk by chunk), _backward scales them by grad_output or reruns the pass."""
+    gradients chunk by chunk), _backward scales them by grad_output or reruns the pass. Both
+    run outside autocast: it would recast the passes' own fp32 GEMMs to 16 bits."""
 
     @staticmethod
     def forward(ctx, plan: _Plan, weight, targets, *hs):
         want_grad = plan.reduction != "none" and any(ctx.needs_input_grad)
-        out, saved = _forward(plan, hs, weight, targets, want_grad)
+        with torch.autocast(weight.device.type, enabled=False):
+            out, saved = _forward(plan, hs, weight, targets, want_grad)
         ctx.plan = plan
         ctx.save_for_backward(weight, hs[0], targets, *saved)
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         weight, h0, targets, *saved = ctx.saved_tensors
-        dw, dh = _backward(ctx.plan, weight, h0, targets, saved, grad_out)
+        with torch.autocast(weight.device.type, enabled=False):
+            dw, dh = _backward(ctx.plan, weight, h0, targets, saved, grad_out)
         return (None, dw, None, *dh)
 
 
@@ -675,9 +779,11 @@ def weighted_linear_cross_entropy(hiddens: Hiddens, weight: torch.Tensor, target
     - 'sum': sum_k w_k * sum_i row_loss.
     - 'none': [K, N] of w_k * row_loss (0 on ignored rows), so .sum() equals 'sum'.
     Returns fp32 (fp64 for fp64 inputs). Heads with w_k == 0 cost nothing (unless the weights
-    are a CUDA tensor, below); their gradient is a stride-0 zero tensor. Gradients to hiddens and weight come back in the input dtype; logits, lse
-    and dW accumulate in fp32. backend: 'auto' | 'triton' | 'torch' (see kernels/backend.py);
-    fp64 inputs take the PyTorch path ('auto' picks it; 'triton' raises a TypeError).
+    are a CUDA tensor, below); their gradient is a stride-0 zero tensor. Gradients to hiddens
+    and weight come back in the input dtype; logits, lse, dH and dW stay fp32 until grad_output
+    (a GradScaler's 2**16 included) is applied, then are rounded once. backend: 'auto' |
+    'triton' | 'torch' (see kernels/backend.py); fp64 inputs take the PyTorch path ('auto'
+    picks it; 'triton' raises a TypeError).
     Rows with target == ignore_index enter no GEMM, so whatever their hiddens hold (even NaN)
     never reaches the result or the gradients (their dH is 0).
 

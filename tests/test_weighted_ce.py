@@ -14,12 +14,18 @@ from fastexit.kernels import HAS_TRITON
 from fastexit.kernels.weighted_ce import weighted_linear_cross_entropy
 
 IGNORE = -100
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="triton not installed"))]
+NEEDS_TRITON = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+BACKENDS = ["torch", pytest.param("triton", marks=NEEDS_TRITON)]
 FP32_TOL = 2e-5  # max abs error relative to the reference's max abs value
 FP64_TOL = 1e-10
 CONFIDENT_TOL = 2e-3  # fp32 logits near 50 carry ~1e-6 absolute error; p - 1 ~ 1e-6 as well
 LOW_PRECISION_FLOOR = 1e-3  # below this, bf16/fp16 errors are equal for practical purposes
 TORCH_CHUNK_BYTES = 4096  # forces many row chunks in the PyTorch path even at test sizes
+ODD_VOCABS = [1000, 5003]  # no multiple of 16 (1000 = 8 * 125), and odd
+LOSS_SCALES = [32768.0, 65536.0]  # GradScaler starts at 2**16, above fp16's max (65504)
+ZERO_SHARE_FLOOR = 1e-3  # gradient entries flushed to 0 that count as none
+SCALER_STEP_LR = 0.1
+SCALER_STEP_TOL = 2e-3  # median error of a gradient entry: ~4e-4 for plain PyTorch under autocast
 
 
 # ----------------------------------------------------------------------------- reference
@@ -101,13 +107,47 @@ def test_matches_reference(backend, case):
     assert_matches(ours, ref, FP32_TOL)
 
 
+def odd_vocab_sizes(backend, n_classes):
+    """(N, d, V) at a vocabulary that is no multiple of 16; the interpreter gets few rows."""
+    return (21, 16, n_classes) if backend == "triton" else (203, 48, n_classes)
+
+
+@pytest.mark.parametrize("n_classes", ODD_VOCABS)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_large_odd_vocab(backend):
-    n, d, n_classes = sizes(backend, 5003, 131)
+def test_odd_vocab(backend, n_classes):
+    """Rows of V classes where V % 16 != 0 (the Triton path pads the row stride): values and
+    every gradient equal the fp64 reference's, with and without label smoothing and z-loss."""
+    n, d, _ = odd_vocab_sizes(backend, n_classes)
     hs, weight, targets = make_inputs(3, n, d, n_classes, ignore_every=7)
-    fn = lambda h, w, y: weighted_linear_cross_entropy(h, w, y, [0.7, 0.0, 0.3], backend=backend)  # noqa: E731
-    ref = lambda h, w, y: reference(h, w, y, [0.7, 0.0, 0.3])  # noqa: E731
-    assert_matches(loss_and_grads(fn, hs, weight, targets, 2), loss_and_grads(ref, hs, weight, targets, 2), FP32_TOL)
+    ws = [0.7, 0.0, 0.3]
+    for kw in (dict(reduction="mean"), dict(reduction="none", label_smoothing=0.1, z_loss=1e-3)):
+        fn = lambda h, w, y: weighted_linear_cross_entropy(h, w, y, ws, backend=backend, **kw)  # noqa: E731
+        ref = lambda h, w, y: reference(h, w, y, ws, **kw)  # noqa: E731
+        assert_matches(loss_and_grads(fn, hs, weight, targets, 2), loss_and_grads(ref, hs, weight, targets, 2),
+                       FP32_TOL)
+
+
+@NEEDS_TRITON
+@pytest.mark.parametrize("n_classes", [131, 1000])
+def test_triton_row_padding_is_never_read_as_logits(monkeypatch, n_classes):
+    """The Triton path's logits rows are padded to an aligned stride. Filled with NaN before
+    every chunk, the padding must reach neither the loss (it is no logit) nor the gradients
+    (the dH and dW GEMMs read it only after the row kernel has zeroed it)."""
+    new_buffer = weighted_ce._logits_buffer
+
+    def poisoned(*args, **kwargs):
+        logits = new_buffer(*args, **kwargs)  # (A, c, V) view of rows padded to stride(1)
+        assert logits.stride(1) % 16 == 0 and logits.stride(1) >= n_classes
+        torch.as_strided(logits, (*logits.shape[:2], logits.stride(1)), logits.stride()).fill_(float("nan"))
+        return logits
+
+    monkeypatch.setattr(weighted_ce, "_logits_buffer", poisoned)
+    hs, weight, targets = make_inputs(2, 37, 16, n_classes, ignore_every=6)
+    for kw in (dict(reduction="mean"), dict(reduction="none", label_smoothing=0.1, z_loss=1e-3)):
+        fn = lambda h, w, y: weighted_linear_cross_entropy(h, w, y, [0.6, 0.4], backend="triton", **kw)  # noqa: E731
+        ref = lambda h, w, y: reference(h, w, y, [0.6, 0.4], **kw)  # noqa: E731
+        assert_matches(loss_and_grads(fn, hs, weight, targets, 12), loss_and_grads(ref, hs, weight, targets, 12),
+                       FP32_TOL)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -283,6 +323,106 @@ def test_low_precision_error_at_most_twice_pytorch(backend, dtype):
     for i, (a, b, r) in enumerate(zip([ours[0], *ours[1]], [torch_low[0], *torch_low[1]], [exact[0], *exact[1]])):
         ours_err, torch_err = rel_err(a, r), rel_err(b, r)
         assert ours_err <= 2 * torch_err + LOW_PRECISION_FLOOR, f"tensor {i}: {ours_err:.3g} vs torch's {torch_err:.3g}"
+
+
+def amp_naive(hs, weight, targets, head_weights):
+    """Plain PyTorch as fp16/bf16 autocast runs it: 16-bit logits, cross_entropy in fp32."""
+    return sum(w * F.cross_entropy((h @ weight.T).float(), targets, ignore_index=IGNORE)
+               for h, w in zip(hs, head_weights))
+
+
+def scaled_grads(fn, hs, weight, targets, loss_scale):
+    """Grads of fn to weight and every head for grad_output = loss_scale, as GradScaler gives."""
+    leaves = [t.detach().clone().requires_grad_() for t in (weight, *hs)]
+    out = fn(leaves[1:], leaves[0], targets)
+    return torch.autograd.grad(out, leaves, grad_outputs=torch.tensor(loss_scale, dtype=out.dtype))
+
+
+def elementwise_error(grad, exact):
+    """(median of |grad - exact| / |exact|, share of entries flushed to 0) where exact != 0."""
+    nonzero = exact != 0
+    rel = ((grad.double() - exact).abs() / exact.abs())[nonzero]
+    return rel.median().item(), (grad[nonzero] == 0).double().mean().item()
+
+
+def emulate_cuda_operands(monkeypatch):
+    """The Triton path multiplies 16-bit operands as on CUDA (on CPU it upcasts them to fp32)."""
+    monkeypatch.setattr(gemm, "mm_dtype", lambda t: t.dtype)
+
+
+LOSS_SCALE_CASES = [  # (backend, cuda_operands, dtype); the interpreter's tl.dot has no bf16
+    pytest.param(backend, False, dtype, marks=marks, id=f"{backend}-{str(dtype)[6:]}")
+    for backend, marks in (("torch", ()), ("triton", NEEDS_TRITON)) for dtype in (torch.float16, torch.bfloat16)
+] + [pytest.param("triton", True, torch.float16, marks=NEEDS_TRITON, id="triton-float16-cuda_operands")]
+
+
+@pytest.mark.parametrize("loss_scale", LOSS_SCALES)
+@pytest.mark.parametrize("backend, cuda_operands, dtype", LOSS_SCALE_CASES)
+def test_loss_scaled_grads_elementwise(monkeypatch, backend, cuda_operands, dtype, loss_scale):
+    """Under a GradScaler loss scale the gradients stay finite, and element by element (relative
+    to each fp64 entry, which a max-normalised error hides) are at most ~2x as wrong as plain
+    PyTorch under autocast, with no more entries flushed to 0. Small head weights over many
+    rows make dlogits ~ w_k / N * p: below fp16's subnormals unless kept out of 16-bit storage
+    until the scale is applied."""
+    if cuda_operands:
+        emulate_cuda_operands(monkeypatch)
+    n, d, n_classes = (64, 32, 256) if backend == "triton" else (512, 64, 2048)
+    hs, weight, targets = make_inputs(2, n, d, n_classes, dtype=dtype, ignore_every=5)
+    ws = [1e-3, 5e-4]
+    ours = scaled_grads(lambda h, w, y: weighted_linear_cross_entropy(h, w, y, ws, backend=backend),
+                        hs, weight, targets, loss_scale)
+    plain = scaled_grads(lambda h, w, y: amp_naive(h, w, y, ws), hs, weight, targets, loss_scale)
+    exact = scaled_grads(lambda h, w, y: reference(h, w, y, ws), [h.double() for h in hs], weight.double(),
+                         targets, loss_scale)
+    for i, (a, p, r) in enumerate(zip(ours, plain, exact)):
+        assert a.dtype == dtype and torch.isfinite(a).all(), f"grad {i} is not finite"
+        (ours_median, ours_zeros), (plain_median, plain_zeros) = elementwise_error(a, r), elementwise_error(p, r)
+        assert ours_median <= 2 * plain_median, f"grad {i}: median error {ours_median:.3g} vs {plain_median:.3g}"
+        assert ours_zeros <= 2 * plain_zeros + ZERO_SHARE_FLOOR, f"grad {i}: {ours_zeros:.3g} flushed to 0"
+
+
+@pytest.mark.parametrize("backend, cuda_operands", [
+    ("torch", False), pytest.param("triton", False, marks=NEEDS_TRITON),
+    pytest.param("triton", True, marks=NEEDS_TRITON, id="triton-cuda_operands")])
+def test_grad_scaler_step_under_fp16_autocast(monkeypatch, backend, cuda_operands):
+    """One real torch.amp.GradScaler step (initial scale 2**16, above fp16's max) on fp32
+    parameters under fp16 autocast, the fused loss on the autocast hiddens: the step is taken
+    (no inf/NaN found, the scale stays) and the gradients it applies are the fp64 step's, entry
+    by entry (the updates themselves round to the parameters' fp32 resolution)."""
+    if cuda_operands:
+        emulate_cuda_operands(monkeypatch)
+    n, d, n_classes = (48, 32, 131) if backend == "triton" else (512, 64, 1000)
+    proj = torch.nn.Linear(d, d)
+    head = torch.nn.Parameter(torch.randn(n_classes, d) / math.sqrt(d))
+    x, targets = torch.randn(n, d), torch.randint(0, n_classes, (n,))
+    params = [proj.weight, proj.bias, head]
+    start = [p.detach().double().requires_grad_() for p in params]
+    exact = torch.autograd.grad(reference([F.linear(x.double(), *start[:2])], start[2], targets, [1e-3]), start)
+    scaler, opt = torch.amp.GradScaler("cpu"), torch.optim.SGD(params, lr=SCALER_STEP_LR)
+    with torch.autocast("cpu", dtype=torch.float16):
+        h = proj(x)
+        loss = weighted_linear_cross_entropy([h], head.to(h.dtype), targets, [1e-3], backend=backend)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == 2.0 ** 16, "the step was skipped: inf/NaN gradients"
+    for i, (p, p0, g) in enumerate(zip(params, start, exact)):
+        assert torch.equal(p.detach(), p0.detach().float().add(p.grad, alpha=-SCALER_STEP_LR)), f"param {i} not updated"
+        median, zeros = elementwise_error(p.grad, g)
+        assert median <= SCALER_STEP_TOL and zeros <= ZERO_SHARE_FLOOR, f"param {i}: {median:.3g}, {zeros:.3g} at 0"
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_autocast_does_not_reach_the_passes(monkeypatch, reduction):
+    """autocast would recast the PyTorch path's own torch.mm GEMMs (the ones CPUs without
+    oneDNN and CUDA take) to 16 bits: inside it, value and gradients equal those outside."""
+    monkeypatch.setattr(gemm, "use_onednn", lambda t: False)
+    hs, weight, targets = make_inputs(2, 45, 24, 1000, dtype=torch.float16, ignore_every=3)
+    fn = lambda h, w, y: weighted_linear_cross_entropy(h, w, y, [0.7, 0.3], reduction=reduction)  # noqa: E731
+    outside = loss_and_grads(fn, hs, weight, targets, 13)
+    with torch.autocast("cpu", dtype=torch.float16):
+        inside = loss_and_grads(fn, hs, weight, targets, 13)
+    assert all(torch.equal(a, b) for a, b in zip([inside[0], *inside[1]], [outside[0], *outside[1]]))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
