@@ -2,8 +2,9 @@
 
 Every Triton kernel configuration the launchers choose (every dtype, option and shape of
 tests/aot_report.py) must compile, fit the target's shared memory per block and, with tensor
-cores (bf16, fp16, TF32) at the large shape, not spill registers (fp32 on CUDA cores may: a
-warning). fp32 dots follow torch's fp32 matmul precision: no TF32 MMA under "ieee", TF32 MMA
+cores (bf16, fp16, TF32), not spill registers at the large shape nor at the odd one (a
+vocabulary no multiple of 16 once cost the dW kernel its vectorised loads and 160 B of spills);
+fp32 on CUDA cores may spill: a warning. fp32 dots follow torch's fp32 matmul precision: no TF32 MMA under "ieee", TF32 MMA
 under "tf32".
 
 The default run compiles the large shape, each dtype for one arch (DEFAULT_ARCH); `--runslow`
@@ -20,7 +21,8 @@ pytest.importorskip("triton")
 import aot_report as aot  # noqa: E402  (tests/aot_report.py)
 
 DEFAULT_ARCH = {"fp32": 80, "tf32": 90, "bf16": 90, "fp16": 80}  # both archs, each dtype once
-NO_SPILL_DTYPES = ("bf16", "fp16", "tf32")  # tensor-core dtypes: a spill at the large shape fails
+NO_SPILL_DTYPES = ("bf16", "fp16", "tf32")  # tensor-core dtypes: a spill at NO_SPILL_SHAPES fails
+NO_SPILL_SHAPES = ("large", "odd")
 
 
 def _in_default_run(v: aot.Variant) -> bool:
@@ -70,7 +72,7 @@ def test_compiles_within_limits(variant, reports):
         if k["spill_stores"] or k["spill_loads"]:
             spill = (f"{_label(k, variant)}: {k['registers']} registers, spills {k['spill_stores']} B stores "
                      f"/ {k['spill_loads']} B loads")
-            if variant.dtype in NO_SPILL_DTYPES and variant.shape == "large":
+            if variant.dtype in NO_SPILL_DTYPES and variant.shape in NO_SPILL_SHAPES:
                 problems.append(spill)
             else:
                 warnings.warn(spill)
