@@ -11,6 +11,10 @@ Peak memory (`peak_mem_mb`) is the memory one fwd+bwd step adds on top of its in
   (see cpu_peak_extra_mb): after a warm-up step, a thread samples RSS every 0.5 ms during a
   second step; the figure is the highest sample minus RSS before that step, so it includes
   the returned gradients but not the inputs.
+
+FLOP counts (block_flops, causal_block_flops, head_flops) are matmul FLOPs only: norms,
+softmax and the exp over the vocabulary are not in them, so a speedup "ideal" built from them
+is the matmul ratio, not a wall-time prediction.
 """
 import gc
 import importlib.metadata
@@ -105,6 +109,24 @@ def cpu_peak_extra_mb(module: str, function: str, *args) -> float:
     if out.returncode:
         raise RuntimeError(f"peak-memory child failed: {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mem_mb"]
+
+
+def block_flops(cfg, n_query: int, n_kv: int, key_counts: int) -> int:
+    """Matmul FLOPs of one transformer block's forward: K/V for n_kv tokens, q/out/MLP for
+    n_query, attention over key_counts keys summed over the queries."""
+    d, f = cfg.d_model, cfg.d_ff
+    return 2 * (2 * d * d) * n_kv + 2 * (2 * d * d + 2 * d * f) * n_query + 4 * d * key_counts
+
+
+def causal_block_flops(cfg, batch: int, seq_len: int) -> int:
+    """block_flops of a dense causal forward over (batch, seq_len) tokens."""
+    n = batch * seq_len
+    return block_flops(cfg, n, n, batch * seq_len * (seq_len + 1) // 2)
+
+
+def head_flops(cfg, n_tokens: int) -> int:
+    """Matmul FLOPs of one exit head (lm_head) forward over n_tokens."""
+    return 2 * cfg.d_model * cfg.vocab_size * n_tokens
 
 
 def run_timed(benchmark, step, device: torch.device, rounds: int = TIMED_ROUNDS) -> float:

@@ -7,8 +7,9 @@ Without --json it first runs `pytest bench/ --benchmark-only` (plus PYTEST ARGS,
 and reads the JSON it writes. Columns come from each benchmark's extra_info: provider,
 tokens_per_s, peak_mem_mb, tflops, then any other numeric keys, so every suite in bench/ is
 reported the same way. Speed-ups (baseline median / median) are given against every --baseline
-provider present in a group (default: naive, linear_ce; else the group's first row); peak
-memory is compared with the first of them.
+provider present in a group (default: naive, linear_ce, fastexit; else the group's first row); peak
+memory is compared with the first of them. Groups named in GROUP_COLUMNS show those columns
+instead, in that order, and no median speed-ups: they record their own, from interleaved timings.
 """
 import argparse
 import json
@@ -20,7 +21,23 @@ from pathlib import Path
 
 KNOWN_COLUMNS = [("tokens_per_s", "tokens/s"), ("peak_mem_mb", "peak MB"), ("tflops", "TFLOP/s")]
 SKIPPED_KEYS = {"provider", "shape"}
-DEFAULT_BASELINES = ("naive", "linear_ce")
+DEFAULT_BASELINES = ("naive", "linear_ce", "fastexit")
+_VS_EXIT_FINAL = "_vs_exact_exit_final"  # bench/test_bench_routing.py's evaluate(mode="exact", per_layer=False)
+
+
+def _speedup_columns(suffix: str, baseline: str) -> list:
+    """One baseline's paired and min-time speedups, FLOP ideal, and speedup/ideal of both."""
+    return [(f"measured_speedup{suffix}", f"speedup vs {baseline}"), (f"min_time_speedup{suffix}", "(min times)"),
+            (f"ideal_speedup{suffix}", "ideal"), (f"fraction_of_ideal{suffix}", "speedup/ideal"),
+            (f"min_time_fraction_of_ideal{suffix}", "(min times)")]
+
+
+# Group-name prefix -> (key, title) columns: evaluate() compact vs exact, against two exact baselines.
+GROUP_COLUMNS = {
+    "evaluate compact vs exact": [("shallow_ratio", "shallow_ratio"), ("routing_threshold", "threshold"),
+                                  ("peak_mem_mb", "peak MB"), *_speedup_columns("", "exact"),
+                                  *_speedup_columns(_VS_EXIT_FINAL, "exact exit+final"), ("load_1m", "load_1m")],
+}
 
 
 def run_benchmarks(pytest_args: list) -> dict:
@@ -59,9 +76,21 @@ def load_line(machine: dict) -> list:
             f"on {machine.get('cpu_count', '?')} CPUs.", ""]
 
 
-def extra_columns(rows: list) -> list:
-    """(key, title) for the known metrics present, then any other numeric extra_info keys."""
-    keys = {k for r in rows for k, v in r["extra_info"].items() if isinstance(v, (int, float))}
+def numeric(value) -> bool:
+    return isinstance(value, (int, float))
+
+
+def fixed_columns(group: str):
+    return next((cols for prefix, cols in GROUP_COLUMNS.items() if group.startswith(prefix)), None)
+
+
+def extra_columns(group: str, rows: list) -> list:
+    """(key, title) of the group's GROUP_COLUMNS, else the known metrics, then any other
+    numeric extra_info keys; only keys some row has a number for."""
+    keys = {k for r in rows for k, v in r["extra_info"].items() if numeric(v)}
+    fixed = fixed_columns(group)
+    if fixed is not None:
+        return [(k, t) for k, t in fixed if k in keys]
     known = [(k, t) for k, t in KNOWN_COLUMNS if k in keys]
     other = sorted(keys - {k for k, _ in KNOWN_COLUMNS} - SKIPPED_KEYS)
     return known + [(k, k) for k in other]
@@ -78,15 +107,15 @@ def provider(row: dict) -> str:
 
 
 def group_table(group: str, rows: list, baselines: list) -> list:
-    bases, columns = pick_baselines(rows, baselines), extra_columns(rows)
-    base_peak = bases[0]["extra_info"].get("peak_mem_mb")
+    bases = pick_baselines(rows, baselines) if fixed_columns(group) is None else []
+    columns, base_peak = extra_columns(group, rows), bases[0]["extra_info"].get("peak_mem_mb") if bases else None
     titles = ["provider", "median ms", "min ms", *[t for _, t in columns]]
     titles += [f"speed-up vs {provider(b)}" for b in bases] + ([f"peak vs {provider(bases[0])}"] if base_peak else [])
     lines = [f"## {group}", "", "| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
     for r in rows:
         info, median = r["extra_info"], r["stats"]["median"]
         cells = [provider(r), fmt(median * 1e3), fmt(r["stats"]["min"] * 1e3)]
-        cells += [fmt(info.get(k, "")) for k, _ in columns]
+        cells += [fmt(info[k]) if numeric(info.get(k)) else "" for k, _ in columns]
         cells += [f"{b['stats']['median'] / median:.2f}x" for b in bases]
         if base_peak:
             cells += [f"{info['peak_mem_mb'] / base_peak:.1%}" if "peak_mem_mb" in info else ""]
