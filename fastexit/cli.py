@@ -253,15 +253,23 @@ def cmd_generate(args) -> int:
     from .generate import generate
     run = Run.load(Path(args.run), need_data=False, **_runtime(args))
     model, tok = run.model.eval(), _tokenizer(run)
-    ids = _prompt_ids(tok, args.prompt, args.max_new_tokens, model.cfg.max_seq_len)
+    # speculative drafts reach k - 1 positions past the last new token: leave them room (a k that
+    # cannot fit at all is generate's error, naming speculative)
+    room = model.cfg.max_seq_len - 1 - args.max_new_tokens
+    lookahead = max(0, min((args.speculative or 1) - 1, room))
+    ids = _prompt_ids(tok, args.prompt, args.max_new_tokens + lookahead, model.cfg.max_seq_len)
     gen = torch.Generator(device=run.device).manual_seed(args.seed)
-    tokens, layers = generate(model, torch.tensor([ids], device=run.device), args.max_new_tokens,
-                              routing_threshold=args.routing_threshold, config=run.config.method,
-                              temperature=args.temperature, top_k=args.top_k, generator=gen, backend=args.backend)
+    tokens, layers, *stats = generate(
+        model, torch.tensor([ids], device=run.device), args.max_new_tokens, routing_threshold=args.routing_threshold,
+        config=run.config.method, temperature=args.temperature, top_k=args.top_k, generator=gen,
+        backend=args.backend, speculative=args.speculative, return_stats=args.speculative is not None)
     new, layers = tokens[0, len(ids):].tolist(), layers[0].tolist()
     early = [layer < model.n_layers for layer in layers]
     print(tok.decode(ids, skip_special_tokens=False) + report.render_tokens(report.token_pieces(tok, ids, new), early))
     print("\nexit layer per token: " + " ".join(str(layer) for layer in layers))
+    if stats:  # no routing: the full model verified every token
+        print(f"speculative={args.speculative}: acceptance rate {stats[0]['acceptance_rate']:.1%} of drafts")
+        return 0
     th = run.config.method.routing_threshold if args.routing_threshold is None else args.routing_threshold
     n_early = sum(early)
     print(f"[...] = left at layer {run.config.method.exit_layer} of {model.n_layers} (routing_threshold {th}); "
@@ -407,6 +415,7 @@ def _inference_parsers(sub) -> None:
                    help=f"0 = greedy (default {g['temperature']})")
     p.add_argument("--top-k", type=int, default=g["top_k"], help=f"sample from the top k tokens (default {g['top_k']})")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--speculative", type=int, metavar="K", help="lossless: K drafts per round from exit_layer")
     _add_runtime_flags(p)
     p.set_defaults(func=cmd_generate)
 

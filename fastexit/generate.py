@@ -6,10 +6,15 @@ compacted and alone run the deeper blocks' query, attention output, MLP and the 
 while the deeper caches of easy rows are filled from their carried exit-layer state (state
 propagation). The arithmetic is the model's own: ``Block.forward_cached`` for dense steps,
 ``Block.kv`` + ``Block.forward_rows`` for the hard rows.
+
+``speculative=k`` replaces routing by lossless self-speculative decoding (LayerSkip): the
+layers up to ``exit_layer`` draft k tokens and the full model verifies them in one pass
+(section "speculative decoding" below).
 """
 from typing import NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 
 from .config import UniversalConfig
 from .kernels import compact_indices, exit_confidence, gather_rows, scatter_rows
@@ -74,9 +79,9 @@ def _prompt_layout(idx, prompt_mask, max_new_tokens) -> _Prompt:
     return _Prompt(positions, prompt_mask.sum(1), prefill.unsqueeze(1), key_ok)
 
 
-def _decode_shallow(model, tok: torch.Tensor, caches, slot: int, positions, mask) -> torch.Tensor:
-    """Token ids tok (B,) at cache slot ``slot`` (positions (B, 1) int64) through the first
-    len(caches) blocks -> (B, d)."""
+def _decode_shallow(model, tok: torch.Tensor, caches, slot, positions, mask) -> torch.Tensor:
+    """Token ids tok (B,) at cache slot ``slot`` (an int, or (B,) int64 per row; positions
+    (B, 1) int64) through the first len(caches) blocks -> (B, d)."""
     x = model.embed(tok[:, None], positions=positions)  # (B, 1, d)
     for block, cache in zip(model.blocks, caches):
         x = block.forward_cached(x, cache, slot, mask)
@@ -123,11 +128,28 @@ def _next_tokens(model, h_exit, exit_stats, h_final, hard_rows, temperature, top
         return scatter_rows(exit_stats.pred.clone(), hard_rows, final_pred, backend=backend) \
             if final_pred is not None else exit_stats.pred
     h = scatter_rows(h_exit.clone(), hard_rows, h_final, backend=backend)  # (B, d)
-    logits = model.lm_head(h).float() / temperature  # (B, V)
+    return torch.multinomial(_probs(model.lm_head(h), temperature, top_k), 1, generator=generator).squeeze(1)
+
+
+def _probs(logits: torch.Tensor, temperature: float, top_k: Optional[int]) -> torch.Tensor:
+    """The sampling distribution (..., V) fp32 of logits (..., V): softmax(logits / temperature)
+    over the top_k logits (all when None)."""
+    logits = logits.float() / temperature
     if top_k is not None:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+    return logits.softmax(-1)
+
+
+def _prefill(model, idx, caches, prompt: _Prompt, exit_layer: int) -> tuple:
+    """Every layer for every prompt position (B, T0), filling ``caches`` from slot 0; returns
+    the last position's exit-layer and final states (B, d) each."""
+    x = model.embed(idx, positions=prompt.positions)
+    for i, (block, cache) in enumerate(zip(model.blocks, caches), start=1):
+        x = block.forward_cached(x, cache, 0, prompt.prefill_mask)
+        if i == exit_layer:
+            x_exit = x[:, -1]
+    return x_exit, x[:, -1]
 
 
 class _Decoder:
@@ -147,12 +169,7 @@ class _Decoder:
     def prefill(self, idx) -> tuple:
         """Every layer for every prompt position; returns the last position's exit-layer and
         final states (B, d) each."""
-        x = self.model.embed(idx, positions=self.prompt.positions)
-        for i, (block, cache) in enumerate(zip(self.model.blocks, self.caches), start=1):
-            x = block.forward_cached(x, cache, 0, self.prompt.prefill_mask)
-            if i == self.exit_layer:
-                x_exit = x[:, -1]
-        return x_exit, x[:, -1]
+        return _prefill(self.model, idx, self.caches, self.prompt, self.exit_layer)
 
     def step(self, s: int, pos: int, x_exit, x_last=None) -> None:
         """Emit the token at ``pos`` (step s) from x_exit (B, d); x_last: the prefill's final
@@ -182,11 +199,170 @@ class _Decoder:
                                positions, mask)
 
 
+# ----------------------------------------------------------------------------- speculative decoding
+# LayerSkip-style self-speculation: the blocks up to exit_layer, its exit norm and the shared
+# head draft k tokens one decode step at a time; the deeper blocks then verify them in one pass.
+# The shallow layers never depend on deeper ones, so the draft's exit-layer states and shallow
+# keys/values are exactly what a full-depth pass over the same tokens computes: the verify pass
+# starts at block exit_layer + 1. Row r's token at column c of the token buffer lives in cache
+# slot c of every layer. Rows accept different numbers of drafts, so each row writes at its own
+# slots (KVCache.write with per-row starts) and attends through its own causal mask; slots past
+# a row's length hold rejected drafts, which the mask hides until the next round overwrites them.
+
+
+def _check_speculative(model, speculative, routing_threshold, exit_layer, T0, max_new_tokens, return_conf) -> None:
+    if speculative is None:
+        raise ValueError("return_stats: acceptance statistics come with speculative=k only")
+    if isinstance(speculative, bool) or not isinstance(speculative, int) or speculative < 1:
+        raise ValueError(f"speculative must be an int >= 1 (tokens drafted per round), got {speculative!r}")
+    if routing_threshold > 0:
+        raise ValueError(f"speculative={speculative} and routing_threshold={routing_threshold} are two decoding "
+                         f"modes: pass routing_threshold=0 (or None) with speculative")
+    if exit_layer >= model.n_layers:
+        raise ValueError(f"exit_layer: speculative decoding drafts with the layers up to exit_layer, which must be "
+                         f"< n_layers={model.n_layers}, got {exit_layer}")
+    need, limit = T0 + max_new_tokens + speculative - 1, model.cfg.max_seq_len
+    if need > limit:
+        raise ValueError(f"speculative={speculative}: drafts run up to {speculative - 1} positions past the last "
+                         f"new token, so a {T0}-token prompt with max_new_tokens={max_new_tokens} needs {need} "
+                         f"positions, more than max_seq_len={limit}")
+    if return_conf:
+        raise ValueError("return_conf: speculative decoding has no routing confidences (use return_stats)")
+
+
+def _row_causal_mask(key_ok: torch.Tensor, start: torch.Tensor, t: int, end: int) -> torch.Tensor:
+    """(B, 1, t, end) bool, end = max(start) + t: query j of row r (slot start[r] + j) sees the
+    non-pad slots (key_ok (B, >= end)) up to its own."""
+    q_slot = start[:, None] + torch.arange(t, device=start.device)  # (B, t)
+    causal = torch.arange(end, device=start.device) <= q_slot[..., None]  # (B, t, end)
+    return (causal & key_ok[:, None, :end]).unsqueeze(1)
+
+
+class _Speculator:
+    """The state of one speculative generate call. pend (B,): column of each row's newest
+    token, which no cache holds yet (the verifier emitted it); a row is done once pend reaches
+    ``last``, the column of its max_new_tokens-th token."""
+
+    def __init__(self, model, idx, max_new_tokens, k, exit_layer, prompt: _Prompt, sampling, backend):
+        (B, T0), self.model, self.k, self.exit_layer = idx.shape, model, k, exit_layer
+        self.prompt, self.sampling, self.backend = prompt, sampling, backend
+        width = T0 + max_new_tokens + k  # a round writes tokens up to k + 1 columns past the last pending one
+        # zeroed, not empty: the per-row masks hide slots a row has not written, but garbage
+        # (NaN) keys there would still poison its attention
+        self.caches = model.new_kv_caches(B, width - 1, range(1, model.n_layers + 1))
+        for cache in self.caches:
+            cache.k.zero_(), cache.v.zero_()
+        self.tokens = torch.cat([idx, idx.new_zeros(B, width - T0)], dim=1)  # (B, width)
+        self.key_ok = prompt.key_ok if prompt.key_ok is not None else idx.new_ones(B, width, dtype=torch.bool)
+        self.pads = T0 - prompt.lengths  # (B,) position = column - pads
+        self.t0, self.last, self.pend = T0, T0 + max_new_tokens - 1, idx.new_full((B,), T0)
+        self.accepted, self.drafted = idx.new_zeros(B), idx.new_zeros(B)
+
+    def first_token(self, x_last) -> None:
+        """The token at column T0 from the prefill's final states x_last (B, d), as generate."""
+        h = self.model.exit_norms[-1](x_last)
+        all_rows = torch.arange(h.shape[0], device=h.device)
+        self.tokens[:, self.t0] = _next_tokens(self.model, h, None, h, all_rows, *self.sampling, self.backend)
+
+    def round(self) -> None:
+        """Draft, verify and keep the agreeing prefix plus the verifier's token, per row."""
+        active = self.pend < self.last
+        start = self.pend.clamp(max=self.last - 1)  # done rows recompute a frozen slot; their output is dropped
+        top = int(start.max())  # the round's one host sync: how many cache slots its attention reads
+        states, drafts, q = self.draft(start, top)
+        h = self.verify(states, start, top)
+        new, n_acc = self.accept_greedy(h, drafts) if q is None else self.accept_sampled(h, drafts, q)
+        cols = start[:, None] + 1 + torch.arange(self.k + 1, device=start.device)  # (B, k+1)
+        keep = active[:, None] & (cols <= (start + n_acc + 1)[:, None])
+        self.tokens.scatter_(1, cols, torch.where(keep, new, self.tokens.gather(1, cols)))
+        self.pend += torch.where(active, n_acc + 1, 0)
+        self.accepted += torch.where(active, n_acc, 0)
+        self.drafted += torch.where(active, self.k, 0)
+
+    def draft(self, start: torch.Tensor, top: int):
+        """k + 1 shallow decode steps from the pending token at column start (B,) (top =
+        max(start)): drafts (B, k) from the exit head, their distributions q (B, k, V) (None
+        when greedy), and the exit-layer states (B, k+1, d) of the pending token and every
+        draft for the verifier."""
+        model, E = self.model, self.exit_layer
+        tok, states, drafts, qs = self.tokens.gather(1, start[:, None]).squeeze(1), [], [], []
+        for j in range(self.k + 1):
+            slot = start + j
+            x = _decode_shallow(model, tok, self.caches[:E], slot, (slot - self.pads)[:, None],
+                                _row_causal_mask(self.key_ok, slot, 1, top + j + 1))  # (B, d)
+            states.append(x)
+            if j < self.k:
+                tok, q = self.draw(model.exit_norms[E - 1](x))
+                drafts.append(tok), qs.append(q)
+        q = torch.stack(qs, 1) if qs[0] is not None else None
+        return torch.stack(states, 1), torch.stack(drafts, 1), q
+
+    def draw(self, h: torch.Tensor):
+        """A draft token (B,) from exit-normed states h (B, d), and its distribution q (B, V)."""
+        temperature, top_k, generator = self.sampling
+        if temperature == 0:
+            return exit_confidence(h, self.model.lm_head.weight, backend=self.backend).pred, None
+        q = _probs(self.model.lm_head(h), temperature, top_k)
+        return torch.multinomial(q, 1, generator=generator).squeeze(1), q
+
+    def verify(self, states: torch.Tensor, start: torch.Tensor, top: int) -> torch.Tensor:
+        """The deeper blocks in one pass over the k + 1 positions from their exit-layer states
+        (B, k+1, d) at columns start (B,) onwards (top = max(start)) -> final-normed states (B, k+1, d)."""
+        x, mask = states, _row_causal_mask(self.key_ok, start, self.k + 1, top + self.k + 1)
+        for block, cache in zip(self.model.blocks[self.exit_layer:], self.caches[self.exit_layer:]):
+            x = block.forward_cached(x, cache, start, mask)
+        return self.model.exit_norms[-1](x)
+
+    def accept_greedy(self, h: torch.Tensor, drafts: torch.Tensor):
+        """The verifier's argmax tokens (B, k+1) and the number of leading drafts equal to them (B,)."""
+        B, t, d = h.shape
+        target = exit_confidence(h.reshape(B * t, d), self.model.lm_head.weight, backend=self.backend).pred
+        target = target.view(B, t)
+        return target, (drafts == target[:, :-1]).long().cumprod(1).sum(1)
+
+    def accept_sampled(self, h: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor):
+        """Standard speculative sampling on the full-model distributions p (B, k+1, V): draft j is
+        kept with probability min(1, p_j(x) / q_j(x)); the first rejected one is replaced by a
+        draw from norm(max(0, p_j - q_j)); after k kept drafts the bonus is drawn from p_{k+1}.
+        Returns the tokens (B, k+1) (kept drafts, then the drawn one) and kept counts (B,)."""
+        temperature, top_k, generator = self.sampling
+        p = _probs(self.model.lm_head(h), temperature, top_k)  # (B, k+1, V)
+        p_x, q_x = p[:, :-1].gather(2, drafts[..., None]).squeeze(2), q.gather(2, drafts[..., None]).squeeze(2)
+        u = torch.rand(p_x.shape, generator=generator, device=p_x.device)
+        n_acc = (u * q_x < p_x).long().cumprod(1).sum(1)  # (B,)
+        at = n_acc[:, None, None].expand(-1, 1, p.shape[2])
+        p_at = p.gather(1, at).squeeze(1)  # (B, V)
+        q_at = F.pad(q, (0, 0, 0, 1)).gather(1, at).squeeze(1)  # q = 0 after the last draft: the bonus is from p
+        residual = (p_at - q_at).clamp(min=0)
+        # all zero only where p == q, which never rejects but for rounding
+        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_at)
+        fix = torch.multinomial(residual, 1, generator=generator)  # (B, 1)
+        return F.pad(drafts, (0, 1)).scatter(1, n_acc[:, None], fix), n_acc
+
+
+def _speculative_generate(model, idx, max_new_tokens, k, exit_layer, prompt_mask, sampling, backend, return_stats):
+    """generate(..., speculative=k) after the checks: the prefill and first token as generate,
+    then draft-and-verify rounds until every row holds max_new_tokens new tokens."""
+    B, T0 = idx.shape
+    spec = _Speculator(model, idx, max_new_tokens, k, exit_layer, _prompt_layout(idx, prompt_mask, max_new_tokens + k),
+                       sampling, backend)
+    spec.first_token(_prefill(model, idx, spec.caches, spec.prompt, exit_layer)[1])
+    while bool((spec.pend < spec.last).any()):
+        spec.round()
+    out = (spec.tokens[:, :T0 + max_new_tokens], idx.new_full((B, max_new_tokens), model.n_layers))
+    if not return_stats:
+        return out
+    drafted = int(spec.drafted.sum())
+    rate = int(spec.accepted.sum()) / drafted if drafted else float("nan")
+    return (*out, dict(accepted_per_row=spec.accepted, drafted_per_row=spec.drafted, acceptance_rate=rate))
+
+
 @torch.no_grad()
 def generate(model, idx: torch.Tensor, max_new_tokens: int, routing_threshold: Optional[float] = None,
              exit_layer: Optional[int] = None, temperature: float = 0.0, top_k: Optional[int] = None,
              generator: Optional[torch.Generator] = None, *, prompt_mask: Optional[torch.Tensor] = None,
-             config: Optional[UniversalConfig] = None, return_conf: bool = False, backend: str = "auto"):
+             config: Optional[UniversalConfig] = None, return_conf: bool = False, backend: str = "auto",
+             speculative: Optional[int] = None, return_stats: bool = False):
     """Early-exit decoding with a per-layer KV cache; rows of the batch exit independently.
 
     idx: (B, T0) int64 prompt; the prefill runs every layer for every position. Routing
@@ -200,17 +376,38 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, routing_threshold: O
     True on real tokens. Each row then counts positions from its first real token, and no
     query ever attends to a pad, so a row generates what it would alone.
 
+    speculative=k (an int >= 1): lossless self-speculative decoding instead of routing
+    (``routing_threshold`` None means 0 here; > 0 is an error). Each round the layers up to
+    ``exit_layer`` (< n_layers) with its exit norm and the shared head draft k tokens; the
+    deeper blocks verify them in one pass, reusing the draft's shallow keys/values and
+    exit-layer states; every row keeps its longest agreeing prefix plus the verifier's next
+    token. Greedy output is that of full-depth greedy decoding. Sampling draws from exactly the
+    full model's distribution: q and p are the temperature/top_k-processed distributions of the
+    draft and the full model (the ones plain sampling draws from), draft x is kept with
+    probability min(1, p(x)/q(x)), a rejected one is replaced by a draw from
+    norm(max(0, p - q)), and after k kept drafts a bonus token is drawn from p. Needs
+    T0 + max_new_tokens + k - 1 <= max_seq_len (drafts run up to k - 1 positions past the
+    last new token).
+
     Returns (tokens (B, T0 + max_new_tokens) int64, exit_layers (B, max_new_tokens) int64),
     plus conf (B, max_new_tokens) fp32, the exit-layer confidence of each step, when
-    ``return_conf``.
+    ``return_conf``. With speculative, exit_layers is n_layers everywhere (the full model
+    verifies every token), and ``return_stats`` appends {accepted_per_row (B,) int64,
+    drafted_per_row (B,) int64, acceptance_rate float (nan when nothing was drafted)}, counting
+    every round each row took part in (drafts past max_new_tokens included).
     """
     _check_prompt(model, idx, max_new_tokens, prompt_mask)
+    if speculative is not None and routing_threshold is None:
+        routing_threshold = 0.0  # speculative decoding replaces routing, whatever the method's threshold
     routing_threshold, exit_layer = resolve_routing(model, routing_threshold, exit_layer, config)
     _check_sampling(model, temperature, top_k)
-    T0 = idx.shape[1]
+    T0, sampling = idx.shape[1], (temperature, top_k, generator)
+    if speculative is not None or return_stats:
+        _check_speculative(model, speculative, routing_threshold, exit_layer, T0, max_new_tokens, return_conf)
+        return _speculative_generate(model, idx, max_new_tokens, speculative, exit_layer, prompt_mask, sampling,
+                                     backend, return_stats)
     dec = _Decoder(model, idx, max_new_tokens, routing_threshold, exit_layer,
-                   _prompt_layout(idx, prompt_mask, max_new_tokens), return_conf, (temperature, top_k, generator),
-                   backend)
+                   _prompt_layout(idx, prompt_mask, max_new_tokens), return_conf, sampling, backend)
     x_exit, x_last = dec.prefill(idx)
     dec.step(0, T0, x_exit, x_last)
     for s in range(1, max_new_tokens):  # the token emitted at pos is predicted from position pos - 1

@@ -45,10 +45,16 @@ class KVCache:
     def __init__(self, k: torch.Tensor, v: torch.Tensor):
         self.k, self.v = k, v
 
-    def write(self, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v (B, H, t, hd) at slots start..start+t-1."""
-        end = start + k.shape[2]
-        self.k[:, :, start:end], self.v[:, :, start:end] = k, v
+    def write(self, start, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v (B, H, t, hd) at slots start..start+t-1; start: an int, or (B,) int64 slots
+        of each row (rows at different lengths, as in speculative decoding)."""
+        if isinstance(start, int):
+            end = start + k.shape[2]
+            self.k[:, :, start:end], self.v[:, :, start:end] = k, v
+            return
+        slots = start[:, None] + torch.arange(k.shape[2], device=k.device)  # (B, t)
+        index = slots[:, None, :, None].expand_as(k)
+        self.k.scatter_(2, index, k), self.v.scatter_(2, index, v)
 
     def upto(self, end: int, rows: Optional[torch.Tensor] = None):
         """Keys and values of slots 0..end-1: (B, H, end, hd), or (n, ...) of the given rows."""
@@ -135,14 +141,19 @@ class Block(nn.Module):
         xh = xh + self.attn.attend_rows(self.attn_norm(xh), k, v, grid)
         return xh + self.mlp(self.mlp_norm(xh))
 
-    def forward_cached(self, x: torch.Tensor, cache: KVCache, start: int,
+    def forward_cached(self, x: torch.Tensor, cache: KVCache, start,
                        mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The block on x (B, t, d) at cache slots start..start+t-1 (a prefill from 0, or one
-        decode step), writing their keys/values into ``cache`` first. mask: (B, 1, t, start+t)
-        bool for padded prompts; None = plain causal attention. No dropout."""
+        """The block on x (B, t, d) at cache slots start..start+t-1 (a prefill from 0, one
+        decode step, or a verify pass over drafted tokens), writing their keys/values into
+        ``cache`` first. start: an int, or (B,) int64 per-row slots, which need a mask.
+        mask: (B, 1, t, max(start)+t) bool keys each query sees (padded prompts, per-row
+        slots); None = plain causal attention. No dropout."""
+        if mask is None and not isinstance(start, int):
+            raise ValueError("forward_cached: per-row start slots need a mask (rows see different keys)")
         a = self.attn_norm(x)
         cache.write(start, *self.attn.kv(a))
-        k, v = cache.upto(start + x.shape[1])
+        end = start + x.shape[1] if isinstance(start, int) else mask.shape[-1]  # the mask knows: no host sync
+        k, v = cache.upto(end)
         x = x + self.attn.attend(a, k, v, mask, is_causal=mask is None and x.shape[1] > 1)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -237,8 +248,9 @@ class EarlyExitTransformer(nn.Module):
 
     def generate(self, idx: torch.Tensor, max_new_tokens: int, routing_threshold: Optional[float] = None,
                  exit_layer: Optional[int] = None, **kwargs):
-        """Early-exit decoding with a KV cache, rows exiting independently; returns
-        (tokens (B, T0 + max_new_tokens), exit_layers (B, max_new_tokens)). Options and
-        semantics: ``fastexit.generate.generate``."""
+        """Early-exit decoding with a KV cache, rows exiting independently, or lossless
+        self-speculative decoding with ``speculative=k``; returns (tokens (B, T0 +
+        max_new_tokens), exit_layers (B, max_new_tokens)). Options and semantics:
+        ``fastexit.generate.generate``."""
         from .generate import generate  # generation builds on the model, not the other way round
         return generate(self, idx, max_new_tokens, routing_threshold, exit_layer, **kwargs)

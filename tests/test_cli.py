@@ -358,6 +358,18 @@ def test_generate_shows_exit_layers(run, threshold, early, capsys):
     assert out.startswith("KING:\n") and out.count("[") >= min(early, 1)
 
 
+def test_generate_speculative_prints_the_full_depth_text_and_acceptance_rate(run, capsys):
+    argv = ["generate", "--run", str(run), "--prompt", "KING:\n", "--max-new-tokens", "12", "--temperature", "0"]
+    assert main([*argv, "--routing-threshold", "0"]) == 0
+    full = capsys.readouterr().out.split("\nexit layer per token")[0]
+    assert main([*argv, "--speculative", "3"]) == 0  # the run routes (asymmetric_best): speculative replaces it
+    out = capsys.readouterr().out
+    assert out.split("\nexit layer per token")[0] == full
+    rate = float(re.search(r"speculative=3: acceptance rate ([\d.]+)% of drafts", out).group(1))
+    assert 0 <= rate <= 100
+    assert main([*argv, "--speculative", "0"]) == 2 and "speculative" in error_line(capsys)
+
+
 def test_generate_rejects_an_empty_prompt(run, capsys):
     capsys.readouterr()
     assert main(["generate", "--run", str(run), "--prompt", ""]) == 2
