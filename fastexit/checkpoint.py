@@ -137,7 +137,10 @@ def _read(path: Path) -> Dict[str, Any]:
     if "digest" not in payload or payload_digest(payload) != payload["digest"]:
         raise ValueError(f"{path}: checkpoint is corrupted (its contents do not match their digest)")
     if payload["version"] == 1:
-        payload = _from_version_1(payload)
+        try:
+            payload = _from_version_1(payload)
+        except (KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{path}: version-1 checkpoint lacks {_first_line(err)}") from None
     missing = [k for k in REQUIRED_KEYS if k not in payload]
     if missing:
         raise ValueError(f"{path}: checkpoint lacks {missing}")
@@ -145,17 +148,26 @@ def _read(path: Path) -> Dict[str, Any]:
 
 
 def _from_version_1(payload: Dict[str, Any]) -> Dict[str, Any]:
-    """A version-1 payload in today's layout: one RunConfig dict (v1's run config named the
-    preset inside the method and called warmup_steps "warmup")."""
-    old = payload["run_config"]
-    method = dict(payload["universal_config"])
-    train = dict(old["train"])
-    train["warmup_steps"] = train.pop("warmup")
-    run = dict(name=old["name"], preset=old["method"].get("preset"), method=method,
-               model=payload["model_config"], train=train, data=old["data"])
+    """A version-1 payload in today's layout: one RunConfig dict."""
+    run = run_dict_from_version_1(payload["run_config"])
+    run["method"], run["model"] = payload["universal_config"], payload["model_config"]
     keep = ("model", "optimizer", "step", "data_state", "rng")
     return dict({k: payload[k] for k in keep}, format=FORMAT, version=FORMAT_VERSION, digest=payload["digest"],
                 run_config=run)
+
+
+def run_dict_from_version_1(old: Dict[str, Any]) -> Dict[str, Any]:
+    """A version-1 run config (config.json, or inside a v1 checkpoint) as a RunConfig dict: v1
+    named the preset inside the method and called warmup_steps "warmup"."""
+    method = dict(old["method"])
+    train = dict(old["train"])
+    train["warmup_steps"] = train.pop("warmup")
+    return dict(name=old["name"], preset=method.pop("preset", None), method=method, model=old["model"],
+                train=train, data=old["data"])
+
+
+def is_version_1_run_dict(d: Dict[str, Any]) -> bool:
+    return "warmup" in d.get("train", {}) and "preset" in d.get("method", {})
 
 
 def _diff(saved: Dict[str, Any], wanted: Dict[str, Any]) -> str:

@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 from . import report
 from .config import DEFAULT_PRESET, RunConfig
-from .runs import Run, is_run_folder, log, read_config
+from .runs import RESUME_OVERRIDABLE, Run, is_run_folder, log, read_config
 
 # The seed's layer-wise LR experiment, on asymmetric_best's weights {1: 0.7, 3: 0.3}:
 # (label, folder suffix, scales of a 3-layer model).
@@ -50,7 +50,11 @@ def _check_folders(out: Path, jobs: Sequence[Job]) -> None:
 
 def _train_and_evaluate(path: Path, config: RunConfig, split: str, progress: bool, **runtime) -> Dict[str, Any]:
     log(f"== {path.name}: training into {path}")
-    run = Run.resume(path, **runtime) if is_run_folder(path) else Run.create(path, config, **runtime)
+    if is_run_folder(path):  # the folder's run is this config (_check_folders): only the overridable fields move
+        overrides = {f: config.to_dict()[f.split(".")[0]][f.split(".")[1]] for f in RESUME_OVERRIDABLE}
+        run = Run.resume(path, overrides, **runtime)
+    else:
+        run = Run.create(path, config, **runtime)
     run.train(progress=progress)
     exact = run.evaluate(split)
     compact = run.evaluate(split, "compact", compare_exact=True)

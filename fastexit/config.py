@@ -261,8 +261,12 @@ class ModelConfig(_FlatConfig):
             raise ValueError(f"ModelConfig.d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if self.d_ff is None:
             self.d_ff = 4 * self.d_model
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        _check_int("ModelConfig.d_ff", self.d_ff, 1)
+        _check_positive("ModelConfig.norm_eps", self.norm_eps)
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"ModelConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(f"ModelConfig.tie_embeddings must be a bool, got {self.tie_embeddings!r}")
 
     @property
     def head_dim(self) -> int:

@@ -150,11 +150,13 @@ class Block(nn.Module):
         slots); None = plain causal attention. No dropout."""
         if mask is None and not isinstance(start, int):
             raise ValueError("forward_cached: per-row start slots need a mask (rows see different keys)")
-        a = self.attn_norm(x)
+        a, t = self.attn_norm(x), x.shape[1]
         cache.write(start, *self.attn.kv(a))
-        end = start + x.shape[1] if isinstance(start, int) else mask.shape[-1]  # the mask knows: no host sync
+        end = start + t if isinstance(start, int) else mask.shape[-1]  # the mask knows: no host sync
         k, v = cache.upto(end)
-        x = x + self.attn.attend(a, k, v, mask, is_causal=mask is None and x.shape[1] > 1)
+        if mask is None and t > 1 and start > 0:  # SDPA's is_causal aligns top-left: query j would miss start keys
+            mask = torch.ones(t, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        x = x + self.attn.attend(a, k, v, mask, is_causal=mask is None and t > 1)
         return x + self.mlp(self.mlp_norm(x))
 
 

@@ -109,6 +109,9 @@ def split_batches(corpus, split: str, batch_size: int, seq_len: int, eval_batche
     """(batches, n_bytes): the first ``eval_batches`` batches (None: all) of sequential windows
     of a split, and the UTF-8 bytes of their targets."""
     from .data import sequential_batches
+    if eval_batches is not None and (isinstance(eval_batches, bool) or not isinstance(eval_batches, int)
+                                     or eval_batches < 1):
+        raise ValueError(f"eval_batches must be None (all) or an int >= 1, got {eval_batches!r}")
     batches = sequential_batches(corpus.splits[split], batch_size, seq_len, max_batches=eval_batches, device=device)
     return batches, sum(corpus.bytes_of(y) for _, y in batches)
 
@@ -125,7 +128,8 @@ def read_config(path: Path) -> RunConfig:
     if (path / ckpt.CKPT_NAME).exists():
         return ckpt.load_checkpoint(path / ckpt.CKPT_NAME)["run_config"]
     try:
-        return RunConfig.from_dict(json.loads((path / "config.json").read_text(encoding="utf-8")))
+        d = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        return RunConfig.from_dict(ckpt.run_dict_from_version_1(d) if ckpt.is_version_1_run_dict(d) else d)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: not a run folder (no {ckpt.CKPT_NAME} or config.json)") from None
     except (ValueError, KeyError, TypeError) as err:
@@ -180,6 +184,7 @@ class Run:
         self.path, self.config = Path(path), config
         self.device, self.backend = torch.device(device), backend
         self.corpus, self.model, self.trainer, self.payload = None, None, None, None
+        self.trained = False  # train() ran on this object: its in-memory state may be mid-run
 
     # ---------------------------------------------------------------- opening a run
     @classmethod
@@ -226,10 +231,18 @@ class Run:
         data = DataConfig(**dict(cfg.data.to_dict(), identity=identity, n_bytes=dict(self.corpus.n_bytes),
                                  n_tokens={s: int(len(a)) for s, a in self.corpus.splits.items()}))
         model = dict(cfg.model.to_dict(), vocab_size=identity["vocab_size"])
-        self.config = cfg = RunConfig.from_dict(dict(cfg.to_dict(), data=data.to_dict(), model=model))
-        ckpt_path = self.path / ckpt.CKPT_NAME
-        if resume and ckpt_path.exists():
-            self.payload = ckpt.load_checkpoint(ckpt_path, model_config=cfg.model, data=data_key(identity))
+        self.config = RunConfig.from_dict(dict(cfg.to_dict(), data=data.to_dict(), model=model))
+        self._load_state(from_disk=resume)
+        return self
+
+    def _load_state(self, from_disk: bool) -> None:
+        """The model (and trainer) as the checkpoint on disk left them, or freshly initialised
+        from the seed when there is none or ``from_disk`` is False."""
+        cfg, ckpt_path = self.config, self.path / ckpt.CKPT_NAME
+        self.payload = None
+        if from_disk and ckpt_path.exists():
+            identity = data_key(cfg.data.identity)
+            self.payload = ckpt.load_checkpoint(ckpt_path, model_config=cfg.model, data=identity)
             if self.payload["step"] > cfg.train.steps:
                 raise ValueError(f"steps {cfg.train.steps} is below the checkpoint's step {self.payload['step']} "
                                  f"({ckpt_path})")
@@ -239,7 +252,6 @@ class Run:
             self.model.load_state_dict(self.payload["model"])
         self.model.to(self.device)
         self.trainer = self._new_trainer()
-        return self
 
     # ---------------------------------------------------------------------- training
     def train(self, *, progress: bool = True, stop_at: Optional[int] = None) -> int:
@@ -249,6 +261,9 @@ class Run:
         t = self.config.train
         if stop_at is not None and not 1 <= stop_at <= t.steps:
             raise ValueError(f"stop_at must be in [1, steps={t.steps}], got {stop_at}")
+        if self.trained:  # a second call continues from what the first left on disk, as a new process would
+            self._load_state(from_disk=True)
+        self.trained = True
         optimizer = self.trainer.create_optimizer(self.model, t.lr, weight_decay=t.weight_decay)
         stream = random_batches(self.corpus.splits["train"], t.batch_size, t.seq_len, seed=t.seed, device=self.device)
         start = self._restore_state(optimizer, stream)

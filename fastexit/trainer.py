@@ -185,9 +185,10 @@ class UniversalTrainer:
                  compare_exact: bool = False, ignore_index: int = -100) -> Dict[str, float]:
         """Routed metrics over ``val_batches`` ((x, y) int64 (B, T) pairs), docs/design.md §3.
 
-        Returns ``ppl``, ``acc``, ``nll``, ``shallow_ratio``, ``compute_cost``, ``tokens_per_s``
-        and ``seconds`` (of the timed pass), ``n_tokens``; with ``per_layer`` also ``ppl_L{i}`` /
-        ``acc_L{i}`` of every exit.
+        Returns ``ppl``, ``acc``, ``nll``, ``shallow_ratio``, ``exit_ratio_L{exit_layer}`` (the
+        share of tokens leaving at that exit), ``compute_cost``, ``tokens_per_s`` and ``seconds``
+        (of the timed pass), ``n_tokens``; with ``per_layer`` also ``ppl_L{i}`` / ``acc_L{i}`` of
+        every layer's exit.
         - ``mode='exact'``: one pass through every layer; per_layer (default on) scores every
           layer's exit in that same pass (one head pass per layer, timed with it).
         - ``mode='compact'``: only the compact routed forward runs (the fast path). per_layer
@@ -213,6 +214,7 @@ class UniversalTrainer:
                                              ignore_index)
                 stats.update({k: v for k, v in layers.items() if k.startswith(("ppl_L", "acc_L"))})
         model.train(was_training)
+        stats[f"exit_ratio_L{exit_layer}"] = stats["shallow_ratio"]  # one exit: every easy token leaves there
         return stats
 
     @staticmethod
@@ -279,8 +281,9 @@ class _EvalSums:
 
 
 def _masked_sums(valid: torch.Tensor, *values: torch.Tensor) -> torch.Tensor:
-    """fp64 sum of each (B, T) value over the scored tokens, left on the device."""
-    return torch.stack([v[valid].double().sum() for v in values])
+    """fp64 sum of each (B, T) value over the scored tokens, left on the device (a masked sum:
+    boolean indexing would ask the host for the count)."""
+    return torch.stack([torch.where(valid, v.double(), 0.0).sum() for v in values])
 
 
 def _clock(device: torch.device) -> float:

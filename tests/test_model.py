@@ -101,6 +101,9 @@ def test_bad_layers(layers):
     (dict(vocab_size=0), "vocab_size"),
     (dict(vocab_size=10, d_model=30, n_heads=4), "divisible by n_heads"),
     (dict(vocab_size=10, dropout=1.0), "dropout"),
+    (dict(vocab_size=10, dropout="x"), "dropout"),
+    (dict(vocab_size=10, d_ff=0), "d_ff"),
+    (dict(vocab_size=10, norm_eps=-1.0), "norm_eps"),
 ])
 def test_model_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -116,3 +119,16 @@ def test_generate_method_is_greedy_decoding_of_the_final_layer():
         seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(tokens, seq)
     assert (exit_layers == 3).all()
+
+
+def test_forward_cached_several_tokens_after_a_prefill_equals_the_full_forward():
+    """A block step of t > 1 tokens at slot start > 0 without a mask attends to every earlier
+    key (SDPA's own is_causal would align its triangle to the top-left)."""
+    model = small_model()
+    x = model.embed(torch.randint(0, model.cfg.vocab_size, (2, 8)))
+    block = model.blocks[0]
+    cache = model.new_kv_caches(2, 8, [1])[0]
+    with torch.no_grad():
+        head = block.forward_cached(x[:, :5], cache, 0)
+        tail = block.forward_cached(x[:, 5:], cache, 5)
+        torch.testing.assert_close(torch.cat([head, tail], 1), block(x), rtol=1e-5, atol=1e-5)

@@ -306,6 +306,7 @@ def test_evaluate_defaults_compact_pass_only_and_per_layer_in_exact():
     assert {"ppl_L1", "acc_L1", "ppl_L2"} <= set(exact)
     assert not {"ppl_L1", "ppl_exact", "ppl_diff_vs_exact", "speedup_vs_exact"} & set(compact)
     assert compact["ppl"] == pytest.approx(exact["ppl"], rel=1e-5)
+    assert exact["exit_ratio_L1"] == exact["shallow_ratio"] == compact["exit_ratio_L1"] > 0  # design §7, one exit
     lean = trainer.evaluate(model, batches, per_layer=False)
     assert "ppl_L1" not in lean and lean["ppl"] == pytest.approx(exact["ppl"], rel=1e-9)
     with pytest.raises(ValueError, match="compare_exact.*mode='compact'"):
