@@ -202,21 +202,11 @@ def cmd_train(args) -> int:
 
 def _threshold_table(run: Run, split: str, thresholds: Sequence[float], eval_batches: Optional[int]) -> str:
     """The compact-mode sweep the main job ends with, and which threshold stays within 2%."""
-    rows = _sweep_rows(run, split, "compact", thresholds, eval_batches, compare_exact=True)
+    rows = run.sweep(split, "compact", thresholds, eval_batches=eval_batches, compare_exact=True)
     full = next((r["ppl"] for r in rows if r["routing_threshold"] == "0"), None)
     text = (f"What early exit buys ({split} split, compact mode: deeper layers really skipped; exit_layer "
             f"{run.config.method.exit_layer})\n\n{report.sweep_table(rows, compare_exact=True)}")
     return text if full is None else text + "\n\n" + report.within_line(rows, full, MAX_PPL_INCREASE)
-
-
-def _sweep_rows(run, split, mode, thresholds, eval_batches, compare_exact) -> List[Dict[str, Any]]:
-    rows = []
-    for th in thresholds:
-        stats = run.evaluate(split, mode, eval_batches=eval_batches, routing_threshold=th, per_layer=False,
-                             compare_exact=compare_exact and mode == "compact")
-        rows.append(dict(stats, routing_threshold=f"{th:g}"))
-        log(f"routing_threshold {th:g}: ppl {stats['ppl']:.3f}, compute_cost {stats['compute_cost']:.3f}")
-    return rows
 
 
 def cmd_eval(args) -> int:
@@ -236,7 +226,7 @@ def cmd_sweep(args) -> int:
     if run.model.n_layers <= run.config.method.exit_layer and any(thresholds):
         raise ValueError(f"--routing-thresholds: routing needs exit_layer < n_layers={run.model.n_layers}")
     compare = args.compare_exact and args.mode == "compact"
-    rows = _sweep_rows(run, args.split, args.mode, thresholds, args.eval_batches, compare)
+    rows = run.sweep(args.split, args.mode, thresholds, eval_batches=args.eval_batches, compare_exact=compare)
     text = (f"{run.config.name} ({run.path}): routing_threshold sweep, {args.split} split, {args.mode} mode, "
             f"exit_layer {run.config.method.exit_layer}; * = Pareto-optimal (no threshold has both lower ppl and "
             f"lower compute_cost)\n\n{report.sweep_table(rows, compare)}")
@@ -252,7 +242,7 @@ def cmd_sweep(args) -> int:
 def cmd_generate(args) -> int:
     from .generate import generate
     run = Run.load(Path(args.run), need_data=False, **_runtime(args))
-    model, tok = run.model.eval(), _tokenizer(run)
+    model, tok = run.model.eval(), run.tokenizer()
     # speculative drafts reach k - 1 positions past the last new token: leave them room (a k that
     # cannot fit at all is generate's error, naming speculative)
     room = model.cfg.max_seq_len - 1 - args.max_new_tokens
@@ -275,18 +265,6 @@ def cmd_generate(args) -> int:
     print(f"[...] = left at layer {run.config.method.exit_layer} of {model.n_layers} (routing_threshold {th}); "
           f"exited early: {n_early}/{len(new)} tokens ({100 * n_early / len(new):.1f}%)")
     return 0
-
-
-def _tokenizer(run: Run):
-    """The run's tokenizer from its data cache; rebuilt through the corpus if it is gone."""
-    from .runs import load_corpus
-    path = Path((run.config.data.identity or {}).get("cache_dir", "")) / "tokenizer.json"
-    if path.is_file():
-        from tokenizers import Tokenizer
-        tok = Tokenizer.from_file(str(path))
-        if tok.get_vocab_size() == run.model.cfg.vocab_size:
-            return tok
-    return load_corpus(run.config.data).tokenizer
 
 
 def _prompt_ids(tok, prompt: str, max_new_tokens: int, limit: int) -> List[int]:

@@ -125,10 +125,10 @@ class UniversalConfig:
 
     def validate_for(self, n_layers: int) -> None:
         """Depth-dependent checks against a model with ``n_layers`` blocks."""
-        for field in ("layer_weights", "layer_lr_scales"):
-            for layer in getattr(self, field) or {}:
+        for name in ("layer_weights", "layer_lr_scales"):
+            for layer in getattr(self, name) or {}:
                 if layer > n_layers:
-                    raise ValueError(f"{field} has layer {layer}, but the model has {n_layers} layers")
+                    raise ValueError(f"{name} has layer {layer}, but the model has {n_layers} layers")
         if self.exit_layer > n_layers or (self.routing and self.exit_layer >= n_layers):
             raise ValueError(f"exit_layer must be < n_layers={n_layers} when routing is on "
                              f"(and <= n_layers always), got {self.exit_layer}")

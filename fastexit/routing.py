@@ -19,7 +19,6 @@ not applied (inference).
 from typing import Dict, NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 
 from .config import UniversalConfig
 from .kernels import ExitStats, compact_indices, exit_confidence, gather_rows, scatter_rows

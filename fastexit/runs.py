@@ -22,7 +22,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -319,6 +319,29 @@ class Run:
         stats = self.trainer.evaluate(self.model, batches, mode=mode, routing_threshold=routing_threshold,
                                       per_layer=per_layer, compare_exact=compare_exact)
         return dict(with_bpb(stats, n_bytes), split=split, mode=mode)
+
+
+    def sweep(self, split: str, mode: str, thresholds: Sequence[float], *, eval_batches: Optional[int] = None,
+              compare_exact: bool = False) -> List[Dict[str, Any]]:
+        """One evaluation per routing threshold (no per-layer pass), each row with its
+        ``routing_threshold`` as text; compare_exact applies in compact mode only."""
+        rows = []
+        for th in thresholds:
+            stats = self.evaluate(split, mode, eval_batches=eval_batches, routing_threshold=th, per_layer=False,
+                                  compare_exact=compare_exact and mode == "compact")
+            rows.append(dict(stats, routing_threshold=f"{th:g}"))
+            log(f"routing_threshold {th:g}: ppl {stats['ppl']:.3f}, compute_cost {stats['compute_cost']:.3f}")
+        return rows
+
+    def tokenizer(self):
+        """The run's tokenizer from its data cache; rebuilt through the corpus if it is gone."""
+        path = Path((self.config.data.identity or {}).get("cache_dir", "")) / "tokenizer.json"
+        if path.is_file():
+            from tokenizers import Tokenizer
+            tok = Tokenizer.from_file(str(path))
+            if tok.get_vocab_size() == self.model.cfg.vocab_size:
+                return tok
+        return load_corpus(self.config.data).tokenizer
 
 
 class _StepWriter:

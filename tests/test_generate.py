@@ -147,3 +147,15 @@ def test_generate_bad_input(kwargs, name):
     args = dict(model=model, idx=torch.randint(0, VOCAB, (2, 5)), max_new_tokens=4) | kwargs
     with pytest.raises(ValueError, match=name):
         generate(**args)
+
+
+def test_routing_threshold_none_is_the_configs_and_full_depth_without_one():
+    """None means the method's own threshold (config=), as in evaluate; no method: full depth."""
+    model, (idx, _) = make_model(2, block_scale=10.0), batch(3, 6)
+    threshold = 0.5
+    config = UniversalConfig({1: 0.5, 2: 0.5}, exit_layer=1, routing_threshold=threshold)
+    explicit = generate(model, idx, 8, threshold, 1)
+    assert all(torch.equal(a, b) for a, b in zip(generate(model, idx, 8, config=config), explicit))
+    assert (explicit[1] == 1).any()  # some tokens left early, so the two calls below differ
+    full = generate(model, idx, 8)
+    assert (full[1] == 2).all() and torch.equal(generate(model, idx, 8, 0.0)[0], full[0])
