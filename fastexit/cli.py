@@ -22,7 +22,7 @@ from . import report
 from .config import (DEFAULT_PRESET, EVAL_MODES, GENERATE_DEFAULTS, MAX_PPL_INCREASE, PRESETS, RUN_MODEL_DEFAULTS,
                      SWEEP_THRESHOLDS, TRAIN_SWEEP_THRESHOLDS, AlphaSchedule, DataConfig, ModelConfig, RunConfig,
                      TrainConfig, make_method)
-from .runs import Run, is_run_folder, log, resolve_device
+from .runs import Run, log, resolve_device
 
 TRAIN_FLAGS = tuple(f for f in TrainConfig.__dataclass_fields__ if f not in ("min_lr_ratio", "weight_decay",
                                                                              "grad_clip"))
@@ -181,11 +181,7 @@ def cmd_train(args) -> int:
         run = Run.resume(path, resume_changes(args), **_runtime(args))
     else:
         config = run_config_from_flags(args)
-        path = Path(args.out or Path("runs") / config.name)
-        if is_run_folder(path):
-            raise ValueError(f"{path} already holds a run; pass --resume to continue it, or choose another --out "
-                             "(fastexit never overwrites a run)")
-        run = Run.create(path, config, **_runtime(args))
+        run = Run.create(Path(args.out or Path("runs") / config.name), config, **_runtime(args))
     step = run.train(progress=not args.no_progress, stop_at=args.stop_at)
     if step < run.config.train.steps:
         return 0  # --stop-at: evaluate once the run is complete

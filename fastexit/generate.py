@@ -166,11 +166,6 @@ class _Decoder:
         self.confs = torch.empty(B, max_new_tokens, device=idx.device)
         self.all_rows = torch.arange(B, device=idx.device)
 
-    def prefill(self, idx) -> tuple:
-        """Every layer for every prompt position; returns the last position's exit-layer and
-        final states (B, d) each."""
-        return _prefill(self.model, idx, self.caches, self.prompt, self.exit_layer)
-
     def step(self, s: int, pos: int, x_exit, x_last=None) -> None:
         """Emit the token at ``pos`` (step s) from x_exit (B, d); x_last: the prefill's final
         states (every layer already ran), else the deeper blocks run here."""
@@ -247,11 +242,8 @@ class _Speculator:
         (B, T0), self.model, self.k, self.exit_layer = idx.shape, model, k, exit_layer
         self.prompt, self.sampling, self.backend = prompt, sampling, backend
         width = T0 + max_new_tokens + k  # a round writes tokens up to k + 1 columns past the last pending one
-        # zeroed, not empty: the per-row masks hide slots a row has not written, but garbage
-        # (NaN) keys there would still poison its attention
-        self.caches = model.new_kv_caches(B, width - 1, range(1, model.n_layers + 1))
-        for cache in self.caches:
-            cache.k.zero_(), cache.v.zero_()
+        # zeroed: the per-row masks hide slots a row has not written, but garbage there could be NaN
+        self.caches = model.new_kv_caches(B, width - 1, range(1, model.n_layers + 1), zeroed=True)
         self.tokens = torch.cat([idx, idx.new_zeros(B, width - T0)], dim=1)  # (B, width)
         self.key_ok = prompt.key_ok if prompt.key_ok is not None else idx.new_ones(B, width, dtype=torch.bool)
         self.pads = T0 - prompt.lengths  # (B,) position = column - pads
@@ -264,11 +256,17 @@ class _Speculator:
         all_rows = torch.arange(h.shape[0], device=h.device)
         self.tokens[:, self.t0] = _next_tokens(self.model, h, None, h, all_rows, *self.sampling, self.backend)
 
-    def round(self) -> None:
-        """Draft, verify and keep the agreeing prefix plus the verifier's token, per row."""
+    def progress(self):
+        """(lowest pending column, highest draft start) in the round's one host sync: whether any
+        row still needs tokens, and how many cache slots the round's attention reads."""
+        lowest, top = torch.stack([self.pend.min(), self.pend.clamp(max=self.last - 1).max()]).tolist()
+        return lowest, top
+
+    def round(self, top: int) -> None:
+        """Draft, verify and keep the agreeing prefix plus the verifier's token, per row
+        (top: the highest draft start, from ``progress``)."""
         active = self.pend < self.last
         start = self.pend.clamp(max=self.last - 1)  # done rows recompute a frozen slot; their output is dropped
-        top = int(start.max())  # the round's one host sync: how many cache slots its attention reads
         states, drafts, q = self.draft(start, top)
         h = self.verify(states, start, top)
         new, n_acc = self.accept_greedy(h, drafts) if q is None else self.accept_sampled(h, drafts, q)
@@ -347,8 +345,10 @@ def _speculative_generate(model, idx, max_new_tokens, k, exit_layer, prompt_mask
     spec = _Speculator(model, idx, max_new_tokens, k, exit_layer, _prompt_layout(idx, prompt_mask, max_new_tokens + k),
                        sampling, backend)
     spec.first_token(_prefill(model, idx, spec.caches, spec.prompt, exit_layer)[1])
-    while bool((spec.pend < spec.last).any()):
-        spec.round()
+    lowest, top = spec.progress()
+    while lowest < spec.last:
+        spec.round(top)
+        lowest, top = spec.progress()
     out = (spec.tokens[:, :T0 + max_new_tokens], idx.new_full((B, max_new_tokens), model.n_layers))
     if not return_stats:
         return out
@@ -408,7 +408,7 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, routing_threshold: O
                                      backend, return_stats)
     dec = _Decoder(model, idx, max_new_tokens, routing_threshold, exit_layer,
                    _prompt_layout(idx, prompt_mask, max_new_tokens), return_conf, sampling, backend)
-    x_exit, x_last = dec.prefill(idx)
+    x_exit, x_last = _prefill(model, idx, dec.caches, dec.prompt, exit_layer)
     dec.step(0, T0, x_exit, x_last)
     for s in range(1, max_new_tokens):  # the token emitted at pos is predicted from position pos - 1
         dec.step(s, T0 + s, dec.shallow(s, T0 + s))

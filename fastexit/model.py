@@ -242,11 +242,12 @@ class EarlyExitTransformer(nn.Module):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, V)
         return self.exit_logits(idx, [self.n_layers])[0]
 
-    def new_kv_caches(self, batch: int, max_len: int, layers: Sequence[int]) -> List[KVCache]:
-        """Empty KV caches (B, H, max_len, hd) for the given blocks (1-indexed)."""
+    def new_kv_caches(self, batch: int, max_len: int, layers: Sequence[int], zeroed: bool = False) -> List[KVCache]:
+        """KV caches (B, H, max_len, hd) for the given blocks (1-indexed); ``zeroed`` where masked
+        slots may be read before they are written (a masked NaN key still poisons attention)."""
         cfg, param = self.cfg, self.lm_head.weight
-        shape = (batch, cfg.n_heads, max_len, cfg.head_dim)
-        return [KVCache(param.new_empty(shape), param.new_empty(shape)) for _ in layers]
+        shape, new = (batch, cfg.n_heads, max_len, cfg.head_dim), param.new_zeros if zeroed else param.new_empty
+        return [KVCache(new(shape), new(shape)) for _ in layers]
 
     def generate(self, idx: torch.Tensor, max_new_tokens: int, routing_threshold: Optional[float] = None,
                  exit_layer: Optional[int] = None, **kwargs):

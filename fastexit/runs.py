@@ -191,8 +191,8 @@ class Run:
     def create(cls, path: Path, config: RunConfig, **runtime) -> "Run":
         """A new run in ``path``; refuses a folder that already holds one."""
         if is_run_folder(Path(path)):
-            raise ValueError(f"{path} already holds a run; resume it, or choose another folder "
-                             "(fastexit never overwrites a run)")
+            raise ValueError(f"{path} already holds a run; resume it (fastexit train --resume, or Run.resume), "
+                             "or choose another folder (fastexit never overwrites a run)")
         return cls(path, config, **runtime)._prepare(resume=False)
 
     @classmethod
