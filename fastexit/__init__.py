@@ -2,16 +2,18 @@
 
 The configs (standard library only) import eagerly; the model and the trainer (torch and the
 kernels) on first use, so that e.g. ``fastexit.data`` loads a corpus without the model.
+``from_hf`` (fastexit.hf) takes a model the caller built with transformers; only
+``fastexit.hf.load`` imports transformers itself.
 """
 import importlib
 
 from .config import (PRESETS, AlphaSchedule, DataConfig, ModelConfig, RunConfig, TrainConfig, UniversalConfig,
                      get_preset, make_method)
 
-_LAZY = {"EarlyExitTransformer": "model", "UniversalTrainer": "trainer"}
+_LAZY = {"EarlyExitTransformer": "model", "UniversalTrainer": "trainer", "from_hf": "hf"}
 
 __all__ = ["AlphaSchedule", "DataConfig", "EarlyExitTransformer", "ModelConfig", "PRESETS", "RunConfig",
-           "TrainConfig", "UniversalConfig", "UniversalTrainer", "get_preset", "make_method"]
+           "TrainConfig", "UniversalConfig", "UniversalTrainer", "from_hf", "get_preset", "make_method"]
 
 
 def __getattr__(name: str):

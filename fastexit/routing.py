@@ -77,6 +77,51 @@ def _flat_targets(targets, idx):
     return targets.reshape(-1)
 
 
+def padding_layout(attention_mask: torch.Tensor, idx: torch.Tensor):
+    """Positions (B, T) int64 and the causal mask (B, 1, T, T) bool of a padded batch.
+
+    attention_mask: (B, T) bool or 0/1 ints, True on real tokens (left or right padding).
+    Positions count from each row's first real token (as transformers' generate counts them);
+    no query sees a pad, but a pad sees itself, so that no query row is fully masked (its
+    state would be NaN; pads are never scored).
+    """
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != idx.shape \
+            or attention_mask.dtype.is_floating_point or attention_mask.device != idx.device:
+        raise ValueError(f"attention_mask must be a bool or 0/1 int tensor of idx's shape {tuple(idx.shape)} on "
+                         f"{idx.device}, got {getattr(attention_mask, 'dtype', type(attention_mask).__name__)} "
+                         f"of shape {tuple(getattr(attention_mask, 'shape', ()))}")
+    real = attention_mask.bool()
+    positions = (real.cumsum(1) - 1).clamp(min=0)
+    T = idx.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+    mask = causal & (real[:, None, :] | torch.eye(T, dtype=torch.bool, device=idx.device))
+    return positions, mask.unsqueeze(1)
+
+
+def _masked_block(block, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """block(x) on x (B, T, d); with a padding mask (B, 1, T, T), the block's row form over a
+    full (B, T) grid, so that any model's blocks take the mask."""
+    if mask is None:
+        return block(x)
+    B, T, d = x.shape
+    grid = QueryGrid(torch.arange(B * T, device=x.device), T, mask)
+    return block.forward_rows(x.reshape(-1, d), *block.kv(x), grid).view(B, T, d)
+
+
+def _hidden_states(model, idx, layers, attention_mask):
+    """model.exit_hidden_states(idx, layers), or for a padded batch the same through
+    ``padding_layout`` and the blocks' row form."""
+    if attention_mask is None:
+        return model.exit_hidden_states(idx, layers)
+    positions, mask = padding_layout(attention_mask, idx)
+    x, states = model.embed(idx, positions=positions), {}
+    for i, block in enumerate(model.blocks[:max(layers)], start=1):
+        x = _masked_block(block, x, mask)
+        if i in layers:
+            states[i] = model.exit_norms[i - 1](x)
+    return [states[i] for i in layers]
+
+
 def easy_mask(conf: torch.Tensor, routing_threshold: float) -> torch.Tensor:
     """(N,) bool: tokens that leave at the exit layer; none when routing is off."""
     return conf >= routing_threshold if routing_threshold > 0 else torch.zeros_like(conf, dtype=torch.bool)
@@ -94,29 +139,32 @@ def _select(idx, exit_stats, final_stats, easy, exit_layer, n_layers, layer_stat
 @torch.no_grad()
 def exact_routed_forward(model, idx: torch.Tensor, exit_layer: int, routing_threshold: float,
                          targets: Optional[torch.Tensor] = None, backend: str = "auto", *,
-                         ignore_index: int = -100, all_layers: bool = False) -> RoutedOutput:
+                         ignore_index: int = -100, all_layers: bool = False,
+                         attention_mask: Optional[torch.Tensor] = None) -> RoutedOutput:
     """Routed predictions with every layer run on every token (the seed's measurement).
 
     idx: (B, T) int64; targets: optional (B, T) int64. ``all_layers``: also score the exit
     of every layer in the same pass (``layer_stats``), at one head pass per layer.
-    Returns RoutedOutput of (B, T) tensors.
+    attention_mask: optional (B, T), True/1 on real tokens (``padding_layout``); give pads
+    ignore_index targets. Returns RoutedOutput of (B, T) tensors.
     """
     check_routing(model, exit_layer, routing_threshold)
     model.check_idx(idx)
     tgt, weight, L = _flat_targets(targets, idx), model.lm_head.weight, model.n_layers
     layers = list(range(1, L + 1)) if all_layers else sorted({exit_layer, L})
     stats = {i: exit_confidence(h.reshape(-1, h.shape[-1]), weight, tgt, ignore_index=ignore_index, backend=backend)
-             for i, h in zip(layers, model.exit_hidden_states(idx, layers))}  # (B*T,) rows each
+             for i, h in zip(layers, _hidden_states(model, idx, layers, attention_mask))}  # (B*T,) rows each
     easy = easy_mask(stats[exit_layer].conf, routing_threshold)
     return _select(idx, stats[exit_layer], stats[L], easy, exit_layer, L, stats if all_layers else None)
 
 
 # ----------------------------------------------------------------------------- compact mode
-def _padded_layout(hard: torch.Tensor, hard_idx: torch.Tensor) -> QueryGrid:
+def _padded_layout(hard: torch.Tensor, hard_idx: torch.Tensor, real: Optional[torch.Tensor] = None) -> QueryGrid:
     """Hard tokens of each batch row packed left into a (B, S) query grid, S = the largest
     per-row count, with the causal mask (B, 1, S, T): key_pos <= query_pos.
 
-    hard: (B, T) bool; hard_idx: (n,) flat ascending positions.
+    hard: (B, T) bool; hard_idx: (n,) flat ascending positions; real: (B, T) bool non-pad
+    tokens, or None: pads are hidden from every query but themselves.
     """
     B, T = hard.shape
     counts = hard.sum(1)  # (B,)
@@ -126,7 +174,10 @@ def _padded_layout(hard: torch.Tensor, hard_idx: torch.Tensor) -> QueryGrid:
     slot = rows * n_slots + rank
     q_pos = torch.zeros(B * n_slots, dtype=torch.int64, device=hard.device)  # padding: position 0
     q_pos[slot] = hard_idx % T
-    mask = torch.arange(T, device=hard.device) <= q_pos.view(B, n_slots, 1)  # (B, S, T)
+    key_pos, q_pos = torch.arange(T, device=hard.device), q_pos.view(B, n_slots, 1)
+    mask = key_pos <= q_pos  # (B, S, T)
+    if real is not None:
+        mask &= real[:, None, :] | (key_pos == q_pos)
     return QueryGrid(slot, n_slots, mask.unsqueeze(1))
 
 
@@ -139,10 +190,11 @@ def _merge(exit_stats: ExitStats, hard_stats: ExitStats, hard_idx, backend) -> E
 @torch.no_grad()
 def compact_routed_forward(model, idx: torch.Tensor, exit_layer: int, routing_threshold: float,
                            targets: Optional[torch.Tensor] = None, backend: str = "auto", *,
-                           ignore_index: int = -100) -> RoutedOutput:
+                           ignore_index: int = -100, attention_mask: Optional[torch.Tensor] = None) -> RoutedOutput:
     """Routed predictions with real skipping (docs/design.md §3, compact mode).
 
-    idx: (B, T) int64; targets: optional (B, T) int64. Blocks 1..exit_layer run on every
+    idx: (B, T) int64; targets: optional (B, T) int64; attention_mask: as in
+    ``exact_routed_forward``. Blocks 1..exit_layer run on every
     token. Hard tokens are compacted (n of B*T) and alone run the deeper blocks' query
     projection, attention output and MLP, and the final exit norm + head; each deeper block
     computes keys/values for every position from the current states, where easy tokens keep
@@ -153,9 +205,10 @@ def compact_routed_forward(model, idx: torch.Tensor, exit_layer: int, routing_th
     check_routing(model, exit_layer, routing_threshold)
     model.check_idx(idx)
     tgt, weight, (B, T) = _flat_targets(targets, idx), model.lm_head.weight, idx.shape
-    x = model.embed(idx)
+    positions, mask = padding_layout(attention_mask, idx) if attention_mask is not None else (None, None)
+    x = model.embed(idx, positions=positions)
     for block in model.blocks[:exit_layer]:
-        x = block(x)  # (B, T, d)
+        x = _masked_block(block, x, mask)  # (B, T, d)
     d, deeper, final_norm = x.shape[-1], model.blocks[exit_layer:], model.exit_norms[-1]
     stats = exit_confidence(model.exit_norms[exit_layer - 1](x).view(-1, d), weight, tgt,
                             ignore_index=ignore_index, backend=backend)
@@ -163,10 +216,11 @@ def compact_routed_forward(model, idx: torch.Tensor, exit_layer: int, routing_th
     hard_idx = compact_indices(~easy, backend=backend)  # (n,)
     if hard_idx.numel() == B * T:  # nobody leaves: a plain dense forward
         for block in deeper:
-            x = block(x)
+            x = _masked_block(block, x, mask)
         final = exit_confidence(final_norm(x).view(-1, d), weight, tgt, ignore_index=ignore_index, backend=backend)
     elif hard_idx.numel():
-        xh = _deeper_hard_rows(deeper, x.reshape(-1, d).contiguous(), ~easy.view(B, T), hard_idx, backend)
+        real = attention_mask.bool() if attention_mask is not None else None
+        xh = _deeper_hard_rows(deeper, x.reshape(-1, d).contiguous(), ~easy.view(B, T), hard_idx, backend, real)
         hard_tgt = gather_rows(tgt, hard_idx, backend=backend) if tgt is not None else None
         hard = exit_confidence(final_norm(xh), weight, hard_tgt, ignore_index=ignore_index, backend=backend)
         final = _merge(stats, hard, hard_idx, backend)
@@ -175,15 +229,16 @@ def compact_routed_forward(model, idx: torch.Tensor, exit_layer: int, routing_th
     return _select(idx, stats, final, easy, exit_layer, model.n_layers)
 
 
-def _deeper_hard_rows(blocks, x, hard, hard_idx, backend) -> torch.Tensor:
+def _deeper_hard_rows(blocks, x, hard, hard_idx, backend, real=None) -> torch.Tensor:
     """Run ``blocks`` for the hard tokens; returns their final states (n, d).
 
     x: (B*T, d) exit-layer states of all tokens, updated in place with the hard rows before
-    every block after the first (easy rows stay carried); hard: (B, T) bool; hard_idx: (n,).
+    every block after the first (easy rows stay carried); hard: (B, T) bool; hard_idx: (n,);
+    real: (B, T) bool non-pad tokens or None.
     """
     B, T = hard.shape
     xh = gather_rows(x, hard_idx, backend=backend)  # (n, d)
-    grid = _padded_layout(hard, hard_idx)
+    grid = _padded_layout(hard, hard_idx, real)
     for i, block in enumerate(blocks):
         if i:
             scatter_rows(x, hard_idx, xh, backend=backend)

@@ -4,7 +4,7 @@ import torch
 
 from fastexit import UniversalConfig
 from fastexit.generate import generate
-from fastexit.routing import exact_routed_forward
+from fastexit.routing import compact_routed_forward, exact_routed_forward
 from test_routing import VOCAB, batch, make_model, needs_triton, routed_reference
 
 
@@ -159,3 +159,16 @@ def test_routing_threshold_none_is_the_configs_and_full_depth_without_one():
     assert (explicit[1] == 1).any()  # some tokens left early, so the two calls below differ
     full = generate(model, idx, 8)
     assert (full[1] == 2).all() and torch.equal(generate(model, idx, 8, 0.0)[0], full[0])
+
+
+@pytest.mark.parametrize("forward", [exact_routed_forward, compact_routed_forward])
+def test_padded_routing_of_the_native_model_equals_rows_alone(forward):
+    """attention_mask in routing goes through the block protocol, so the native model takes it too."""
+    model = make_model(4, block_scale=4.0)
+    prompts = [torch.randint(0, VOCAB, (n,)) for n in (9, 4, 6)]
+    idx, mask = left_padded(prompts)
+    out = forward(model, idx, 1, 0.5, attention_mask=mask)
+    assert out.easy[mask].any() and not out.easy[mask].all()
+    for r, p in enumerate(prompts):
+        alone = forward(model, p[None], 1, 0.5)
+        assert torch.equal(out.easy[r, mask[r]], alone.easy[0]) and torch.equal(out.pred[r, mask[r]], alone.pred[0])

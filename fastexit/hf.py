@@ -1,0 +1,474 @@
+"""A ``transformers`` causal LM as an early-exit model: ``from_hf(model)`` (DESIGN.md §7).
+
+``HFEarlyExit`` holds the transformers model and gives it the interface the trainer, routing
+and generation take from ``EarlyExitTransformer``: ``n_layers``, ``blocks`` (one adapter per
+decoder layer: ``kv``, ``forward_rows``, ``forward_cached``), ``exit_hidden_states``,
+``lm_head``, ``embed``, ``new_kv_caches``. Every exit goes through the model's own final norm
+and head, as in LayerSkip, so layer i's logits are ``lm_head(norm(h_i))``.
+
+The layer arithmetic is written here from the layer's own modules (norms, projections, MLP)
+rather than by calling the layer's forward: routing needs a layer's queries for some rows and
+its keys/values for all, which no transformers layer exposes. Tests pin it to transformers'
+own forward. Rotary positions are cache slots: ``kv`` returns keys rotated as a sequence from
+slot 0, a ``RotaryKVCache`` shifts them to the slot it stores them at, and a query is rotated
+to its own slot. Rotary attention only sees position differences, so a left-padded row gets
+the positions of the row alone up to rounding.
+
+Families live in ``FAMILIES``, keyed by ``config.model_type``: a family is where the parts
+sit and which block layout its layers have; a new family with a known layout is one line.
+"""
+import json
+import operator
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .atomic import write_json
+from .config import UniversalConfig
+from .model import KVCache, QueryGrid
+from .routing import padding_layout
+
+__all__ = ["FAMILIES", "Family", "HFEarlyExit", "RotaryKVCache", "from_hf", "load", "save"]
+
+METADATA = "fastexit.json"
+FORMAT = "fastexit-hf/1"
+# rope types whose frequencies grow with the sequence (inv_freq changes at run time): a cached
+# key rotated at one length would be wrong at the next
+DYNAMIC_ROPE = ("dynamic", "longrope")
+
+
+# ----------------------------------------------------------------------------- rotary positions
+class _Rope:
+    """Rotary embedding at integer slots, from the model's own rotary module (its inv_freq and
+    attention_scaling, computed as transformers computes them)."""
+
+    def __init__(self, rotary: nn.Module):
+        self.rotary = rotary
+
+    def rotate(self, x: torch.Tensor, slots: torch.Tensor, scaled: bool = True) -> torch.Tensor:
+        """x (B, H, t, hd) rotated to slots (B or 1, t) int64; ``scaled=False`` leaves out the
+        attention scaling (a shift of keys that already carry it)."""
+        freqs = slots[..., None].float() * self.rotary.inv_freq.float()  # (B, t, hd/2)
+        angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, t, hd)
+        scale = self.rotary.attention_scaling if scaled else 1.0
+        cos, sin = (angles.cos() * scale).to(x.dtype), (angles.sin() * scale).to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class RotaryKVCache(KVCache):
+    """A KVCache whose keys arrive rotated as a sequence from slot 0 (``Block.kv``) and are
+    stored rotated to their own slots: writing at ``start`` shifts them by ``start``."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, rope: _Rope):
+        super().__init__(k, v)
+        self.rope = rope
+
+    def write(self, start, k: torch.Tensor, v: torch.Tensor) -> None:
+        if not isinstance(start, int):
+            k = self.rope.rotate(k, start[:, None], scaled=False)
+        elif start:
+            k = self.rope.rotate(k, torch.full((1, 1), start, device=k.device), scaled=False)
+        super().write(start, k, v)
+
+
+def _query_slots(grid: QueryGrid, n_rows: int, n_keys: int) -> torch.Tensor:
+    """Cache slot (n,) of each query of ``grid``: a causal query sees its own key last, so its
+    slot is that of the last key its mask lets it see (the last key when there is no mask)."""
+    if grid.mask is None:
+        return torch.full_like(grid.slot, n_keys - 1)
+    mask = grid.mask.expand(n_rows, 1, grid.n_slots, n_keys)
+    last = torch.where(mask, torch.arange(n_keys, device=mask.device), -1).amax(-1)  # (B, 1, S)
+    return last.reshape(-1).index_select(0, grid.slot)
+
+
+# ----------------------------------------------------------------------------- blocks
+class _Block(nn.Module):
+    """One transformers decoder layer behind fastexit's block interface (``model.Block``).
+
+    Subclasses name the layer's parts: ``attn_norm``, ``mlp_norm``, ``mlp``, ``queries``,
+    ``keys_values``, ``out``; ``attn`` is the layer's attention module, ``scale`` its softmax
+    scale. Dropout follows the layer's training flag in ``forward`` only (training); the
+    routing forms are inference.
+    """
+
+    def __init__(self, layer: nn.Module, attn: nn.Module, n_kv_heads: int, head_dim: int, scale: float,
+                 attn_dropout: float):
+        super().__init__()
+        self.layer, self.attn = layer, attn
+        self.n_kv_heads, self.head_dim, self.scale, self.attn_dropout = n_kv_heads, head_dim, scale, attn_dropout
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:  # (B, t, H*hd) -> (B, H, t, hd)
+        return x.view(*x.shape[:2], -1, self.head_dim).transpose(1, 2)
+
+    def _attention(self, q, k, v, mask=None, is_causal=False, dropout_p=0.0) -> torch.Tensor:
+        """Merged heads (B, t, H*hd) of queries q (B, H, t, hd) over k, v (B, Hkv, Tk, hd)."""
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p,
+                                           scale=self.scale, enable_gqa=q.shape[1] != k.shape[1])
+        return y.transpose(1, 2).flatten(2)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The layer on x (B, T, d) from slot 0; mask (B, 1, T, T) bool (padding), None = causal."""
+        a, T = self.attn_norm(x), x.shape[1]
+        q = self.queries(a, torch.arange(T, device=x.device)[None])
+        p = self.attn_dropout if self.layer.training else 0.0
+        x = x + self.out(self._attention(q, *self.keys_values(a), mask, is_causal=mask is None, dropout_p=p))
+        return x + self.mlp(self.mlp_norm(x))
+
+    def kv(self, x: torch.Tensor):
+        """Keys and values (B, Hkv, t, hd) from residual states x (B, t, d), as a sequence from slot 0."""
+        return self.keys_values(self.attn_norm(x))
+
+    def forward_rows(self, xh: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: QueryGrid) -> torch.Tensor:
+        """The layer on n rows xh (n, d) -> (n, d), their queries placed in ``grid`` over k, v
+        (B, Hkv, Tk, hd) of every position; only these rows pay for q, out and the MLP."""
+        B, Tk = k.shape[0], k.shape[2]
+        q = self.queries(self.attn_norm(xh)[None], _query_slots(grid, B, Tk)[None])[0].transpose(0, 1)  # (n, H, hd)
+        q = q.new_zeros(B * grid.n_slots, *q.shape[1:]).index_copy_(0, grid.slot, q)
+        y = self._attention(q.view(B, grid.n_slots, *q.shape[1:]).transpose(1, 2), k, v, grid.mask)  # (B, S, H*hd)
+        xh = xh + self.out(y.flatten(0, 1).index_select(0, grid.slot))
+        return xh + self.mlp(self.mlp_norm(xh))
+
+    def forward_cached(self, x: torch.Tensor, cache: KVCache, start, mask: Optional[torch.Tensor] = None):
+        """The layer on x (B, t, d) at cache slots start..start+t-1, as ``model.Block.forward_cached``
+        (start: an int, or (B,) int64 per-row slots with a mask (B, 1, t, max(start)+t))."""
+        if mask is None and not isinstance(start, int):
+            raise ValueError("forward_cached: per-row start slots need a mask (rows see different keys)")
+        a, t = self.attn_norm(x), x.shape[1]
+        cache.write(start, *self.keys_values(a))
+        end = start + t if isinstance(start, int) else mask.shape[-1]
+        steps = torch.arange(t, device=x.device)
+        slots = (start + steps)[None] if isinstance(start, int) else start[:, None] + steps  # (B or 1, t)
+        if mask is None and t > 1 and start > 0:  # SDPA's is_causal aligns top-left
+            mask = torch.ones(t, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        y = self._attention(self.queries(a, slots), *cache.upto(end), mask, is_causal=mask is None and t > 1)
+        x = x + self.out(y)
+        return x + self.mlp(self.mlp_norm(x))
+
+    def new_cache(self, batch: int, max_len: int, zeroed: bool) -> KVCache:
+        param = next(self.layer.parameters())
+        new = param.new_zeros if zeroed else param.new_empty
+        shape = (batch, self.n_kv_heads, max_len, self.head_dim)
+        return KVCache(new(shape), new(shape))
+
+
+class RotaryBlock(_Block):
+    """Llama layout (Llama, Mistral, Qwen2, Qwen3): input_layernorm, self_attn (q/k/v/o_proj,
+    grouped KV heads, Qwen3's per-head q_norm/k_norm), post_attention_layernorm, mlp; rotary
+    positions."""
+
+    def __init__(self, layer: nn.Module, rope: _Rope):
+        attn = layer.self_attn
+        hd = attn.head_dim
+        super().__init__(layer, attn, attn.k_proj.out_features // hd, hd, getattr(attn, "scaling", hd ** -0.5),
+                         attn.attention_dropout)
+        self.rope = rope
+        self.attn_norm, self.mlp_norm = layer.input_layernorm, layer.post_attention_layernorm
+        self.mlp = layer.mlp
+
+    def _heads(self, proj: nn.Module, a: torch.Tensor, norm: Optional[nn.Module]) -> torch.Tensor:
+        x = proj(a).view(*a.shape[:2], -1, self.head_dim)  # (B, t, H, hd)
+        return (norm(x) if norm is not None else x).transpose(1, 2)
+
+    def queries(self, a: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Queries (B, H, t, hd) of normed states a (B, t, d) at slots (B or 1, t)."""
+        return self.rope.rotate(self._heads(self.attn.q_proj, a, getattr(self.attn, "q_norm", None)), slots)
+
+    def keys_values(self, a: torch.Tensor):
+        k = self._heads(self.attn.k_proj, a, getattr(self.attn, "k_norm", None))
+        k = self.rope.rotate(k, torch.arange(a.shape[1], device=a.device)[None])
+        return k, self.split_heads(self.attn.v_proj(a))
+
+    def out(self, y: torch.Tensor) -> torch.Tensor:
+        return self.attn.o_proj(y)
+
+    def new_cache(self, batch: int, max_len: int, zeroed: bool) -> KVCache:
+        cache = super().new_cache(batch, max_len, zeroed)
+        return RotaryKVCache(cache.k, cache.v, self.rope)
+
+
+class GPT2Block(_Block):
+    """GPT-2 layout: ln_1, attn (one c_attn Conv1D for q, k, v; c_proj; dropouts), ln_2, mlp;
+    positions are learned embeddings added at the input."""
+
+    def __init__(self, layer: nn.Module, rope=None):
+        attn, config = layer.attn, layer.attn.config
+        scale = attn.head_dim ** -0.5 if config.scale_attn_weights else 1.0
+        if config.scale_attn_by_inverse_layer_idx:
+            scale /= attn.layer_idx + 1
+        super().__init__(layer, attn, attn.num_heads, attn.head_dim, scale, attn.attn_dropout.p)
+        self.attn_norm, self.mlp_norm, self.mlp = layer.ln_1, layer.ln_2, layer.mlp
+
+    def _project(self, a: torch.Tensor, cols: slice) -> torch.Tensor:  # Conv1D: a @ W + b, on some columns
+        return a @ self.attn.c_attn.weight[:, cols] + self.attn.c_attn.bias[cols]
+
+    def queries(self, a: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        return self.split_heads(self._project(a, slice(0, self.attn.split_size)))
+
+    def keys_values(self, a: torch.Tensor):
+        k, v = self._project(a, slice(self.attn.split_size, None)).split(self.attn.split_size, dim=-1)
+        return self.split_heads(k), self.split_heads(v)
+
+    def out(self, y: torch.Tensor) -> torch.Tensor:
+        return self.attn.resid_dropout(self.attn.c_proj(y))
+
+
+# ----------------------------------------------------------------------------- families
+@dataclass(frozen=True)
+class Family:
+    """Where a causal LM of one ``model_type`` keeps its parts (attribute paths from the LM;
+    the head is ``get_output_embeddings()``) and the block layout of its decoder layers."""
+    embed: str                          # token embedding
+    layers: str                         # the decoder layers
+    norm: str                           # the final norm, applied at every exit
+    block: type                         # RotaryBlock or GPT2Block
+    rotary: Optional[str] = None        # the rotary embedding (inv_freq, attention_scaling)
+    positions: Optional[str] = None     # learned position embedding
+    embed_dropout: Optional[str] = None
+
+
+_LLAMA = Family("model.embed_tokens", "model.layers", "model.norm", RotaryBlock, rotary="model.rotary_emb")
+FAMILIES = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "gpt2": Family("transformer.wte", "transformer.h", "transformer.ln_f", GPT2Block, positions="transformer.wpe",
+                   embed_dropout="transformer.drop"),
+}
+
+
+def _family(model) -> Family:
+    config = getattr(model, "config", None)
+    if not isinstance(model, nn.Module) or config is None or not hasattr(model, "get_output_embeddings"):
+        raise TypeError(f"model must be a transformers causal LM (e.g. from AutoModelForCausalLM), "
+                        f"got {type(model).__name__}")
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise ValueError(f"model: model_type {model_type!r} ({type(model).__name__}) is not supported; "
+                         f"supported model types: {sorted(FAMILIES)} (fastexit.hf.FAMILIES)")
+    family = FAMILIES[model_type]
+    try:
+        operator.attrgetter(family.layers)(model)
+    except AttributeError:
+        raise TypeError(f"model must be a causal LM with its head (AutoModelForCausalLM), got "
+                        f"{type(model).__name__} without {family.layers}") from None
+    return family
+
+
+def _max_seq_len(config) -> int:
+    """Positions the model serves: its position table, capped at a sliding window that any layer
+    uses (our attention is full causal, which equals a window only within it)."""
+    limit, window = config.max_position_embeddings, getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if window is not None and (layer_types is None or "sliding_attention" in layer_types):
+        limit = min(limit, window)
+    return limit
+
+
+@dataclass(frozen=True)
+class HFSpec:
+    """What fastexit reads from ``model.cfg`` (as from a ModelConfig)."""
+    model_type: str
+    vocab_size: int
+    n_layers: int
+    d_model: int
+    max_seq_len: int
+
+
+# ----------------------------------------------------------------------------- the model
+class HFEarlyExit(nn.Module):
+    """A transformers causal LM as an early-exit model (``hf``: the wrapped model, whose
+    parameters, state_dict and device this module shares).
+
+    ``forward(idx)`` returns the final layer's logits (B, T, V); ``exit_hidden_states`` the
+    final-normed states after any layers, running no layer above the deepest one asked for.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        family = _family(model)
+        part = lambda path: operator.attrgetter(path)(model) if path else None  # noqa: E731
+        rotary = part(family.rotary)
+        if rotary is not None and getattr(rotary, "rope_type", "default") in DYNAMIC_ROPE:
+            raise NotImplementedError(f"model: rope_type {rotary.rope_type!r} changes its frequencies with the "
+                                      f"sequence length, which a KV cache of rotated keys cannot follow")
+        head, embed = model.get_output_embeddings(), part(family.embed)
+        if getattr(head, "bias", None) is not None:
+            raise ValueError("model: the LM head has a bias; fastexit's fused loss takes a bias-free head")
+        if head.weight.shape != embed.weight.shape:
+            raise ValueError(f"model: the LM head is {tuple(head.weight.shape)} but the token embedding is "
+                             f"{tuple(embed.weight.shape)}: vocabularies must match")
+        if getattr(model.config, "add_cross_attention", False):
+            raise ValueError("model: cross-attention layers are not supported")
+        self.hf = model
+        rope = _Rope(rotary) if rotary is not None else None
+        layers = part(family.layers)
+        # plain attributes, not submodules: the parameters stay registered once, under hf
+        self._parts = SimpleNamespace(embed=embed, positions=part(family.positions),
+                                      dropout=part(family.embed_dropout), norm=part(family.norm))
+        self._blocks = [family.block(layer, rope) for layer in layers]
+        self.cfg = HFSpec(model.config.model_type, head.weight.shape[0], len(layers), head.weight.shape[1],
+                          _max_seq_len(model.config))
+
+    @property
+    def n_layers(self) -> int:
+        return self.cfg.n_layers
+
+    @property
+    def blocks(self) -> List[_Block]:
+        """One adapter per decoder layer (their parameters are exactly the layers')."""
+        return self._blocks
+
+    @property
+    def exit_norms(self) -> List[nn.Module]:
+        """The exit norm of every layer: the model's final norm, shared (LayerSkip)."""
+        return [self._parts.norm] * self.n_layers
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.hf.get_output_embeddings()
+
+    def check_idx(self, idx: torch.Tensor) -> None:
+        if not isinstance(idx, torch.Tensor) or idx.dtype != torch.long or idx.dim() != 2:
+            got = f"{idx.dtype} tensor of shape {tuple(idx.shape)}" if isinstance(idx, torch.Tensor) \
+                else type(idx).__name__
+            raise ValueError(f"idx must be an int64 tensor (B, T), got {got}")
+        if idx.numel() == 0:
+            raise ValueError(f"idx must be non-empty, got shape {tuple(idx.shape)}")
+        if idx.shape[1] > self.cfg.max_seq_len:
+            raise ValueError(f"idx has {idx.shape[1]} positions, more than max_seq_len={self.cfg.max_seq_len}")
+
+    def embed(self, idx: torch.Tensor, start_pos: int = 0,
+              positions: Optional[torch.Tensor] = None) -> torch.Tensor:  # (B, T) -> (B, T, d)
+        """Token embeddings, plus learned position embeddings where the family has them
+        (positions (B, T) int64, else start_pos onwards); rotary positions live in the blocks."""
+        x, parts = self._parts.embed(idx), self._parts
+        if parts.positions is not None:
+            pos = positions if positions is not None else torch.arange(start_pos, start_pos + idx.shape[1],
+                                                                       device=idx.device)
+            x = x + parts.positions(pos)
+        return parts.dropout(x) if parts.dropout is not None else x
+
+    def exit_hidden_states(self, idx: torch.Tensor, layers: Sequence[int],
+                           drops: Optional[Sequence[Sequence[bool]]] = None, *,
+                           attention_mask: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+        """Final-normed hidden states (B, T, d) after each of ``layers`` (1-indexed), in the
+        order given; no layer deeper than ``max(layers)`` runs.
+
+        drops[l][b] (layer dropout, ``LayerDropout.draw``, as the native model): sequence b
+        skips layer l + 1. attention_mask: (B, T), 1/True on real tokens
+        (``routing.padding_layout``): pads are never attended to and positions count from each
+        row's first real token.
+        """
+        self.check_idx(idx)
+        layers = list(layers)
+        if not layers or any(isinstance(i, bool) or not isinstance(i, int) or not 1 <= i <= self.n_layers
+                             for i in layers):
+            raise ValueError(f"layers must be a non-empty list of ints in 1..{self.n_layers}, got {layers!r}")
+        if drops is not None and (len(drops) != self.n_layers or any(len(row) != idx.shape[0] for row in drops)):
+            raise ValueError(f"drops must be {self.n_layers} rows (one per layer) of {idx.shape[0]} bools")
+        positions, mask = padding_layout(attention_mask, idx) if attention_mask is not None else (None, None)
+        x, states = self.embed(idx, positions=positions), {}
+        for i, block in enumerate(self.blocks[:max(layers)], start=1):
+            x = block(x, mask) if drops is None or not any(drops[i - 1]) else _kept_rows(block, x, mask, drops[i - 1])
+            if i in layers:
+                states[i] = self._parts.norm(x)
+        return [states[i] for i in layers]
+
+    def exit_logits(self, idx: torch.Tensor, layers: Sequence[int],
+                    attention_mask: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+        """Full logits (B, T, V) of each requested exit (small batches and tests)."""
+        return [self.lm_head(h) for h in self.exit_hidden_states(idx, layers, attention_mask=attention_mask)]
+
+    def forward(self, idx: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.exit_logits(idx, [self.n_layers], attention_mask=attention_mask)[0]
+
+    def new_kv_caches(self, batch: int, max_len: int, layers: Sequence[int], zeroed: bool = False) -> List[KVCache]:
+        """KV caches (B, Hkv, max_len, hd) of the given layers (1-indexed)."""
+        return [self.blocks[i - 1].new_cache(batch, max_len, zeroed) for i in layers]
+
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, routing_threshold: Optional[float] = None,
+                 exit_layer: Optional[int] = None, *, attention_mask: Optional[torch.Tensor] = None, **kwargs):
+        """``fastexit.generate.generate`` on this model; ``attention_mask`` (B, T0) of a
+        left-padded batch, 1/True on real tokens, is its ``prompt_mask``."""
+        from .generate import generate
+        if attention_mask is not None:
+            kwargs["prompt_mask"] = attention_mask.bool()
+        return generate(self, idx, max_new_tokens, routing_threshold, exit_layer, **kwargs)
+
+
+def _kept_rows(block: _Block, x: torch.Tensor, mask: Optional[torch.Tensor], dropped: Sequence[bool]):
+    """block on the rows not dropped; dropped rows pass through unchanged."""
+    rows = torch.tensor([b for b, drop in enumerate(dropped) if not drop], dtype=torch.long, device=x.device)
+    if not rows.numel():
+        return x
+    kept = block(x.index_select(0, rows), mask.index_select(0, rows) if mask is not None else None)
+    return x.index_copy(0, rows, kept)
+
+
+def from_hf(model: nn.Module) -> HFEarlyExit:
+    """A transformers causal LM (a supported ``config.model_type``: ``FAMILIES``) as an
+    early-exit model that ``UniversalTrainer``, routing and generation accept. The returned
+    module shares the model's parameters; an ``HFEarlyExit`` is returned as is. Call it after
+    any change of the model's modules (``resize_token_embeddings`` swaps the embedding)."""
+    return model if isinstance(model, HFEarlyExit) else HFEarlyExit(model)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def save(model: nn.Module, directory, config: Optional[UniversalConfig] = None, **save_pretrained_kwargs) -> Path:
+    """``save_pretrained`` into ``directory`` plus ``fastexit.json`` (the method, its exit
+    layers and routing thresholds); the folder stays loadable by transformers alone."""
+    model = from_hf(model)
+    if config is not None:
+        if not isinstance(config, UniversalConfig):
+            raise TypeError(f"config must be a UniversalConfig or None, got {type(config).__name__}")
+        config.validate_for(model.n_layers)
+    directory = Path(directory)
+    model.hf.save_pretrained(directory, **save_pretrained_kwargs)
+    write_json(directory / METADATA, dict(
+        format=FORMAT, model_type=model.cfg.model_type, n_layers=model.n_layers, vocab_size=model.cfg.vocab_size,
+        method=None if config is None else config.to_dict(),
+        exit_layers=None if config is None else [config.exit_layer],
+        routing_thresholds=None if config is None else [float(config.routing_threshold)]))
+    return directory
+
+
+def load(directory, **from_pretrained_kwargs):
+    """(HFEarlyExit, UniversalConfig or None) from a folder written by ``save``; a plain
+    transformers folder (no fastexit.json) loads with config None. Keyword arguments go to
+    ``AutoModelForCausalLM.from_pretrained`` (torch_dtype, device_map, ...)."""
+    from transformers import AutoModelForCausalLM
+    directory = Path(directory)
+    meta = _read_metadata(directory / METADATA)
+    model = from_hf(AutoModelForCausalLM.from_pretrained(directory, **from_pretrained_kwargs))
+    if meta is None:
+        return model, None
+    found = dict(model_type=model.cfg.model_type, n_layers=model.n_layers, vocab_size=model.cfg.vocab_size)
+    for key, value in found.items():
+        if meta.get(key) != value:
+            raise ValueError(f"{directory / METADATA}: {key}={meta.get(key)!r} does not match the model's {value!r}")
+    config = None if meta.get("method") is None else UniversalConfig.from_dict(meta["method"])
+    if config is not None:
+        config.validate_for(model.n_layers)
+        if meta.get("exit_layers") != [config.exit_layer] \
+                or meta.get("routing_thresholds") != [config.routing_threshold]:
+            raise ValueError(f"{directory / METADATA}: exit_layers/routing_thresholds disagree with the method")
+    return model, config
+
+
+def _read_metadata(path: Path) -> Optional[dict]:
+    if not path.exists():
+        return None
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: unreadable fastexit metadata ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: not fastexit metadata of format {FORMAT!r}")
+    return meta
