@@ -14,10 +14,12 @@ checkpoint "at step k" holds the weights after it, and training progress during 
 ``(k - 1) / steps``.
 """
 import math
+import random
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
 ALPHA_KINDS = ("constant", "linear", "cosine")
+LAYER_DROPOUT_SHAPES = ("constant", "linear", "exponential")
 EVAL_MODES = ("exact", "compact")
 
 # The defaults of `fastexit train`: sized so that the main job ends within ~5 minutes on 2 CPU cores.
@@ -82,18 +84,69 @@ class AlphaSchedule:
 
 
 @dataclass
+class LayerDropout:
+    """Per-sequence layer dropout in training (LayerSkip): block l (1-indexed, of L) is skipped
+    by a sequence with probability ``max_rate * S(l)``, where the shape S is
+
+    - constant: 1;
+    - linear: (l - 1) / (L - 1), from 0 at the first block to 1 at the last;
+    - exponential: 2 ** ((l - 1) / (L - 1)) - 1, also 0 to 1, most of it near the top.
+
+    A one-block model gets ``max_rate`` whatever the shape. A skipped block passes the residual
+    stream through unchanged; evaluation and generation never drop.
+    """
+    max_rate: float = 0.0
+    shape: str = "constant"
+
+    def __post_init__(self):
+        if self.shape not in LAYER_DROPOUT_SHAPES:
+            raise ValueError(f"LayerDropout.shape must be one of {LAYER_DROPOUT_SHAPES}, got {self.shape!r}")
+        if isinstance(self.max_rate, bool) or not isinstance(self.max_rate, (int, float)) \
+                or not 0 <= self.max_rate < 1:
+            raise ValueError(f"LayerDropout.max_rate must be a number in [0, 1), got {self.max_rate!r}")
+
+    def rates(self, n_layers: int) -> List[float]:
+        """Drop probability of blocks 1..n_layers."""
+        _check_int("n_layers", n_layers, 1)
+        if n_layers == 1 or self.shape == "constant":
+            return [float(self.max_rate)] * n_layers
+        depth = [i / (n_layers - 1) for i in range(n_layers)]
+        shape = depth if self.shape == "linear" else [2 ** t - 1 for t in depth]
+        return [self.max_rate * s for s in shape]
+
+    def draw(self, n_layers: int, n_rows: int, seed: int, step: int) -> List[List[bool]]:
+        """drops[l][b]: whether sequence b skips block l + 1 at optimizer step ``step``.
+
+        A pure function of (seed, step): a resumed run redraws the same drops, and every rank
+        of a distributed run draws the whole global batch and keeps its own rows.
+        """
+        _check_int("n_rows", n_rows, 1)
+        rng = random.Random(f"layer_dropout:{seed}:{step}")  # str seeds hash deterministically
+        return [[rng.random() < p for _ in range(n_rows)] for p in self.rates(n_layers)]
+
+
+@dataclass
 class UniversalConfig:
     """Per-layer loss weights (1-indexed, >= 0) and the inference routing of one method.
 
     ``routing_threshold = 0`` disables routing; otherwise a token whose max softmax probability
     at ``exit_layer`` is >= threshold leaves there. ``layer_lr_scales`` multiplies the learning
     rate of transformer block i (1-indexed); other parameters keep the base rate.
+
+    ``distill_weight`` > 0 adds self-distillation: each weighted layer i below the final one
+    also pays ``distill_weight * w_i * T**2 * KL(softmax(z_L / T) || softmax(z_i / T))``, the
+    final layer's logits z_L a detached teacher and T = ``distill_temperature``.
+    ``layer_dropout`` skips whole blocks per sequence in training (``LayerDropout``).
+    The defaults of these three reproduce the plain weighted loss exactly.
     """
     layer_weights: Dict[int, float]
     exit_layer: int = 1
     routing_threshold: float = 0.95
     alpha_schedule: Optional[AlphaSchedule] = None
     layer_lr_scales: Optional[Dict[int, float]] = None
+    distill_weight: float = 0.0
+    distill_temperature: float = 1.0
+    layer_dropout: Optional[LayerDropout] = None
 
     def __post_init__(self):
         self._check_layer_weights()
@@ -102,6 +155,10 @@ class UniversalConfig:
         if self.alpha_schedule is not None and not isinstance(self.alpha_schedule, AlphaSchedule):
             raise TypeError(f"alpha_schedule must be an AlphaSchedule, got {type(self.alpha_schedule).__name__}")
         self._check_lr_scales()
+        _check_positive("distill_weight", self.distill_weight, allow_zero=True)
+        _check_positive("distill_temperature", self.distill_temperature)
+        if self.layer_dropout is not None and not isinstance(self.layer_dropout, LayerDropout):
+            raise TypeError(f"layer_dropout must be a LayerDropout, got {type(self.layer_dropout).__name__}")
 
     def _check_layer_weights(self):
         if not isinstance(self.layer_weights, dict) or not self.layer_weights:
@@ -154,15 +211,20 @@ class UniversalConfig:
         return dict(layer_weights=_str_keys(self.layer_weights), exit_layer=self.exit_layer,
                     routing_threshold=float(self.routing_threshold),
                     alpha_schedule=None if self.alpha_schedule is None else asdict(self.alpha_schedule),
-                    layer_lr_scales=None if self.layer_lr_scales is None else _str_keys(self.layer_lr_scales))
+                    layer_lr_scales=None if self.layer_lr_scales is None else _str_keys(self.layer_lr_scales),
+                    distill_weight=float(self.distill_weight), distill_temperature=float(self.distill_temperature),
+                    layer_dropout=None if self.layer_dropout is None else asdict(self.layer_dropout))
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "UniversalConfig":
-        schedule, scales = d.get("alpha_schedule"), d.get("layer_lr_scales")
+        schedule, scales, dropout = d.get("alpha_schedule"), d.get("layer_lr_scales"), d.get("layer_dropout")
         return cls(layer_weights=_int_keys(d["layer_weights"]), exit_layer=int(d.get("exit_layer", 1)),
                    routing_threshold=float(d.get("routing_threshold", 0.95)),
                    alpha_schedule=None if schedule is None else AlphaSchedule(**schedule),
-                   layer_lr_scales=None if scales is None else _int_keys(scales))
+                   layer_lr_scales=None if scales is None else _int_keys(scales),
+                   distill_weight=float(d.get("distill_weight", 0.0)),
+                   distill_temperature=float(d.get("distill_temperature", 1.0)),
+                   layer_dropout=None if dropout is None else LayerDropout(**dropout))
 
 
 def _str_keys(layer_map: Dict[int, float]) -> Dict[str, float]:
@@ -215,7 +277,8 @@ PRESETS: Dict[str, UniversalConfig] = {name: get_preset(name) for name in _PRESE
 def make_method(preset: Optional[str] = None, layer_weights: Optional[Dict[int, float]] = None, *,
                 n_layers: int = RUN_MODEL_DEFAULTS["n_layers"], exit_layer: int = 1,
                 routing_threshold: Optional[float] = None, alpha_schedule: Optional[AlphaSchedule] = None,
-                layer_lr_scales: Optional[Dict[int, float]] = None) -> UniversalConfig:
+                layer_lr_scales: Optional[Dict[int, float]] = None, distill_weight: float = 0.0,
+                distill_temperature: float = 1.0, layer_dropout: Optional[LayerDropout] = None) -> UniversalConfig:
     """A method from a preset name (default ``DEFAULT_PRESET``) or custom ``layer_weights``,
     with the other fields overriding the preset's; checked against ``n_layers``."""
     if preset is not None and layer_weights is not None:
@@ -224,7 +287,7 @@ def make_method(preset: Optional[str] = None, layer_weights: Optional[Dict[int, 
         else get_preset(preset or DEFAULT_PRESET, n_layers, exit_layer)
     cfg = UniversalConfig(dict(base.layer_weights), exit_layer,
                           base.routing_threshold if routing_threshold is None else routing_threshold,
-                          alpha_schedule, layer_lr_scales)
+                          alpha_schedule, layer_lr_scales, distill_weight, distill_temperature, layer_dropout)
     cfg.validate_for(n_layers)
     return cfg
 

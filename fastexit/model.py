@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .kernels import gemm
+from .kernels import gemm, replace_rows, select_rows
 
 __all__ = ["Attention", "Block", "EarlyExitTransformer", "KVCache", "ModelConfig", "QueryGrid"]
 
@@ -220,19 +220,43 @@ class EarlyExitTransformer(nn.Module):
                                                                    device=idx.device)
         return self.emb_dropout(self.tok_emb(idx) + self.pos_emb(pos))
 
-    def exit_hidden_states(self, idx: torch.Tensor, layers: Sequence[int]) -> List[torch.Tensor]:
+    def exit_hidden_states(self, idx: torch.Tensor, layers: Sequence[int],
+                           drops: Optional[Sequence[Sequence[bool]]] = None) -> List[torch.Tensor]:
         """Exit-normed hidden states (B, T, d) after each of ``layers`` (1-indexed), in the
-        order given; no block deeper than ``max(layers)`` runs."""
+        order given; no block deeper than ``max(layers)`` runs.
+
+        ``drops[l][b]`` (layer dropout, ``LayerDropout.draw``): sequence b skips block l + 1,
+        its residual stream passing through unchanged. The block then runs on the other rows
+        only, compacted into a smaller batch, so dropped rows cost it no work.
+        """
         self.check_idx(idx)
         layers = list(layers)
         if not layers or any(not isinstance(i, int) or not 1 <= i <= self.n_layers for i in layers):
             raise ValueError(f"layers must be a non-empty list of ints in 1..{self.n_layers}, got {layers!r}")
+        self._check_drops(drops, idx.shape[0])
         x, states = self.embed(idx), {}
         for i, block in enumerate(self.blocks[:max(layers)], start=1):
-            x = block(x)
+            x = block(x) if drops is None else self._run_kept_rows(block, x, drops[i - 1])
             if i in layers:
                 states[i] = self.exit_norms[i - 1](x)
         return [states[i] for i in layers]
+
+    @staticmethod
+    def _run_kept_rows(block: nn.Module, x: torch.Tensor, dropped: Sequence[bool]) -> torch.Tensor:
+        kept = [b for b, drop in enumerate(dropped) if not drop]
+        if len(kept) == x.shape[0]:
+            return block(x)
+        if not kept:
+            return x
+        rows = torch.tensor(kept, dtype=torch.long).to(x.device, non_blocking=True)  # (k,)
+        return replace_rows(x, rows, block(select_rows(x, rows)))
+
+    def _check_drops(self, drops, batch: int) -> None:
+        if drops is None:
+            return
+        if len(drops) != self.n_layers or any(len(row) != batch for row in drops):
+            raise ValueError(f"drops must be {self.n_layers} rows (one per block) of {batch} bools "
+                             f"(one per sequence), got {len(drops)} rows")
 
     def exit_logits(self, idx: torch.Tensor, layers: Sequence[int]) -> List[torch.Tensor]:
         """Full logits (B, T, V) of each requested exit. Holds [B*T, V] per layer: use it for

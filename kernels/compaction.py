@@ -5,6 +5,8 @@
   selected rows of ``x[mask]``.
 - ``gather_rows(x, idx)`` = ``x[idx]``; ``scatter_rows(out, idx, values)``: ``out[idx] = values``
   in place. Order-preserving and deterministic (``idx`` from compact_indices is unique).
+- ``select_rows`` / ``replace_rows``: the same two moves as autograd ops (out of place), for
+  training paths that run a block on some rows only (layer dropout).
 
 The Triton path of ``compact_indices`` counts each block of the mask, takes an exclusive
 prefix sum of the block counts, then writes every selected position at its block offset plus
@@ -147,3 +149,52 @@ def scatter_rows(out: torch.Tensor, idx: torch.Tensor, values: torch.Tensor, *, 
     if values.numel():
         _triton_copy_rows(values.contiguous(), out, idx.contiguous(), gather=False)
     return out
+
+
+# ----------------------------------------------------------------------------- autograd
+class _SelectRows(torch.autograd.Function):
+    """x[idx] with the gradient scattered back: training's compaction (idx unique)."""
+
+    @staticmethod
+    def forward(ctx, x, idx, backend):
+        ctx.save_for_backward(idx)
+        ctx.n_rows, ctx.backend = x.shape[0], backend
+        return gather_rows(x, idx, backend=backend)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (idx,) = ctx.saved_tensors
+        dx = grad.new_zeros((ctx.n_rows,) + grad.shape[1:])
+        return scatter_rows(dx, idx, grad.contiguous(), backend=ctx.backend), None, None
+
+
+class _ReplaceRows(torch.autograd.Function):
+    """A copy of x whose rows idx are values; the gradient splits along the same rows."""
+
+    @staticmethod
+    def forward(ctx, x, idx, values, backend):
+        ctx.save_for_backward(idx)
+        ctx.backend = backend
+        return scatter_rows(x.contiguous().clone(), idx, values.contiguous(), backend=backend)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (idx,) = ctx.saved_tensors
+        grad = grad.contiguous()
+        d_values = gather_rows(grad, idx, backend=ctx.backend)
+        dx = scatter_rows(grad.clone(), idx, torch.zeros_like(d_values), backend=ctx.backend)
+        return dx, None, d_values, None
+
+
+def select_rows(x: torch.Tensor, idx: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """Differentiable ``gather_rows``: x (N, ...), idx (k,) unique int64 -> (k, ...); the
+    gradient of the other rows is 0."""
+    _check_rows("x", x)
+    return _SelectRows.apply(x, idx, backend)
+
+
+def replace_rows(x: torch.Tensor, idx: torch.Tensor, values: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """Differentiable out-of-place ``scatter_rows``: a copy of x (N, ...) with rows idx (k,)
+    unique set to values (k, ...); x's gradient is 0 on those rows, values' is theirs."""
+    _check_rows("x", x)
+    return _ReplaceRows.apply(x, idx, values, backend)
