@@ -13,16 +13,28 @@ file, never half-loaded. Writes go to a temporary file in the same folder, then
 ``os.replace`` (``fastexit.atomic``): a crash mid-write leaves the previous checkpoint intact.
 Version-1 files (which stored the method and model configs a second time beside an older
 run-config layout) are read and converted.
+
+A run trained with FSDP2 (``fastexit train --parallel fsdp``) saves a sharded checkpoint
+instead: the folder ``ckpt-<step>`` (``save_sharded_checkpoint``), in which every rank wrote
+its shards of the model and optimizer state with torch.distributed.checkpoint (keyed by
+parameter name, so that any number of ranks, or one process, can load them) and rank 0 wrote
+``meta.pt`` (everything else, with its digest). The folder is written under a temporary name
+and renamed once every rank has written, so a rank that fails mid-save leaves nothing a
+loader reads. ``find_checkpoint`` picks a run folder's latest checkpoint of either kind;
+``load_checkpoint``, ``load_weights`` and ``load_optimizer`` read both.
 """
 import hashlib
 import os
 import random
+import shutil
+import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Set, Union
 
 import numpy as np
 import torch
 
+from . import distributed
 from .atomic import atomic_write
 from .config import ModelConfig, RunConfig
 from .model import EarlyExitTransformer
@@ -33,12 +45,22 @@ CKPT_NAME = "ckpt.pt"
 FORMAT = "fastexit-checkpoint"
 FORMAT_VERSION = 2
 REQUIRED_KEYS = ("format", "version", "digest", "model", "run_config", "optimizer", "step", "data_state", "rng")
+SHARDED_PREFIX = "ckpt-"  # a sharded checkpoint is the folder ckpt-<step, 6 digits>
+META_NAME = "meta.pt"  # in it, beside the shards: every key but the model and optimizer tensors
+SHARDED_KEYS = tuple(k for k in REQUIRED_KEYS if k not in ("model", "optimizer")) + ("files",)
 DATA_KEYS = ("vocab_size", "fingerprint", "tokenizer")  # what a checkpoint's corpus must match
 
 
 # --------------------------------------------------------------------------------- RNG
+def _cuda_rng_devices() -> list:
+    """Every CUDA device in one process; under torchrun the rank's own (reading another GPU's
+    generator would open a CUDA context there, on every rank)."""
+    return [torch.cuda.current_device()] if distributed.world_size() > 1 else list(range(torch.cuda.device_count()))
+
+
 def capture_rng_state() -> Dict[str, Any]:
-    """Python, NumPy and torch (CPU, and every CUDA device when present) RNG states."""
+    """Python, NumPy and torch (CPU, and every CUDA device when present; under torchrun the
+    rank's own) RNG states."""
     version, mt_state, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = dict(python=[version, list(mt_state), gauss],
@@ -46,7 +68,7 @@ def capture_rng_state() -> Dict[str, Any]:
                             has_gauss=int(has_gauss), cached_gaussian=float(cached)),
                  torch=torch.get_rng_state(), cuda=[])
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [torch.cuda.get_rng_state(d) for d in _cuda_rng_devices()]
     return state
 
 
@@ -58,7 +80,8 @@ def restore_rng_state(state: Dict[str, Any]) -> None:
                          n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
+        for device, cuda_state in zip(_cuda_rng_devices(), state["cuda"]):
+            torch.cuda.set_rng_state(cuda_state, device)
 
 
 # ------------------------------------------------------------------------------ digest
@@ -119,7 +142,7 @@ def _first_line(err: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _read(path: Path) -> Dict[str, Any]:
+def _read(path: Path, required=REQUIRED_KEYS) -> Dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint there")
     try:
@@ -141,9 +164,21 @@ def _read(path: Path) -> Dict[str, Any]:
             payload = _from_version_1(payload)
         except (KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"{path}: version-1 checkpoint lacks {_first_line(err)}") from None
-    missing = [k for k in REQUIRED_KEYS if k not in payload]
+    missing = [k for k in required if k not in payload]
     if missing:
         raise ValueError(f"{path}: checkpoint lacks {missing}")
+    return payload
+
+
+def _read_sharded(path: Path) -> Dict[str, Any]:
+    """meta.pt of a sharded checkpoint, checked, and every shard file at its recorded size
+    (DCP keeps no checksums: a cut or missing shard is caught here, not halfway through a load)."""
+    payload = _read(path / META_NAME, SHARDED_KEYS)
+    wrong = sorted(name for name, size in payload["files"].items()
+                   if not (path / name).is_file() or (path / name).stat().st_size != size)
+    if wrong:
+        raise ValueError(f"{path}: sharded checkpoint is truncated or incomplete ({', '.join(wrong)} "
+                         "missing or not at the size written)")
     return payload
 
 
@@ -178,15 +213,16 @@ def _diff(saved: Dict[str, Any], wanted: Dict[str, Any]) -> str:
 
 def load_checkpoint(path: PathLike, *, model_config: Optional[ModelConfig] = None,
                     data: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """Read and verify a checkpoint written by ``save_checkpoint``; returns its dict, whose
-    ``run_config`` is a ``RunConfig``.
+    """Read and verify a checkpoint written by ``save_checkpoint`` (or the ``meta.pt`` of a
+    sharded one, given its folder); returns its dict, whose ``run_config`` is a ``RunConfig``
+    (a sharded checkpoint's has no ``model`` and ``optimizer``: see ``load_weights``).
 
     With ``model_config`` / ``data`` it must also match them (see ``check_matches``). Any
     failure raises one ``ValueError`` naming the file and what is wrong
     (``FileNotFoundError`` when the file is absent).
     """
     path = Path(path)
-    payload = _read(path)
+    payload = _read_sharded(path) if path.is_dir() else _read(path)
     try:
         payload["run_config"] = RunConfig.from_dict(payload["run_config"])
     except (TypeError, ValueError, KeyError) as err:
@@ -214,8 +250,137 @@ def check_matches(payload: Dict[str, Any], path: PathLike, *, model_config: Opti
 def restore_model(payload: Dict[str, Any], path: PathLike = "checkpoint") -> EarlyExitTransformer:
     """Build an ``EarlyExitTransformer`` from a loaded checkpoint and load its weights."""
     model = EarlyExitTransformer(payload["run_config"].model)
+    load_weights(model, payload, path)
+    return model
+
+
+def load_weights(model: torch.nn.Module, payload: Dict[str, Any], path: PathLike) -> None:
+    """The weights of a loaded checkpoint into ``model``, a plain (unwrapped) model: from the
+    file, or from the shards of the sharded checkpoint ``path`` (under torchrun every rank
+    calls it and reads the full weights)."""
+    if "model" not in payload:
+        _read_shards({"model": model.state_dict()}, path, "model weights")  # in place, into the parameters
+        return
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as err:
         raise ValueError(f"{path}: model weights do not fit its config: {_first_line(err)}") from None
-    return model
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, payload: Dict[str, Any],
+                   path: PathLike) -> None:
+    """The optimizer state of a loaded checkpoint into ``optimizer``, which
+    ``UniversalTrainer.create_optimizer`` built on ``model`` (after ``distributed.wrap``:
+    under FSDP2 its parameters are shards, and so becomes the state)."""
+    if "optimizer" in payload:  # one process's full state, in create_optimizer's parameter order
+        state = payload["optimizer"]
+        optimizer.load_state_dict(distributed.shard_like_params(state, optimizer)
+                                  if distributed.is_sharded(model) else state)
+        return
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+    saved = _names_with_optimizer_state(Path(path))
+    state = get_optimizer_state_dict(model, optimizer)  # this process's layout: torch gives every parameter a state
+    state["state"] = {name: s for name, s in state["state"].items() if name in saved}  # AdamW has none without a grad
+    _read_shards({"optimizer": state}, path, "optimizer state")
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(strict=False))
+
+
+def _read_shards(state: Dict[str, Any], path: PathLike, what: str) -> None:
+    """torch.distributed.checkpoint's load into ``state``: collective under torchrun, else one
+    process reading every shard (which DCP warns about each time: here that is the intent).
+    Any failure is one ValueError naming the folder."""
+    import torch.distributed.checkpoint as dcp
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=path, no_dist=distributed.world_size() == 1)
+    except (RuntimeError, ValueError, dcp.CheckpointException) as err:
+        raise ValueError(f"{path}: {what} cannot be read from its shards (truncated, or of another model?): "
+                         f"{_first_line(err)}") from None
+
+
+def _names_with_optimizer_state(path: Path) -> Set[str]:
+    """Parameter names with optimizer state in a sharded checkpoint (its keys are
+    'optimizer.state.<parameter name>.<state key>')."""
+    import torch.distributed.checkpoint as dcp
+    prefix = "optimizer.state."
+    keys = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    return {k[len(prefix):].rpartition(".")[0] for k in keys if k.startswith(prefix)}
+
+
+# ------------------------------------------------------------------ sharded (FSDP2)
+def sharded_path(run_dir: PathLike, step: int) -> Path:
+    return Path(run_dir) / f"{SHARDED_PREFIX}{step:06d}"
+
+
+def _sharded_step(path: Path) -> Optional[int]:
+    digits = path.name[len(SHARDED_PREFIX):]
+    ok = path.name.startswith(SHARDED_PREFIX) and digits.isdigit() and path.is_dir()
+    return int(digits) if ok else None
+
+
+def save_sharded_checkpoint(run_dir: PathLike, *, model: torch.nn.Module, run_config: RunConfig,
+                            optimizer: torch.optim.Optimizer, step: int, data_state: Optional[dict]) -> Path:
+    """Every rank: write the sharded checkpoint ``run_dir/ckpt-<step>`` and return it.
+
+    ``model``: the model inside ``distributed.wrap``'s module (FSDP2 shards); the other
+    arguments as for ``save_checkpoint``. Each rank writes its shards of the model and
+    optimizer state, rank 0 ``meta.pt``, all into a temporary folder that rank 0 renames once
+    every rank has written; then it removes the run's older checkpoints. ``meta.pt`` records
+    the size of every shard file, which ``load_checkpoint`` checks.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    final = sharded_path(run_dir, step)
+    tmp = final.with_name(f".{final.name}.tmp")
+    if distributed.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a save that failed
+    distributed.barrier()
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)  # returns once all ranks wrote
+    if distributed.is_main():
+        meta = dict(format=FORMAT, version=FORMAT_VERSION, digest="", run_config=run_config.to_dict(),
+                    step=int(step), data_state=data_state, rng=capture_rng_state(),
+                    files={f.name: f.stat().st_size for f in tmp.iterdir()})
+        meta["digest"] = payload_digest(meta)
+        atomic_write(tmp / META_NAME, lambda f: _save(meta, f))
+        _commit(tmp, final)
+        remove_older_checkpoints(run_dir, keep=final)
+    distributed.barrier()
+    return final
+
+
+def _commit(tmp: Path, final: Path) -> None:
+    if final.exists():  # this very step was committed before (a crash right after): the new copy wins
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+    os.rename(tmp, final)
+
+
+def remove_older_checkpoints(run_dir: PathLike, keep: Path) -> None:
+    """Once ``keep`` is committed: delete the run folder's other checkpoints (``ckpt.pt``,
+    ``ckpt-<step>`` folders) and what interrupted sharded saves left (``.ckpt-*`` folders)."""
+    for path in Path(run_dir).iterdir():
+        if path == Path(keep):
+            continue
+        if path.name == CKPT_NAME:
+            path.unlink()
+        elif path.is_dir() and (_sharded_step(path) is not None or path.name.startswith("." + SHARDED_PREFIX)):
+            shutil.rmtree(path)
+
+
+def find_checkpoint(run_dir: PathLike) -> Optional[Path]:
+    """The latest checkpoint of a run folder: ``ckpt.pt`` or the ``ckpt-<step>`` folder of the
+    highest step (both exist only after a crash between a save and its clean-up); None if
+    it has none. Temporary folders of unfinished saves are never returned."""
+    run_dir = Path(run_dir)
+    steps = {_sharded_step(p): p for p in run_dir.glob(SHARDED_PREFIX + "*")} if run_dir.is_dir() else {}
+    steps.pop(None, None)
+    single = run_dir / CKPT_NAME
+    if not steps:
+        return single if single.exists() else None
+    if single.exists() and _read(single)["step"] >= max(steps):
+        return single
+    return steps[max(steps)]

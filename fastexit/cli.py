@@ -6,7 +6,8 @@ the config fields they set (``--routing-threshold``, ``--exit-layer``, ``--layer
 ``--warmup-steps``); the older spellings still work for one release, with a deprecation note.
 Bad input (a missing data path, a too small corpus, an unknown preset, a malformed flag, a
 corrupted or mismatched checkpoint) ends with one line ``fastexit: error: ...`` on stderr and
-exit status 2, before anything is written.
+exit status 2, before anything is written. ``train --parallel ddp|fsdp`` runs under torchrun
+(``torchrun --nproc-per-node 8 -m fastexit.cli train --parallel fsdp ...``); rank 0 prints.
 """
 import argparse
 import math
@@ -18,7 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from . import report
+from . import distributed, report
 from .config import (DEFAULT_PRESET, EVAL_MODES, GENERATE_DEFAULTS, MAX_PPL_INCREASE, PRESETS, RUN_MODEL_DEFAULTS,
                      SWEEP_THRESHOLDS, TRAIN_SWEEP_THRESHOLDS, AlphaSchedule, DataConfig, ModelConfig, RunConfig,
                      TrainConfig, make_method)
@@ -175,25 +176,38 @@ def _runtime(args) -> Dict[str, Any]:
 
 
 def cmd_train(args) -> int:
+    """One process, or under torchrun (--parallel) every rank: the same calls; rank 0 prints."""
+    parallel = distributed.resolve_parallel(args.parallel)
+    with distributed.process_group(parallel, resolve_device(args.device)) as device:
+        return _train(args, dict(device=device, backend=args.backend, parallel=parallel,
+                                 param_dtype=distributed.PARAM_DTYPES[args.param_dtype]))
+
+
+def _train(args, runtime: Dict[str, Any]) -> int:
     t0 = time.perf_counter()
     if args.resume:
         path = Path(args.out or Path("runs") / (args.preset or ("custom" if args.layer_weights else DEFAULT_PRESET)))
-        run = Run.resume(path, resume_changes(args), **_runtime(args))
+        run = Run.resume(path, resume_changes(args), **runtime)
     else:
         config = run_config_from_flags(args)
-        run = Run.create(Path(args.out or Path("runs") / config.name), config, **_runtime(args))
+        run = Run.create(Path(args.out or Path("runs") / config.name), config, **runtime)
     step = run.train(progress=not args.no_progress, stop_at=args.stop_at)
     if step < run.config.train.steps:
         return 0  # --stop-at: evaluate once the run is complete
-    stats = run.evaluate("val")
+    stats = run.evaluate("val")  # every rank evaluates its share of the batches
     run.log_final(step, stats)
     m = run.config.method
-    print(report.eval_table(f"{run.config.name} after {step} steps ({time.perf_counter() - t0:.0f} s): val split, "
-                            f"exact mode, routing_threshold {m.routing_threshold}, exit_layer {m.exit_layer}",
-                            stats, run.model.n_layers), flush=True)
+    _print_on_rank_0(report.eval_table(f"{run.config.name} after {step} steps ({time.perf_counter() - t0:.0f} s): "
+                                       f"val split, exact mode, routing_threshold {m.routing_threshold}, "
+                                       f"exit_layer {m.exit_layer}", stats, run.model.n_layers))
     if m.exit_layer < run.model.n_layers:
-        print("\n" + _threshold_table(run, "val", TRAIN_SWEEP_THRESHOLDS, None), flush=True)
+        _print_on_rank_0("\n" + _threshold_table(run, "val", TRAIN_SWEEP_THRESHOLDS, None))
     return 0
+
+
+def _print_on_rank_0(text: str) -> None:
+    if distributed.is_main():
+        print(text, flush=True)
 
 
 def _threshold_table(run: Run, split: str, thresholds: Sequence[float], eval_batches: Optional[int]) -> str:
@@ -360,6 +374,10 @@ def _train_parser(sub) -> None:
     p.add_argument("--stop-at", type=int, metavar="STEP",
                    help="stop after STEP (the schedules still span --steps); continue later with --resume")
     _add_runtime_flags(p, progress=True)
+    p.add_argument("--parallel", choices=distributed.PARALLEL_MODES, help="under torchrun: ddp (a replica per "
+                   "rank) or fsdp (FSDP2: state sharded over the ranks); --batch-size stays the global batch")
+    p.add_argument("--param-dtype", default="fp32", choices=tuple(distributed.PARAM_DTYPES),
+                   help="with --parallel fsdp: compute in bf16, keeping fp32 weights and gradient reduction")
     p.set_defaults(func=cmd_train)
 
 

@@ -6,7 +6,11 @@ A run folder holds one training run:
 - ``metrics.jsonl``: one JSON line per training step (``kind: "train"``), per periodic
   evaluation (``"eval"``) and for the final evaluation (``"final"``);
 - ``ckpt.pt``: the latest checkpoint (``fastexit.checkpoint``), written atomically every
-  ``ckpt_every`` steps and at the end.
+  ``ckpt_every`` steps and at the end; a run trained with ``parallel="fsdp"`` has the sharded
+  folder ``ckpt-<step>`` instead. Either kind resumes with any number of processes.
+
+Under torchrun (``parallel="ddp"`` or ``"fsdp"``, inside ``distributed.process_group``) every
+rank runs the same calls; rank 0 alone writes config.json, metrics.jsonl, ckpt.pt and logs.
 
 A run is never overwritten: ``Run.create`` refuses a folder that already holds one, and
 ``Run.resume`` continues from ``ckpt.pt`` to the same final weights as an uninterrupted run
@@ -16,6 +20,7 @@ Bits per byte (``bpb``) sit next to perplexity: ``bpb = mean_nll * n_tokens / (n
 where ``n_bytes`` is the exact UTF-8 byte count of the scored target tokens, summed from the
 tokenizer's per-token byte lengths (``Corpus.bytes_of``), not a split-wide average.
 """
+import contextlib
 import hashlib
 import json
 import random
@@ -28,6 +33,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
+from . import distributed
 from .atomic import write_json, write_lines
 from .config import DataConfig, RunConfig
 from .model import EarlyExitTransformer
@@ -43,11 +49,12 @@ class StopTraining(Exception):
 
 
 def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    if distributed.is_main():
+        print(msg, file=sys.stderr, flush=True)
 
 
 def is_run_folder(path: Path) -> bool:
-    return any((Path(path) / name).exists() for name in RUN_FILES)
+    return any((Path(path) / name).exists() for name in RUN_FILES) or ckpt.find_checkpoint(path) is not None
 
 
 def resolve_device(device: Optional[str]) -> torch.device:
@@ -125,8 +132,9 @@ def with_bpb(stats: Dict[str, float], n_bytes: int) -> Dict[str, float]:
 def read_config(path: Path) -> RunConfig:
     """The RunConfig of a run folder; the checkpoint's copy wins over config.json (it is the
     one the weights belong to)."""
-    if (path / ckpt.CKPT_NAME).exists():
-        return ckpt.load_checkpoint(path / ckpt.CKPT_NAME)["run_config"]
+    checkpoint = ckpt.find_checkpoint(path)
+    if checkpoint is not None:
+        return ckpt.load_checkpoint(checkpoint)["run_config"]
     try:
         d = json.loads((path / "config.json").read_text(encoding="utf-8"))
         return RunConfig.from_dict(ckpt.run_dict_from_version_1(d) if ckpt.is_version_1_run_dict(d) else d)
@@ -178,12 +186,19 @@ def apply_resume_changes(saved: RunConfig, changes: Dict[str, Any], source: Path
 
 # ------------------------------------------------------------------------------- Run
 class Run:
-    """One run folder: its config, and once prepared its corpus, model and trainer."""
+    """One run folder: its config, and once prepared its corpus, model and trainer.
 
-    def __init__(self, path: Path, config: RunConfig, *, device="cpu", backend: str = "auto"):
+    ``parallel`` (None, 'ddp' or 'fsdp') and ``param_dtype`` say how ``train`` runs under
+    torchrun (``distributed.wrap``): properties of the launch, not of the run, which resumes
+    with any of them and any number of ranks.
+    """
+
+    def __init__(self, path: Path, config: RunConfig, *, device="cpu", backend: str = "auto",
+                 parallel: Optional[str] = None, param_dtype: Optional[torch.dtype] = None):
         self.path, self.config = Path(path), config
         self.device, self.backend = torch.device(device), backend
-        self.corpus, self.model, self.trainer, self.payload = None, None, None, None
+        self.parallel, self.param_dtype = parallel, param_dtype
+        self.corpus, self.model, self.trainer, self.payload, self.ckpt_path = None, None, None, None, None
         self.trained = False  # train() ran on this object: its in-memory state may be mid-run
 
     # ---------------------------------------------------------------- opening a run
@@ -204,9 +219,9 @@ class Run:
     @classmethod
     def load(cls, path: Path, *, need_data: bool = True, **runtime) -> "Run":
         """A trained run's model and trainer from its checkpoint (and its corpus)."""
-        ckpt_path = Path(path) / ckpt.CKPT_NAME
-        if not ckpt_path.exists():
-            raise FileNotFoundError(f"{ckpt_path}: no checkpoint there (train the run first)")
+        ckpt_path = ckpt.find_checkpoint(path)
+        if ckpt_path is None:
+            raise FileNotFoundError(f"{Path(path) / ckpt.CKPT_NAME}: no checkpoint there (train the run first)")
         payload = ckpt.load_checkpoint(ckpt_path)
         run = cls(path, payload["run_config"], **runtime)
         if need_data:
@@ -225,7 +240,8 @@ class Run:
         the model (restored when resuming) and check that checkpoint, config and data agree.
         Writes nothing."""
         cfg = self.config
-        self.corpus = load_corpus(cfg.data)
+        with distributed.local_rank_zero_first():  # one rank per node builds a missing data cache
+            self.corpus = load_corpus(cfg.data)
         check_corpus(self.corpus, cfg.train.batch_size, cfg.train.seq_len)
         identity = corpus_identity(self.corpus)
         data = DataConfig(**dict(cfg.data.to_dict(), identity=identity, n_bytes=dict(self.corpus.n_bytes),
@@ -238,49 +254,53 @@ class Run:
     def _load_state(self, from_disk: bool) -> None:
         """The model (and trainer) as the checkpoint on disk left them, or freshly initialised
         from the seed when there is none or ``from_disk`` is False."""
-        cfg, ckpt_path = self.config, self.path / ckpt.CKPT_NAME
-        self.payload = None
-        if from_disk and ckpt_path.exists():
+        cfg = self.config
+        self.payload, self.ckpt_path = None, ckpt.find_checkpoint(self.path) if from_disk else None
+        if self.ckpt_path is not None:
             identity = data_key(cfg.data.identity)
-            self.payload = ckpt.load_checkpoint(ckpt_path, model_config=cfg.model, data=identity)
+            self.payload = ckpt.load_checkpoint(self.ckpt_path, model_config=cfg.model, data=identity)
             if self.payload["step"] > cfg.train.steps:
                 raise ValueError(f"steps {cfg.train.steps} is below the checkpoint's step {self.payload['step']} "
-                                 f"({ckpt_path})")
+                                 f"({self.ckpt_path})")
         seed_everything(cfg.train.seed)
         self.model = EarlyExitTransformer(cfg.model)
         if self.payload is not None:
-            self.model.load_state_dict(self.payload["model"])
+            ckpt.load_weights(self.model, self.payload, self.ckpt_path)
         self.model.to(self.device)
         self.trainer = self._new_trainer()
 
     # ---------------------------------------------------------------------- training
     def train(self, *, progress: bool = True, stop_at: Optional[int] = None) -> int:
         """Train (or continue) to ``train.steps``, or stop after step ``stop_at``; writes
-        config.json, metrics.jsonl and ckpt.pt. Returns the step reached."""
-        from .data import random_batches
+        config.json, metrics.jsonl and the checkpoint. Returns the step reached. Under torchrun
+        every rank calls it (each trains on its rows of every batch)."""
         t = self.config.train
         if stop_at is not None and not 1 <= stop_at <= t.steps:
             raise ValueError(f"stop_at must be in [1, steps={t.steps}], got {stop_at}")
         if self.trained:  # a second call continues from what the first left on disk, as a new process would
             self._load_state(from_disk=True)
         self.trained = True
+        model = distributed.wrap(self.model, self.parallel, param_dtype=self.param_dtype)  # self.model in one process
         optimizer = self.trainer.create_optimizer(self.model, t.lr, weight_decay=t.weight_decay)
-        stream = random_batches(self.corpus.splits["train"], t.batch_size, t.seq_len, seed=t.seed, device=self.device)
+        stream = self._train_stream()
         start = self._restore_state(optimizer, stream)
         val, val_bytes = split_batches(self.corpus, "val", t.batch_size, t.seq_len, t.eval_batches, self.device)
-        self.path.mkdir(parents=True, exist_ok=True)  # every check passed: from here on, files are written
-        write_json(self.path / "config.json", self.config.to_dict())
-        truncate_metrics(self.path / "metrics.jsonl", start)
+        distributed.barrier()  # every rank has checked the folder before rank 0 writes to it
+        main = distributed.is_main()
+        if main:  # every check passed: from here on, files are written
+            self.path.mkdir(parents=True, exist_ok=True)
+            write_json(self.path / "config.json", self.config.to_dict())
+            truncate_metrics(self.path / "metrics.jsonl", start)
         if start == t.steps:
             log(f"{self.path}: already trained to step {start}")
             return start
-        with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as metrics:
+        with open(self.path / "metrics.jsonl", "a", encoding="utf-8") if main else contextlib.nullcontext() as metrics:
             writer = _StepWriter(self, optimizer, stream, metrics, val_bytes, stop_at, start)
             try:
-                self.trainer.fit(self.model, stream, t.steps, t.lr, warmup_steps=t.warmup_steps,
+                self.trainer.fit(model, stream, t.steps, t.lr, warmup_steps=t.warmup_steps,
                                  min_lr_ratio=t.min_lr_ratio, grad_clip=t.grad_clip, val_batches=val,
                                  eval_every=t.eval_every, start_step=start, optimizer=optimizer,
-                                 progress_bar=progress, callback=writer)
+                                 progress_bar=progress and main, callback=writer)
             except StopTraining as stop:
                 log(f"stopped after step {stop.args[0]} of {t.steps}; continue with: "
                     f"fastexit train --out {self.path} --resume")
@@ -290,22 +310,40 @@ class Run:
             writer.save(t.steps)
         return t.steps
 
+    def _train_stream(self):
+        """This process's training batches: the global ones in one process; under torchrun the
+        rank's rows of them (``distributed.RankBatches``), so any world size sees the same data."""
+        from .data import random_batches
+        t = self.config.train
+        if distributed.world_size() == 1:
+            return random_batches(self.corpus.splits["train"], t.batch_size, t.seq_len, seed=t.seed, device=self.device)
+        stream = random_batches(self.corpus.splits["train"], t.batch_size, t.seq_len, seed=t.seed)  # on the host
+        return distributed.RankBatches(stream, t.batch_size, self.device)
+
     def _restore_state(self, optimizer, stream) -> int:
         """Optimizer, data stream and RNG states from the checkpoint; returns its step (0 if none)."""
         if self.payload is None:
             return 0
-        optimizer.load_state_dict(self.payload["optimizer"])
+        ckpt.load_optimizer(optimizer, self.model, self.payload, self.ckpt_path)
         stream.load_state_dict(self.payload["data_state"])
         ckpt.restore_rng_state(self.payload["rng"])
         return self.payload["step"]
 
     def save(self, optimizer, stream, step: int) -> None:
-        ckpt.save_checkpoint(self.path / ckpt.CKPT_NAME, model=self.model, run_config=self.config,
-                             optimizer=optimizer, step=step, data_state=stream.state_dict())
+        """A checkpoint of ``step``: sharded under FSDP2 (every rank writes its shards), else
+        ``ckpt.pt`` from rank 0 (DDP replicas are all alike); older checkpoints go."""
+        args = dict(model=self.model, run_config=self.config, optimizer=optimizer, step=step,
+                    data_state=stream.state_dict())
+        if self.parallel == "fsdp":
+            ckpt.save_sharded_checkpoint(self.path, **args)
+        elif distributed.is_main():
+            path = ckpt.save_checkpoint(self.path / ckpt.CKPT_NAME, **args)
+            ckpt.remove_older_checkpoints(self.path, keep=path)
 
     def log_final(self, step: int, stats: Dict[str, Any]) -> None:
-        with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as metrics:
-            metrics.write(json.dumps(dict(kind="final", step=step, **stats)) + "\n")
+        if distributed.is_main():
+            with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as metrics:
+                metrics.write(json.dumps(dict(kind="final", step=step, **stats)) + "\n")
 
     # -------------------------------------------------------------------- evaluation
     def evaluate(self, split: str = "val", mode: str = "exact", *, eval_batches: Optional[int] = None,
@@ -345,7 +383,8 @@ class Run:
 
 
 class _StepWriter:
-    """The step callback of ``fit``: metrics.jsonl lines, periodic checkpoints, stop_at."""
+    """The step callback of ``fit``: metrics.jsonl lines (rank 0; ``metrics`` is None on the
+    other ranks), periodic checkpoints, stop_at."""
 
     def __init__(self, run: Run, optimizer, stream, metrics, val_bytes: int, stop_at, start: int):
         self.run, self.optimizer, self.stream, self.metrics = run, optimizer, stream, metrics
@@ -358,20 +397,25 @@ class _StepWriter:
 
     def __call__(self, _trainer, record: Dict[str, Any]) -> None:
         step, t = record["step"], self.run.config.train
-        line = {k: v for k, v in record.items() if k != "eval"}
-        self.metrics.write(json.dumps(dict(kind="train", elapsed_s=round(time.perf_counter() - self.t0, 3),
-                                           **line)) + "\n")
-        if "eval" in record:
-            stats = with_bpb(record["eval"], self.val_bytes)
-            self.metrics.write(json.dumps(dict(kind="eval", step=step, split="val", mode="exact", **stats)) + "\n")
-        self.metrics.flush()
+        if self.metrics is not None:  # rank 0
+            self._write(record)
         if step == self.stop_at or (step % t.ckpt_every == 0 and step < t.steps):
             self.save(step)
         if step == self.stop_at and step < t.steps:
             raise StopTraining(step)
 
+    def _write(self, record: Dict[str, Any]) -> None:
+        line = {k: v for k, v in record.items() if k != "eval"}
+        self.metrics.write(json.dumps(dict(kind="train", elapsed_s=round(time.perf_counter() - self.t0, 3),
+                                           **line)) + "\n")
+        if "eval" in record:
+            stats = with_bpb(record["eval"], self.val_bytes)
+            self.metrics.write(json.dumps(dict(kind="eval", step=record["step"], split="val", mode="exact",
+                                               **stats)) + "\n")
+        self.metrics.flush()
+
     def interrupted(self) -> KeyboardInterrupt:
         path = self.run.path
-        where = (f"{path / ckpt.CKPT_NAME} holds step {self.saved_step}; continue with: fastexit train "
+        where = (f"{ckpt.find_checkpoint(path)} holds step {self.saved_step}; continue with: fastexit train "
                  f"--out {path} --resume" if self.saved_step else "no checkpoint was written yet")
         return KeyboardInterrupt(f"interrupted; {where}")

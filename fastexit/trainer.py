@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import routing
+from . import distributed, routing
 from .config import EVAL_MODES, TrainConfig, UniversalConfig
 from .kernels import resolve_backend, weighted_linear_cross_entropy
 
@@ -59,26 +59,40 @@ class UniversalTrainer:
 
         x, y: (B, T) int64. An ``EarlyExitTransformer`` goes through the fused kernel and runs
         no block above the deepest weighted layer; any other model whose forward returns a list
-        of per-layer logits (B, T, V) (the seed's style) is scored from those logits.
+        of per-layer logits (B, T, V) (the seed's style) is scored from those logits. Given the
+        module ``distributed.wrap`` returned (DDP, FSDP2), x and y are this rank's rows, the
+        loss runs inside that module's forward, and the mean is over the scored tokens of the
+        global batch (``distributed.global_token_mean``).
         """
         x, y = x.to(self.device), y.to(self.device)
-        if not hasattr(model, "exit_hidden_states"):
-            return self._loss_from_logits(model(x), y)
-        self._check_vocab(model.lm_head.weight.shape[0])
-        weights = self.layer_weights(model.n_layers)
-        layers = [i for i, w in weights.items() if w > 0]
-        hiddens = model.exit_hidden_states(x, layers)
-        return weighted_linear_cross_entropy(
-            [h.reshape(-1, h.shape[-1]) for h in hiddens], model.lm_head.weight, y.reshape(-1),
-            [weights[i] for i in layers], backend=self.backend)
+        if distributed.is_wrapped(model):  # under FSDP2 the head weight is unsharded only in the root's forward
+            return model(self._loss, x, y, across_ranks=True)
+        return self._loss(model, x, y)
 
-    def _loss_from_logits(self, logits: Sequence[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+    def _loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, across_ranks: bool = False) -> torch.Tensor:
+        """The weighted loss of one batch: its token mean, or with ``across_ranks`` this rank's
+        summed loss turned into its share of the global token mean."""
+        reduction = "sum" if across_ranks else "mean"
+        if not hasattr(model, "exit_hidden_states"):
+            loss = self._loss_from_logits(model(x), y, reduction)
+        else:
+            self._check_vocab(model.lm_head.weight.shape[0])
+            distributed.check_unsharded(model.lm_head.weight)
+            weights = self.layer_weights(model.n_layers)
+            layers = [i for i, w in weights.items() if w > 0]
+            hiddens = model.exit_hidden_states(x, layers)
+            loss = weighted_linear_cross_entropy(
+                [h.reshape(-1, h.shape[-1]) for h in hiddens], model.lm_head.weight, y.reshape(-1),
+                [weights[i] for i in layers], reduction=reduction, backend=self.backend)
+        return distributed.global_token_mean(loss, y) if across_ranks else loss
+
+    def _loss_from_logits(self, logits: Sequence[torch.Tensor], y: torch.Tensor, reduction: str) -> torch.Tensor:
         if not isinstance(logits, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in logits):
             raise TypeError("compute_loss needs an EarlyExitTransformer or a model whose forward "
                             f"returns a list of per-layer logits, got {type(logits).__name__}")
         self._check_vocab(logits[0].shape[-1])
         weights = self.layer_weights(len(logits))
-        terms = [w * F.cross_entropy(logits[i - 1].reshape(-1, self.vocab_size), y.reshape(-1))
+        terms = [w * F.cross_entropy(logits[i - 1].reshape(-1, self.vocab_size), y.reshape(-1), reduction=reduction)
                  for i, w in weights.items() if w > 0]
         return torch.stack(terms).sum()
 
@@ -92,8 +106,11 @@ class UniversalTrainer:
 
         Parameters outside the blocks (embeddings, exit norms, head) keep ``base_lr``. Matrices
         get weight decay, vectors (norm gains) do not. Each group records ``initial_lr`` so a
-        scheduler multiplying every group by one factor keeps the layer ratios.
+        scheduler multiplying every group by one factor keeps the layer ratios. Given what
+        ``distributed.wrap`` returned, the groups hold the parameters of the model inside it
+        (FSDP2 shards: build the optimizer after wrapping).
         """
+        model = distributed.unwrap(model)
         if not isinstance(base_lr, (int, float)) or not math.isfinite(base_lr) or base_lr <= 0:
             raise ValueError(f"base_lr must be a finite number > 0, got {base_lr!r}")
         blocks = getattr(model, "blocks", None)
@@ -130,7 +147,9 @@ class UniversalTrainer:
         ``train_batches`` yields (x, y) int64 (B, T). Each step sets ``progress = step / steps``
         (which drives the alpha schedule), the LR factor of ``lr_factor``, clips gradients, and
         calls ``callback(trainer, record)``. Returns one record per step (with eval results on
-        eval steps).
+        eval steps). Under DDP / FSDP2 (``model`` from ``distributed.wrap``) ``train_batches``
+        yields this rank's rows; every rank runs ``fit``, and the records are the same on all:
+        the loss is the global batch's, tokens/s counts every rank's tokens.
         """
         self._check_fit_args(steps, start_step, warmup_steps, eval_every, val_batches)
         self.total_steps, self.optimizer = steps, optimizer or self.create_optimizer(model, base_lr, **adamw_kwargs)
@@ -159,13 +178,14 @@ class UniversalTrainer:
         loss = self.compute_loss(model, x, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip else None
+        grad_norm = distributed.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip else None
         self.optimizer.step()
-        scalars = [loss.detach()] + ([] if grad_norm is None else [grad_norm.to(loss.dtype)])
+        loss = distributed.mean_over_ranks(loss.detach())  # each rank's loss is its share times world_size
+        scalars = [loss] + ([] if grad_norm is None else [grad_norm.to(loss.dtype)])
         loss_value, *norm = torch.stack(scalars).tolist()  # one sync per step, for the bar and the log
         return dict(step=self.step + 1, loss=loss_value, lr=self.optimizer.param_groups[0]["lr"],
                     progress=self.progress, grad_norm=norm[0] if norm else None,
-                    tokens_per_s=x.numel() / (time.perf_counter() - t0))
+                    tokens_per_s=x.numel() * distributed.world_size() / (time.perf_counter() - t0))
 
     @staticmethod
     def _check_fit_args(steps, start_step, warmup_steps, eval_every, val_batches) -> None:
@@ -196,8 +216,12 @@ class UniversalTrainer:
           routed pass batch by batch, interleaved, and adds ``ppl_exact``, ``ppl_diff_vs_exact``
           and ``speedup_vs_exact``.
         ``routing_threshold``: None = the config's (``routing.resolve_routing``).
+        Under DDP / FSDP2 every rank calls it with the same ``val_batches``: each evaluates its
+        share of them (under FSDP2 on a gathered copy of the weights) and the sums are reduced
+        across ranks, so every rank returns the metrics of all batches.
         """
         self._check_eval_args(mode, val_batches, compare_exact)
+        model, val_batches = distributed.evaluation_model(model), distributed.this_ranks_share(val_batches)
         threshold, exit_layer = routing.resolve_routing(model, routing_threshold, None, self.config)
         per_layer = mode == "exact" if per_layer is None else per_layer
         exact = functools.partial(routing.exact_routed_forward, exit_layer=exit_layer, routing_threshold=threshold)
@@ -229,9 +253,8 @@ class UniversalTrainer:
     def _compact_stats(self, model, val_batches, compact, exact, compare_exact, ignore_index) -> Dict[str, float]:
         if not compare_exact:
             return self._routed_stats(model, val_batches, [compact], ignore_index)[0]
-        x = val_batches[0][0].to(self.device)
-        for routed_forward in (exact, compact):  # untimed: first calls pay for allocator growth
-            routed_forward(model, x, backend=self.backend)
+        for routed_forward in (exact, compact) if val_batches else ():  # untimed: first calls pay for allocator growth
+            routed_forward(model, val_batches[0][0].to(self.device), backend=self.backend)
         ex, stats = self._routed_stats(model, val_batches, [exact, compact], ignore_index)
         stats.update(ppl_exact=ex["ppl"], ppl_diff_vs_exact=stats["ppl"] - ex["ppl"],
                      speedup_vs_exact=ex["seconds"] / stats["seconds"])
@@ -269,13 +292,19 @@ class _EvalSums:
             self.layers[i - 1] += _masked_sums(valid.reshape(-1), s.nll, s.pred == flat_y)
 
     def summary(self) -> Dict[str, float]:
-        (nll, correct, easy, layers_run, n), layers = self.routed.tolist(), self.layers.tolist()  # the sync
+        """The metrics; under DDP / FSDP2 of every rank's batches (sums over ranks, the slowest
+        rank's seconds)."""
+        sums = torch.cat([self.routed, self.layers.reshape(-1), self.routed.new_tensor([self.has_layers])])
+        values = distributed.sum_over_ranks(sums).tolist()  # the sync
+        (nll, correct, easy, layers_run, n), has_layers = values[:5], values[-1] > 0
+        layers = [values[5 + 2 * i:7 + 2 * i] for i in range(self.n_layers)]  # (L, [nll, correct])
+        seconds = distributed.max_over_ranks(self.seconds, self.routed.device)
         if n == 0:
             raise ValueError("val_batches has no scored tokens (all targets are ignore_index)")
         out = dict(ppl=math.exp(nll / n), nll=nll / n, acc=correct / n, shallow_ratio=easy / n,
-                   compute_cost=layers_run / (n * self.n_layers), tokens_per_s=n / self.seconds,
-                   seconds=self.seconds, n_tokens=int(n))
-        for i, (layer_nll, layer_correct) in enumerate(layers if self.has_layers else [], start=1):
+                   compute_cost=layers_run / (n * self.n_layers), tokens_per_s=n / seconds,
+                   seconds=seconds, n_tokens=int(n))
+        for i, (layer_nll, layer_correct) in enumerate(layers if has_layers else [], start=1):
             out.update({f"ppl_L{i}": math.exp(layer_nll / n), f"acc_L{i}": layer_correct / n})
         return out
 

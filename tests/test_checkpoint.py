@@ -171,3 +171,19 @@ def test_weights_that_do_not_fit_the_config_are_refused(saved):
     payload["run_config"].model.d_ff = 64
     with pytest.raises(ValueError, match="do not fit its config"):
         ckpt.restore_model(payload, path)
+
+
+def test_find_checkpoint_picks_the_latest_committed_one(saved):
+    """ckpt.pt (step 7) against sharded ckpt-<step> folders; unfinished saves never count."""
+    path = saved[0]
+    run_dir = path.parent
+    assert ckpt.find_checkpoint(run_dir) == path
+    (run_dir / ".ckpt-000009.tmp").mkdir()  # a save a rank died in
+    (run_dir / "ckpt-notes.txt").write_text("not a checkpoint")
+    (run_dir / "ckpt-000005").mkdir()
+    assert ckpt.find_checkpoint(run_dir) == path
+    (run_dir / "ckpt-000008").mkdir()  # committed after ckpt.pt: a crash before its clean-up
+    assert ckpt.find_checkpoint(run_dir) == run_dir / "ckpt-000008"
+    ckpt.remove_older_checkpoints(run_dir, keep=run_dir / "ckpt-000008")
+    assert sorted(p.name for p in run_dir.iterdir()) == ["ckpt-000008", "ckpt-notes.txt"]
+    assert ckpt.find_checkpoint(run_dir / "missing") is None
