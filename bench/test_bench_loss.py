@@ -4,7 +4,8 @@ Providers: naive (full logits per weighted head + F.cross_entropy), torch.compil
 F.linear_cross_entropy with LinearCrossEntropyOptions() per weighted head, ours (torch and
 Triton), Liger-Kernel per head when installed, and matmul-only floors: the three GEMMs of
 fwd+bwd (logits, dH, dW) per weighted head and nothing else, through torch.mm (MKL on CPU)
-and, on CPU, through oneDNN (what ours_torch uses there).
+and, on CPU, through oneDNN (what ours_torch uses there). test_loss_distill: ours with and
+without self-distillation (teacher head, teacher tensor).
 """
 import math
 from dataclasses import dataclass
@@ -180,6 +181,49 @@ def test_loss_ignored_rows(benchmark, provider, ignored):
     record(benchmark, provider=f"{provider} {ignored:.0%} ignored", shape=shape.label, seconds=seconds,
            tokens=shape.n_tokens, peak_mem_mb=cuda_peak_extra_mb(step, device) if device.type == "cuda" else None,
            flops=shape.flops * (1 - ignored), ignored_fraction=ignored)
+
+
+DISTILL_TEACHERS = ("none", "head", "tensor")
+DISTILL_WEIGHT, DISTILL_TEMPERATURE = 0.5, 2.0
+
+
+def make_distill_step(provider: str, shape_index: int, device_type: str, teacher: str):
+    """One fwd+bwd step of ours, distilling into every weighted head from `teacher`: 'none'
+    (the plain loss), 'head' (the last weighted head: its logits reused), or 'tensor' (a
+    separate [N, d] hidden state without grad: one more logits GEMM)."""
+    shape, device = SHAPES[shape_index], torch.device(device_type)
+    hs, weight, targets = make_inputs(shape, device)
+    kw = dict(distill_weight=DISTILL_WEIGHT, distill_temperature=DISTILL_TEMPERATURE)
+    if teacher == "head":
+        kw["teacher"] = max(k for k, w in enumerate(shape.head_weights) if w > 0)
+    elif teacher == "tensor":
+        gen = torch.Generator(device).manual_seed(1)
+        kw["teacher"] = torch.randn(shape.n_tokens, shape.d_model, generator=gen, device=device, dtype=shape.dtype)
+    else:
+        kw = {}
+    backend = "torch" if provider == "ours_torch" else "triton"
+    wrt = [weight] + [h for h, w in zip(hs, shape.head_weights) if w > 0]
+    return lambda: torch.autograd.grad(
+        weighted_linear_cross_entropy(hs, weight, targets, shape.head_weights, backend=backend, **kw), wrt)
+
+
+@pytest.mark.parametrize("teacher", DISTILL_TEACHERS)
+@pytest.mark.parametrize("provider", ["ours_torch", "ours_triton"])
+def test_loss_distill(benchmark, provider, teacher):
+    """Self-distillation in the same pass: a teacher head should cost only the row step's extra
+    reads and exps, a teacher tensor one logits GEMM more (counted in the FLOPs)."""
+    device, shape = bench_device(), SHAPES[0]
+    if (reason := skip_reason(provider, device)) is not None:
+        pytest.skip(reason)
+    benchmark.group = f"loss distill {device.type} {shape.label}"
+    step = make_distill_step(provider, 0, device.type, teacher)
+    step()
+    seconds = run_timed(benchmark, step, device)
+    peak = (cuda_peak_extra_mb(step, device) if device.type == "cuda"
+            else cpu_peak_extra_mb("bench.test_bench_loss", "make_distill_step", provider, 0, "cpu", teacher))
+    extra_gemm = 2 * shape.n_tokens * shape.d_model * shape.vocab if teacher == "tensor" else 0
+    record(benchmark, provider=f"{provider} teacher={teacher}", shape=shape.label, seconds=seconds,
+           tokens=shape.n_tokens, peak_mem_mb=peak, flops=shape.flops + extra_gemm, teacher=teacher)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the matmul-rate reference is for GPUs")

@@ -40,10 +40,24 @@ element over the input dtype: 2 * A * N * d + 2 * V * d bytes held from forward 
   inside one kernel would cost 5.
 Both keep the true-class gradient p - 1 exact for confident rows: it is computed as minus the
 exp-sum of the other classes over the total, never as a difference of numbers close to 1.
+
+Self-distillation (distill_weight > 0) rides in the same pass. The teacher's logits of a chunk
+are the teacher head's rows of the chunk's logits (no GEMM more) or, for a teacher given as
+hiddens, one more logits GEMM per chunk; every student reads them there, and none of them
+enters the dH/dW GEMMs (the teacher is detached). PyTorch path: the teacher's softmax at T
+is taken into a (c, V) buffer first, then head by head a student's softmax at T goes to one
+(c, V) scratch and lambda * T * scale * (p_k - p_t) is added to its dlogits; the chunk budget
+counts the two buffers. Triton path: the row kernel (HAS_DISTILL) takes online, in its one
+pass over the student's row, the student's exp-sum at T and the teacher row's max, exp-sum
+and p_t-weighted z_t - z_k, so KL costs no pass more; the gradient pass reads the teacher's
+row again. A teacher head's own rows run in a second launch, once every student has read
+its logits (they turn into its dlogits in place).
 """
 import math
+import numbers
+import operator
 from dataclasses import dataclass
-from typing import Callable, List, NamedTuple, Sequence, Union
+from typing import Callable, List, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -68,6 +82,8 @@ DLOGITS_16BIT_MAX = 2.0 ** 14  # 16-bit operands: a chunk's dlogits scaled by a 
 SERIES_MAX_Q = 1e-3  # below this 1 - p_target, -log(p_target) comes from its series
 
 Hiddens = Union[torch.Tensor, Sequence[torch.Tensor]]
+Teacher = Union[None, int, torch.Tensor]  # in the passes: no distillation, the position of the teacher
+                                          # among the heads that run, or the teacher's hiddens [N, d]
 
 
 @dataclass(frozen=True)
@@ -76,6 +92,8 @@ class CEOptions:
     label_smoothing: float
     z_loss: float
     ignore_index: int
+    distill_weight: float = 0.0  # read only when a pass is given a teacher
+    distill_temperature: float = 1.0
 
 
 class HeadWeights(NamedTuple):
@@ -147,6 +165,54 @@ def _check_options(reduction: str, label_smoothing: float, z_loss: float) -> Non
         raise ValueError(f"z_loss must be finite and >= 0, got {z_loss}")
 
 
+def _check_number(name: str, value) -> float:
+    if not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def _check_distill(distill_weight, distill_temperature, teacher, hs: list) -> None:
+    weight, temperature = _check_number("distill_weight", distill_weight), \
+        _check_number("distill_temperature", distill_temperature)
+    if not (math.isfinite(weight) and weight >= 0):
+        raise ValueError(f"distill_weight must be finite and >= 0, got {distill_weight}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"distill_temperature must be finite and > 0, got {distill_temperature}")
+    if teacher is None:
+        if weight > 0:
+            raise ValueError("distill_weight > 0 needs a teacher: a head index into hiddens or an [N, d] tensor")
+    elif isinstance(teacher, torch.Tensor):
+        check_matrix("teacher", teacher, n_cols=hs[0].shape[1])
+        check_same("teacher", teacher, hs[0], "hiddens")
+        check_shape("teacher", teacher, hs[0].shape)
+    elif not -len(hs) <= _head_index(teacher) < len(hs):
+        raise ValueError(f"teacher = {teacher} is no head index: hiddens has {len(hs)} heads")
+
+
+def _head_index(teacher) -> int:
+    if isinstance(teacher, bool):  # an int to Python, never meant as a head
+        raise TypeError("teacher must be a head index (int) or an [N, d] tensor, got bool")
+    try:
+        return operator.index(teacher)
+    except TypeError:
+        raise TypeError(f"teacher must be a head index (int) or an [N, d] tensor, got {type(teacher).__name__}") \
+            from None
+
+
+def _resolve_teacher(teacher, distill_weight: float, hs: list, heads: HeadWeights):
+    """(position of the teacher among the heads that run or None, the teacher's hiddens [N, d]
+    or None); (None, None): no distillation (weight 0, or the teacher head is the only one that
+    runs). A head of weight 0 as teacher does not run: its hiddens take the extra GEMM."""
+    if distill_weight == 0:
+        return None, None
+    if isinstance(teacher, torch.Tensor):
+        return None, teacher.detach()
+    k = _head_index(teacher) % len(hs)
+    if k not in heads.active:
+        return None, hs[k].detach()
+    return (heads.active.index(k), None) if len(heads.active) > 1 else (None, None)
+
+
 # ----------------------------------------------------------------------------- shared chunk loop
 def _new_dw(weight: torch.Tensor) -> torch.Tensor:
     """Zero fp32 dW [V, d]; stored as dW^T [d, V] where oneDNN accumulates x^T @ dlogits."""
@@ -188,18 +254,20 @@ def _grad_mm_dtype(mm_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if mm_dtype == torch.float16 else mm_dtype
 
 
-def _chunked_pass(hs, weight, targets, row_scales, opt: CEOptions, rows_fn):
+def _chunked_pass(hs, weight, targets, row_scales, opt: CEOptions, rows_fn, teacher: Teacher = None):
     """Loss rows (A, N) of the heads that run and, if row_scales (A, N) is given, grads.
 
     hs: A tensors [N, d]; weight: [V, d]; targets: [N] int64. Per chunk of kept rows: one GEMM for
-    the logits of all heads, rows_fn for loss and dlogits, GEMMs for dH and dW.
+    the logits of all heads, rows_fn for loss and dlogits, GEMMs for dH and dW. With a teacher,
+    _torch_distill_rows replaces rows_fn (and a teacher tensor costs one more logits GEMM).
     Returns (loss (A, N), dhs (A, N, d) or None, dW [V, d] or None), all in fp32 (fp64 for
     fp64 inputs): the caller applies grad_output before rounding them to the input dtype.
     """
     (n, _), n_heads, device, want_grad = hs[0].shape, len(hs), weight.device, row_scales is not None
     keep = _kept_rows(targets, opt.ignore_index)
     n_kept, acc_dtype = (n if keep is None else keep.numel()), gemm.acc_dtype(weight)
-    step, w_mm = _chunk_rows(n_kept, n_heads, weight.shape[0], device), weight.to(gemm.mm_dtype(weight))
+    n_buffers = n_heads if teacher is None else n_heads + 2  # distillation: teacher softmax, one scratch
+    step, w_mm = _chunk_rows(n_kept, n_buffers, weight.shape[0], device), weight.to(gemm.mm_dtype(weight))
     w_grad = w_mm.to(_grad_mm_dtype(w_mm.dtype))  # w_mm itself, or an fp32 copy for fp16 on CUDA
     w_grad_t = w_grad.t().contiguous() if gemm.use_onednn(w_grad) else w_grad.t()  # (d, V): dH as a linear
     new = torch.empty if keep is None else torch.zeros  # ignored rows: loss 0, dH 0
@@ -215,7 +283,14 @@ def _chunked_pass(hs, weight, targets, row_scales, opt: CEOptions, rows_fn):
         if keep is None:  # every row runs (CUDA): zero the ignored ones, or 0 * NaN would reach dW and dH
             x.masked_fill_((tgt == opt.ignore_index).unsqueeze(1), 0.0)
         scale = rows_of(row_scales, 1).reshape(-1) if want_grad else None
-        rows, dlogits = rows_fn(gemm.linear_fp32(x, w_mm), tgt, scale, opt, w_grad.dtype)
+        logits = gemm.linear_fp32(x, w_mm)  # (A*c, V)
+        if teacher is None:
+            rows, dlogits = rows_fn(logits, tgt, scale, opt, w_grad.dtype)
+        else:
+            ignored = (tgt[:e - s] == opt.ignore_index) if keep is None else None
+            z_t = _teacher_logits(teacher, logits, e - s, rows_of, w_mm, ignored)
+            head = teacher if isinstance(teacher, int) else None
+            rows, dlogits = _torch_distill_rows(logits, z_t, head, tgt, scale, opt, w_grad.dtype)
         _put_rows(loss, keep, s, rows.view(n_heads, e - s))
         if want_grad:
             _put_rows(dhs, keep, s, gemm.linear_fp32(dlogits, w_grad_t).view(n_heads, e - s, -1))  # (A, c, d)
@@ -261,8 +336,61 @@ def _torch_rows(logits, tgt, scale, opt: CEOptions, grad_dtype):
     return loss, probs.scatter_(1, t, d_t.unsqueeze(1)).to(grad_dtype)
 
 
-def _torch_pass(hs, weight, targets, row_scales, opt: CEOptions):
-    return _chunked_pass(hs, weight, targets, row_scales, opt, _torch_rows)
+def _teacher_logits(teacher, logits, n_rows: int, rows_of, w_mm, ignored):
+    """The chunk's teacher logits (c, V): the teacher head's rows of logits (A*c, V), a view (no
+    GEMM), or one GEMM on the teacher tensor's rows (zeroed where `ignored`, as the heads' are)."""
+    if isinstance(teacher, int):
+        return logits.narrow(0, teacher * n_rows, n_rows)
+    x_t = rows_of(teacher).to(w_mm.dtype)  # may be a view of the caller's tensor: never written
+    if ignored is not None:
+        x_t = x_t.masked_fill(ignored.unsqueeze(1), 0.0)
+    return gemm.linear_fp32(x_t, w_mm)
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_j a[i, j] * b[i, j] (R,) of (R, V) rows, without an (R, V) product."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def _torch_distill_rows(logits, teacher_logits, teacher_head: Optional[int], tgt, scale, opt: CEOptions,
+                        grad_dtype):
+    """_torch_rows plus distillation. logits (A*c, V) of A heads; teacher_logits (c, V): a view
+    of head teacher_head's rows of logits, or (teacher_head None) the teacher tensor's own, then
+    reused as the scratch. Every other head adds lambda*T^2*KL(p_t || p_k) to its valid rows'
+    loss and lambda*T*(p_k - p_t) times its scale to their dlogits. The teacher's softmax is taken
+    first, so every head's logits can then turn into dlogits in place."""
+    n_rows, inv_t = teacher_logits.shape[0], 1.0 / opt.distill_temperature
+    t_max = teacher_logits.amax(1, keepdim=True)  # (c, 1)
+    p_t = torch.add(t_max * -inv_t, teacher_logits, alpha=inv_t).exp_()  # (c, V) exp((z_t - max) / T)
+    t_sum = p_t.sum(1, keepdim=True)
+    p_t.div_(t_sum)  # softmax(z_t / T)
+    t_dot = _row_dot(p_t, teacher_logits)  # (c,) <p_t, z_t>
+    scratch = teacher_logits if teacher_head is None else torch.empty_like(p_t)  # a student's softmax
+    loss = torch.empty(logits.shape[0], dtype=logits.dtype, device=logits.device)
+    grad_factor = opt.distill_weight * opt.distill_temperature  # lambda * T; the loss's is lambda * T^2
+    kl_factor = grad_factor * opt.distill_temperature
+    for head, start in enumerate(range(0, logits.shape[0], n_rows)):
+        z, tgt_a = logits.narrow(0, start, n_rows), tgt.narrow(0, start, n_rows)  # one head's rows
+        scale_a = None if scale is None else scale.narrow(0, start, n_rows)
+        if head == teacher_head:  # no student of itself: its cross-entropy only
+            loss[start:start + n_rows], _ = _torch_rows(z, tgt_a, scale_a, opt, z.dtype)
+            continue
+        s_max = z.amax(1, keepdim=True)
+        e_k = torch.add(s_max * -inv_t, z, alpha=inv_t, out=scratch).exp_()  # (c, V) exp((z - max) / T)
+        s_sum = e_k.sum(1, keepdim=True)
+        # KL = <p_t, z_t - z_k> / T - lse_t + lse_k, lse = max / T + log(exp-sum)
+        kl = (t_dot - _row_dot(p_t, z) + (s_max - t_max).squeeze(1)) * inv_t + (s_sum / t_sum).log().squeeze(1)
+        valid = tgt_a != opt.ignore_index
+        ce, dlogits = _torch_rows(z, tgt_a, scale_a, opt, z.dtype)  # z turns into its dlogits
+        loss[start:start + n_rows] = ce + torch.where(valid, kl_factor * kl, 0.0)
+        if scale is not None:  # dlogits += lambda * T * scale * (p_k - p_t)
+            factor = torch.where(valid, grad_factor * scale_a, 0.0).unsqueeze(1)  # (c, 1)
+            dlogits.addcmul_(e_k, factor / s_sum).addcmul_(p_t, factor, value=-1.0)
+    return loss, (None if scale is None else logits.to(grad_dtype))
+
+
+def _torch_pass(hs, weight, targets, row_scales, opt: CEOptions, teacher: Teacher = None):
+    return _chunked_pass(hs, weight, targets, row_scales, opt, _torch_rows, teacher)
 
 
 # ----------------------------------------------------------------------------- Triton path
@@ -339,10 +467,12 @@ if HAS_TRITON:
         x = tl.load(logits_row + offs, mask=offs < n_padded, other=float("-inf"))
         return tl.where(offs < n_classes, x, float("-inf"))
 
-    @triton.jit(do_not_specialize=["chunk_start", "n_rows"])
+    @triton.jit(do_not_specialize=["chunk_start", "n_rows", "teacher_head"])
     def _ce_rows_kernel(
         Logits_ptr,
         logits_row_stride,
+        Teacher_ptr,
+        teacher_row_stride,
         Targets_ptr,
         Scales_ptr,
         Loss_ptr,
@@ -352,11 +482,15 @@ if HAS_TRITON:
         n_rows,
         n_classes,
         n_padded,
+        teacher_head,
         ignore_index,
         label_smoothing,
         z_loss,
+        distill_weight,
+        distill_temperature,
         HAS_SMOOTHING: tl.constexpr,
         HAS_Z_LOSS: tl.constexpr,
+        HAS_DISTILL: tl.constexpr,
         HAS_GRAD: tl.constexpr,
         TRACK_MAX: tl.constexpr,
         SERIES_MAX_Q: tl.constexpr,
@@ -364,8 +498,19 @@ if HAS_TRITON:
     ):
         """One row: online logsumexp over its n_classes logits, then (HAS_GRAD) fp32 dlogits
         written over them tile by tile, zeros over the padding up to n_padded (the dH and dW
-        GEMMs read whole aligned rows), and (TRACK_MAX) the row's max |dlogit| into Dmax."""
+        GEMMs read whole aligned rows), and (TRACK_MAX) the row's max |dlogit| into Dmax.
+
+        HAS_DISTILL: the row is a student of the teacher's row of the same chunk row (Teacher,
+        rows padded like Logits): the same pass also takes online the student's exp-sum at
+        temperature T and the teacher's, and <p_t, z_t - z_k>, for T^2 * KL(p_t || p_k); the
+        gradient pass adds T * (p_k - p_t) from a second read of the teacher's row. Programs
+        skip head teacher_head's rows (a launch after this one runs them: their logits are
+        the teacher's until then)."""
         row = tl.program_id(0).to(tl.int64)
+        if HAS_DISTILL:
+            row += tl.where(row >= teacher_head * n_rows, n_rows, 0)
+            teacher_row = Teacher_ptr + (row % n_rows) * teacher_row_stride
+            inv_t = 1.0 / distill_temperature
         logits_row = Logits_ptr + row * logits_row_stride
         target = tl.load(Targets_ptr + row)
         is_live = row % n_rows < _live_rows(N_live_ptr, chunk_start, n_rows)  # else ignored, never read
@@ -377,6 +522,10 @@ if HAS_TRITON:
             other = 0.0  # sum of exp(x - row_max) over the non-target classes
             x_target = 0.0
             x_sum = 0.0
+            sum_exp_t = 0.0  # HAS_DISTILL: sum of exp((x - row_max) / T), the student's at temperature T
+            t_max = float("-inf")  # and the teacher's row: its max, exp-sum at T, and
+            t_sum = 0.0
+            t_dot = 0.0  # sum of exp((x_t - t_max) / T) * (x_t - x): t_sum * <p_t, z_t - z_k>
             for v0 in range(0, n_classes, BLOCK_V):
                 offs = v0 + cols
                 x = _load_logits(logits_row, offs, n_classes, n_padded)
@@ -386,6 +535,17 @@ if HAS_TRITON:
                     x_sum += tl.sum(tl.where(offs < n_classes, x, 0.0))
                 new_max = tl.maximum(row_max, tl.max(x))
                 other = other * tl.exp(row_max - new_max) + tl.sum(tl.where(is_target, 0.0, tl.exp(x - new_max)))
+                if HAS_DISTILL:
+                    sum_exp_t *= tl.exp((row_max - new_max) * inv_t)
+                    sum_exp_t += tl.sum(tl.exp((x - new_max) * inv_t))
+                    x_t = _load_logits(teacher_row, offs, n_classes, n_padded)
+                    new_t_max = tl.maximum(t_max, tl.max(x_t))
+                    rescale = tl.exp((t_max - new_t_max) * inv_t)
+                    e_t = tl.exp((x_t - new_t_max) * inv_t)
+                    t_sum = t_sum * rescale + tl.sum(e_t)
+                    in_row = offs < n_classes  # past it x_t and x are -inf: no difference taken there
+                    t_dot = t_dot * rescale + tl.sum(e_t * (tl.where(in_row, x_t, 0.0) - tl.where(in_row, x, 0.0)))
+                    t_max = new_t_max
                 row_max = new_max
             sum_exp = other + tl.exp(x_target - row_max)
             q = other / sum_exp  # 1 - p_target, exact for confident rows
@@ -398,6 +558,11 @@ if HAS_TRITON:
             if HAS_Z_LOSS:
                 loss += z_loss * lse * lse
                 z_factor += 2.0 * z_loss * lse
+            if HAS_DISTILL:  # KL = <p_t, z_t - z_k> / T - lse_t + lse_k, lse = max / T + log(exp-sum)
+                log_sum_t = tl.log(sum_exp_t)
+                log_t_sum = tl.log(t_sum)
+                kl = (t_dot / t_sum + row_max - t_max) * inv_t + log_sum_t - log_t_sum
+                loss += distill_weight * distill_temperature * distill_temperature * kl
             tl.store(Loss_ptr + row, loss)
             if HAS_GRAD:
                 scale = tl.load(Scales_ptr + row).to(tl.float32)
@@ -409,6 +574,12 @@ if HAS_TRITON:
                     x = _load_logits(logits_row, offs, n_classes, n_padded)
                     d = scale * (z_factor * tl.exp(x - lse) - uniform)
                     d = tl.where(offs == target, d_target, tl.where(offs < n_classes, d, 0.0))
+                    if HAS_DISTILL:
+                        x_t = _load_logits(teacher_row, offs, n_classes, n_padded)
+                        p_k = tl.exp((x - row_max) * inv_t - log_sum_t)
+                        p_t = tl.exp((x_t - t_max) * inv_t - log_t_sum)
+                        d_distill = scale * distill_weight * distill_temperature * (p_k - p_t)
+                        d += tl.where(offs < n_classes, d_distill, 0.0)
                     if TRACK_MAX:
                         d_max = tl.maximum(d_max, tl.max(tl.abs(d)))
                     tl.store(logits_row + offs, d, mask=offs < n_padded)
@@ -597,16 +768,18 @@ def _launch_dw(dlogits, x, dw, d_max, where, tiles: GemmTiles, opts: dict) -> No
                      BLOCK_V=tiles.out_rows, BLOCK_D=tiles.out_cols, BLOCK_M=tiles.inner, **opts)
 
 
-def _triton_pass(hs, weight, targets, row_scales, opt: CEOptions):
+def _triton_pass(hs, weight, targets, row_scales, opt: CEOptions, teacher: Teacher = None):
     """The Triton counterpart of _chunked_pass: same contract (fp32 results), no host sync,
-    ignored rows skipped."""
+    ignored rows skipped. A teacher head's logits are read where they are; a teacher tensor's
+    take one more logits GEMM per chunk, into a buffer of their own."""
     (n, d), n_heads, device, want_grad = hs[0].shape, len(hs), weight.device, row_scales is not None
     n_classes, mm_dtype = weight.shape[0], gemm.mm_dtype(weight)  # the interpreter's dot needs fp32
     live = targets != opt.ignore_index
     order = torch.argsort((~live).to(torch.int8), stable=True)  # live rows first, in order
     n_live = live.sum().to(torch.int32).reshape(1)  # stays on the device
     w_mm = weight.to(mm_dtype).contiguous()
-    (tiles, opts), step = _gemm_config(mm_dtype), _chunk_rows(n, n_heads, n_classes, device)
+    separate = isinstance(teacher, torch.Tensor)
+    (tiles, opts), step = _gemm_config(mm_dtype), _chunk_rows(n, n_heads + separate, n_classes, device)
     if step < n:  # whole row tiles per chunk: no partial tile in every chunk's three GEMMs
         step = max(tiles.out_rows, step // tiles.out_rows * tiles.out_rows)
     grad_tiles = _gemm_config(torch.float32)[0]  # dH/dW read fp32 dlogits: fp32's tiles (sm_90: 250 -> 192 regs)
@@ -621,9 +794,15 @@ def _triton_pass(hs, weight, targets, row_scales, opt: CEOptions):
         x = torch.stack([h.index_select(0, idx) for h in hs]).to(mm_dtype)  # (A, c, d)
         logits = _logits_buffer(n_heads, c, n_classes, device)  # (A, c, V), then dlogits in place
         _launch_logits(x, w_mm, logits, where, tiles, opts)
+        t_logits = logits[teacher] if isinstance(teacher, int) else None  # (c, V)
+        if separate:
+            t_logits = _logits_buffer(1, c, n_classes, device)
+            _launch_logits(teacher.index_select(0, idx).to(mm_dtype)[None], w_mm, t_logits, where, tiles, opts)
+            t_logits = t_logits[0]
         scale = row_scales.index_select(1, idx).reshape(-1) if want_grad else None
         rows = _triton_rows(logits.view(-1, n_classes), targets.index_select(0, idx).repeat(n_heads), scale,
-                            opt, where, d_max, track_max=grad_opts["SCALE_DLOGITS"])
+                            opt, where, d_max, track_max=grad_opts["SCALE_DLOGITS"], teacher_logits=t_logits,
+                            teacher_head=teacher if isinstance(teacher, int) else None)
         loss.index_copy_(1, idx, rows.view(n_heads, c))
         if want_grad:
             dh = torch.empty(n_heads, c, d, dtype=torch.float32, device=device)
@@ -633,20 +812,47 @@ def _triton_pass(hs, weight, targets, row_scales, opt: CEOptions):
     return loss, dhs, dw
 
 
-def _triton_rows(logits, tgt, scale, opt: CEOptions, where, d_max, track_max: bool):
+def _triton_rows(logits, tgt, scale, opt: CEOptions, where, d_max, track_max: bool, teacher_logits=None,
+                 teacher_head: Optional[int] = None):
     """Row loss (R,) of fp32 logits (R, V) whose rows are padded to stride(0) columns. Given
     `scale` (R,), the rows are overwritten with fp32 dlogits (zeros over the padding) and, with
-    track_max, their max |value| is maxed into d_max (1,)."""
+    track_max, their max |value| is maxed into d_max (1,).
+
+    teacher_logits (c, V), c = where[2], rows padded alike: the rows of every head (R = A * c)
+    but teacher_head (whose rows teacher_logits then are) add distillation from the teacher's
+    row of the same chunk row; the teacher head's rows run in a second launch, after every
+    student has read them."""
+    loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    scale = None if scale is None else scale.contiguous()
+    if teacher_logits is None:
+        _launch_rows(logits, tgt, scale, loss, opt, where, d_max, track_max)
+        return loss
+    c = where[2]
+    n_heads = logits.shape[0] // c
+    skipped = n_heads if teacher_head is None else teacher_head  # n_heads: no head's rows are skipped
+    _launch_rows(logits, tgt, scale, loss, opt, where, d_max, track_max, teacher_logits, skipped,
+                 n_programs=logits.shape[0] - (0 if teacher_head is None else c))
+    if teacher_head is not None:
+        part = slice(teacher_head * c, (teacher_head + 1) * c)
+        scale_part = None if scale is None else scale[part]
+        _launch_rows(logits[part], tgt[part], scale_part, loss[part], opt, where, d_max, track_max)
+    return loss
+
+
+def _launch_rows(logits, tgt, scale, loss, opt: CEOptions, where, d_max, track_max: bool, teacher_logits=None,
+                 teacher_head: int = 0, n_programs: Optional[int] = None) -> None:
+    """_ce_rows_kernel over n_programs rows (all by default) of logits (R, V) into loss (R,);
+    distillation from teacher_logits (c, V) when given, skipping head teacher_head's rows."""
     n_rows, n_classes = logits.shape
-    loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
-    want_grad = scale is not None
-    _ce_rows_kernel[(n_rows,)](
-        logits, logits.stride(0), tgt, scale.contiguous() if want_grad else loss, loss, d_max, *where,
-        n_classes, logits.stride(0), opt.ignore_index, opt.label_smoothing, opt.z_loss,
-        HAS_SMOOTHING=opt.label_smoothing > 0, HAS_Z_LOSS=opt.z_loss > 0, HAS_GRAD=want_grad,
+    want_grad, distill = scale is not None, teacher_logits is not None
+    teacher = teacher_logits if distill else logits  # read only with HAS_DISTILL
+    _ce_rows_kernel[(n_rows if n_programs is None else n_programs,)](
+        logits, logits.stride(0), teacher, teacher.stride(0), tgt, scale if want_grad else loss, loss, d_max,
+        *where, n_classes, logits.stride(0), teacher_head, opt.ignore_index, opt.label_smoothing, opt.z_loss,
+        opt.distill_weight, opt.distill_temperature,
+        HAS_SMOOTHING=opt.label_smoothing > 0, HAS_Z_LOSS=opt.z_loss > 0, HAS_DISTILL=distill, HAS_GRAD=want_grad,
         TRACK_MAX=want_grad and track_max, SERIES_MAX_Q=SERIES_MAX_Q, BLOCK_V=_block_v(logits.stride(0)),
         num_warps=ROW_WARPS)
-    return loss
 
 
 # ----------------------------------------------------------------------------- forward / backward
@@ -657,27 +863,34 @@ class _Plan(NamedTuple):
     reduction: str
     heads: HeadWeights  # the heads that run and their weights
     n_heads: int  # K, running or not
+    teacher_head: Optional[int]  # the teacher's position among the heads that run, if it is one
 
 
-def _forward(plan: _Plan, hs, weight, targets, want_grad: bool):
-    """(loss, tensors backward needs). hs: K tensors [N, d]; weight: [V, d]; targets: [N].
+def _teacher(plan: _Plan, teacher_h) -> Teacher:
+    """What the passes take: the teacher head's position, the teacher's hiddens, or None."""
+    return teacher_h if plan.teacher_head is None else plan.teacher_head
+
+
+def _forward(plan: _Plan, hs, weight, targets, teacher_h, want_grad: bool):
+    """(loss, tensors backward needs). hs: K tensors [N, d]; weight: [V, d]; targets: [N];
+    teacher_h: the teacher's hiddens [N, d] when the teacher is no running head (else None).
 
     'mean'/'sum': the pass also computes the gradients of the loss, saved as (dhs (A, N, d),
     dW [V, d]) in fp32, both None without want_grad. 'none' returns (K, N); its grad_output is
     per-token, so it saves (coef (A,), *hs that run) and backward reruns the pass.
     """
-    act_hs = [hs[k] for k in plan.heads.active]
+    act_hs, teacher = [hs[k] for k in plan.heads.active], _teacher(plan, teacher_h)
     coef = _row_loss_coefficients(plan.heads.values, targets, plan.reduction, plan.opt.ignore_index,
                                   gemm.acc_dtype(weight))  # (A,)
     if plan.reduction == "none":
-        rows, _, _ = _run_pass(plan.run_pass, act_hs, weight, targets, None, plan.opt)  # (A, N)
+        rows, _, _ = _run_pass(plan.run_pass, act_hs, weight, targets, None, plan.opt, teacher)  # (A, N)
         return _to_all_heads(coef[:, None] * rows, plan.heads.active, plan.n_heads), (coef, *act_hs)
     scales = coef[:, None].expand(-1, targets.shape[0]) if want_grad else None  # (A, N)
-    rows, dhs, dw = _run_pass(plan.run_pass, act_hs, weight, targets, scales, plan.opt)
+    rows, dhs, dw = _run_pass(plan.run_pass, act_hs, weight, targets, scales, plan.opt, teacher)
     return (rows.sum(1) * coef).sum(), (dhs, dw)
 
 
-def _backward(plan: _Plan, weight, h0, targets, saved, grad_out):
+def _backward(plan: _Plan, weight, h0, targets, teacher_h, saved, grad_out):
     """(dW [V, d], [dh_k] for all K heads) in the input dtype from _forward's saved tensors and
     grad_out (a scalar, or (K, N) for 'none'). The pass's fp32 gradients meet grad_out in fp32
     and are rounded once. Heads that did not run get a stride-0 zero gradient: correct for
@@ -685,7 +898,7 @@ def _backward(plan: _Plan, weight, h0, targets, saved, grad_out):
     if plan.reduction == "none":
         coef, *act_hs = saved
         scales = _stack([coef[a] * grad_out[k] for a, k in enumerate(plan.heads.active)])  # (A, N)
-        _, dhs, dw = _run_pass(plan.run_pass, act_hs, weight, targets, scales, plan.opt)
+        _, dhs, dw = _run_pass(plan.run_pass, act_hs, weight, targets, scales, plan.opt, _teacher(plan, teacher_h))
         grad_out = None  # already in the row scales
     else:
         dhs, dw = saved
@@ -705,30 +918,33 @@ def _to_input_dtype(grad: torch.Tensor, grad_out, like: torch.Tensor) -> torch.T
 class _WeightedCE(torch.autograd.Function):
     """ctx bookkeeping only: _forward computes the loss (and, unless reduction='none', its
     gradients chunk by chunk), _backward scales them by grad_output or reruns the pass. Both
-    run outside autocast: it would recast the passes' own fp32 GEMMs to 16 bits."""
+    run outside autocast: it would recast the passes' own fp32 GEMMs to 16 bits. teacher_h
+    (detached, or None) gets no gradient."""
 
     @staticmethod
-    def forward(ctx, plan: _Plan, weight, targets, *hs):
+    def forward(ctx, plan: _Plan, weight, targets, teacher_h, *hs):
         want_grad = plan.reduction != "none" and any(ctx.needs_input_grad)
         with torch.autocast(weight.device.type, enabled=False):
-            out, saved = _forward(plan, hs, weight, targets, want_grad)
+            out, saved = _forward(plan, hs, weight, targets, teacher_h, want_grad)
         ctx.plan = plan
-        ctx.save_for_backward(weight, hs[0], targets, *saved)
+        ctx.save_for_backward(weight, hs[0], targets, teacher_h, *saved)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        weight, h0, targets, *saved = ctx.saved_tensors
+        weight, h0, targets, teacher_h, *saved = ctx.saved_tensors
         with torch.autocast(weight.device.type, enabled=False):
-            dw, dh = _backward(ctx.plan, weight, h0, targets, saved, grad_out)
-        return (None, dw, None, *dh)
+            dw, dh = _backward(ctx.plan, weight, h0, targets, teacher_h, saved, grad_out)
+        return (None, dw, None, None, *dh)
 
 
-def _run_pass(run_pass, act_hs, weight, targets, scales, opt: CEOptions):
+def _run_pass(run_pass, act_hs, weight, targets, scales, opt: CEOptions, teacher: Teacher):
     if not act_hs:  # every head weight is 0
         return weight.new_zeros(0, targets.shape[0], dtype=gemm.acc_dtype(weight)), None, None
-    return run_pass(act_hs, weight, targets, scales, opt)
+    if teacher is None:  # the call without distillation, unchanged
+        return run_pass(act_hs, weight, targets, scales, opt)
+    return run_pass(act_hs, weight, targets, scales, opt, teacher)
 
 
 def _to_all_heads(rows, active: list, n_heads: int) -> torch.Tensor:
@@ -764,8 +980,11 @@ def _row_loss_coefficients(weights, targets: torch.Tensor, reduction: str, ignor
 def weighted_linear_cross_entropy(hiddens: Hiddens, weight: torch.Tensor, targets: torch.Tensor,
                                   head_weights, *, ignore_index: int = -100, reduction: str = "mean",
                                   label_smoothing: float = 0.0, z_loss: float = 0.0,
+                                  distill_weight: float = 0.0, distill_temperature: float = 1.0,
+                                  teacher: Union[None, int, torch.Tensor] = None,
                                   backend: str = "auto") -> torch.Tensor:
-    """sum_k w_k * cross_entropy(h_k @ weight.T, targets), without holding [N, V] logits.
+    """sum_k w_k * cross_entropy(h_k @ weight.T, targets) (+ self-distillation into each head, below),
+    without holding [N, V] logits.
 
     hiddens: K tensors [N, d] or one [K, N, d] (fp32/bf16/fp16); weight: [V, d], same dtype;
     targets: [N] int64 in [0, V) or ignore_index; head_weights: K finite floats >= 0 (a
@@ -787,6 +1006,20 @@ def weighted_linear_cross_entropy(hiddens: Hiddens, weight: torch.Tensor, target
     Rows with target == ignore_index enter no GEMM, so whatever their hiddens hold (even NaN)
     never reaches the result or the gradients (their dH is 0).
 
+    Self-distillation: distill_weight lambda (finite >= 0; 0, the default, is the plain loss,
+    bit for bit and at no cost), distill_temperature T (finite > 0), teacher: a head index k
+    into hiddens (negative counts from the end) or an [N, d] tensor of the hiddens' dtype and
+    device (a teacher that is not one of the heads). With lambda > 0 every head k != teacher of
+    w_k > 0 adds, to each non-ignored row's loss above,
+        lambda * T**2 * KL(softmax(z_t / T) || softmax(z_k / T)),   z = h @ weight.T,
+    so it is weighted by w_k and reduced like the cross-entropy ('none': in head k's row). The
+    teacher's logits z_t are detached: no gradient reaches the teacher's hiddens or, through
+    z_t, weight. A teacher head keeps its own w_t * cross-entropy (and its gradient); a teacher
+    tensor stays out of the graph, as teacher.detach() would (its .grad stays None). Student
+    gradient: d/dz_k = lambda * T * (softmax(z_k / T) - softmax(z_t / T)) per row, times w_k (and
+    1/n_valid for 'mean'). Cost: a teacher head's logits are reused; a teacher tensor (or a
+    teacher head of weight 0) costs one more logits GEMM (N * d * V).
+
     Bad input (kernels/checks.py): TypeError for a wrong dtype, ValueError for a wrong shape,
     an empty batch, a device mismatch or a value out of range, each naming the argument.
     Targets and head weights given as numbers or CPU tensors are checked on the host. A CUDA
@@ -801,11 +1034,14 @@ def weighted_linear_cross_entropy(hiddens: Hiddens, weight: torch.Tensor, target
     _check_tensors(hs, weight, targets)
     heads = _check_head_weights(head_weights, len(hs), hs[0].device)
     _check_options(reduction, label_smoothing, z_loss)
+    _check_distill(distill_weight, distill_temperature, teacher, hs)
     run_pass = _pick_pass(backend, weight, targets, hs)
     check_target_range(targets, weight.shape[0], ignore_index)  # last: it reads the targets
-    opt = CEOptions(float(label_smoothing), float(z_loss), int(ignore_index))
-    plan = _Plan(run_pass, opt, reduction, heads, len(hs))
-    return _WeightedCE.apply(plan, weight, targets.long(), *hs)
+    teacher_head, teacher_h = _resolve_teacher(teacher, float(distill_weight), hs, heads)
+    opt = CEOptions(float(label_smoothing), float(z_loss), int(ignore_index), float(distill_weight),
+                    float(distill_temperature))
+    plan = _Plan(run_pass, opt, reduction, heads, len(hs), teacher_head)
+    return _WeightedCE.apply(plan, weight, targets.long(), teacher_h, *hs)
 
 
 def _pick_pass(backend: str, weight: torch.Tensor, targets: torch.Tensor, hs: list) -> Callable:
