@@ -22,7 +22,7 @@ import torch
 from . import distributed, report
 from .config import (DEFAULT_PRESET, EVAL_MODES, GENERATE_DEFAULTS, MAX_PPL_INCREASE, PRESETS, RUN_MODEL_DEFAULTS,
                      SWEEP_THRESHOLDS, TRAIN_SWEEP_THRESHOLDS, AlphaSchedule, DataConfig, ModelConfig, RunConfig,
-                     TrainConfig, make_method)
+                     LayerDropout, TrainConfig, make_method)
 from .runs import Run, log, resolve_device
 
 TRAIN_FLAGS = tuple(f for f in TrainConfig.__dataclass_fields__ if f not in ("min_lr_ratio", "weight_decay",
@@ -88,6 +88,16 @@ def parse_alpha_schedule(text: str) -> AlphaSchedule:
         raise ValueError(f"--alpha-schedule: {err}") from None
 
 
+def parse_layer_dropout(text: str) -> LayerDropout:
+    """'0.2' or '0.4:linear' (max rate, shape over depth) -> LayerDropout."""
+    rate, _, shape = text.partition(":")
+    try:
+        return LayerDropout(float(rate), shape or "constant")
+    except ValueError as err:
+        raise ValueError(f"--layer-dropout: expected RATE[:SHAPE] such as '0.2' or '0.4:linear' ({err}), "
+                         f"got {text!r}") from None
+
+
 def parse_thresholds(text: str) -> List[float]:
     try:
         values = [float(v) for v in text.split(",")]
@@ -122,7 +132,9 @@ def _method_from_flags(args, n_layers: int, overrides: Dict[str, Any]):
                            n_layers=n_layers, exit_layer=get("exit_layer", 1),
                            routing_threshold=get("routing_threshold"),
                            alpha_schedule=parse_alpha_schedule(schedule) if schedule else None,
-                           layer_lr_scales=parse_layer_map(scales, "--layer-lr-scales") if scales else None)
+                           layer_lr_scales=parse_layer_map(scales, "--layer-lr-scales") if scales else None,
+                           distill_weight=get("distill_weight", 0.0), distill_temperature=get("distill_temperature", 1.0),
+                           layer_dropout=parse_layer_dropout(get("layer_dropout")) if get("layer_dropout") else None)
     except ValueError as err:
         raise ValueError(f"--preset: {err}" if "unknown preset" in str(err) else str(err)) from None
 
@@ -160,13 +172,16 @@ def resume_changes(args) -> Dict[str, Any]:
 
 def _method_changes(args) -> Dict[str, Any]:
     """The method flags given on --resume, in RunConfig.to_dict form."""
-    out = {name: getattr(args, name) for name in ("exit_layer", "routing_threshold") if getattr(args, name) is not None}
+    out = {name: getattr(args, name) for name in ("exit_layer", "routing_threshold", "distill_weight",
+                                                  "distill_temperature") if getattr(args, name, None) is not None}
     for name in ("layer_weights", "layer_lr_scales"):
         if getattr(args, name) is not None:
             flag = "--" + name.replace("_", "-")
             out[name] = {str(k): v for k, v in parse_layer_map(getattr(args, name), flag).items()}
     if args.alpha_schedule is not None:
         out["alpha_schedule"] = asdict(parse_alpha_schedule(args.alpha_schedule))
+    if getattr(args, "layer_dropout", None) is not None:
+        out["layer_dropout"] = asdict(parse_layer_dropout(args.layer_dropout))
     return {f"method.{k}": v for k, v in out.items()}
 
 
@@ -318,6 +333,10 @@ def _add_method_flags(p) -> None:
     m.add_argument("--alpha-schedule", metavar="KIND:START[:END]", help="e.g. linear:0.9:0.5 (exit-layer weight)")
     m.add_argument("--layer-lr-scales", metavar="L=S,...", help="per-block LR scales, e.g. 1=1,2=0.5,3=0.1")
     _alias(m, "--layer-lr", "--layer-lr-scales")
+    m.add_argument("--distill-weight", type=float, help="self-distillation from the final layer (default 0: off)")
+    m.add_argument("--distill-temperature", type=float, help="distillation temperature T (default 1)")
+    m.add_argument("--layer-dropout", metavar="RATE[:SHAPE]",
+                   help="drop blocks per sequence in training: max rate, shape constant|linear|exponential")
 
 
 def _add_training_flags(p) -> None:

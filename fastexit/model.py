@@ -75,8 +75,8 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, _ = x.shape
-        return x.view(B, T, self.n_heads, -1).transpose(1, 2)  # (B, H, T, hd)
+        B, T, d = x.shape
+        return x.view(B, T, self.n_heads, d // self.n_heads).transpose(1, 2)  # (B, H, T, hd); B may be 0
 
     def merge_heads(self, y: torch.Tensor) -> torch.Tensor:
         B, _, T, _ = y.shape
@@ -246,8 +246,8 @@ class EarlyExitTransformer(nn.Module):
         kept = [b for b, drop in enumerate(dropped) if not drop]
         if len(kept) == x.shape[0]:
             return block(x)
-        if not kept:
-            return x
+        # No kept row still runs the block on zero rows: under FSDP2 every rank must take part
+        # in the block's all-gather, whatever its own draws (and the gradient is a true zero).
         rows = torch.tensor(kept, dtype=torch.long).to(x.device, non_blocking=True)  # (k,)
         return replace_rows(x, rows, block(select_rows(x, rows)))
 

@@ -233,7 +233,7 @@ class Run:
 
     def _new_trainer(self) -> UniversalTrainer:
         return UniversalTrainer(self.config.method, self.config.model.vocab_size, device=self.device,
-                                backend=self.backend)
+                                backend=self.backend, seed=self.config.train.seed)
 
     def _prepare(self, resume: bool) -> "Run":
         """Load data, fix the model's vocabulary and the corpus identity in the config, build

@@ -34,13 +34,16 @@ class UniversalTrainer:
     progress of the last step run (0 before any), which sets the alpha schedule's weights.
     """
 
-    def __init__(self, config: UniversalConfig, vocab_size: int, device="cpu", backend: str = "auto"):
+    def __init__(self, config: UniversalConfig, vocab_size: int, device="cpu", backend: str = "auto",
+                 seed: int = 0):
         if not isinstance(config, UniversalConfig):
             raise TypeError(f"config must be a UniversalConfig, got {type(config).__name__}")
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:
             raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}")
         resolve_backend(backend)  # rejects unknown names now rather than at the first step
-        self.config, self.vocab_size, self.backend = config, vocab_size, backend
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+        self.config, self.vocab_size, self.backend, self.seed = config, vocab_size, backend, seed
         self.device = torch.device(device)
         self.step, self.total_steps, self.optimizer = 0, None, None
 
@@ -54,22 +57,36 @@ class UniversalTrainer:
         return self.config.weights_at(self.progress, n_layers)
 
     # ----------------------------------------------------------------------------- loss
-    def compute_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """sum over layers with weight > 0 of weight * mean CE(layer logits, y).
+    def compute_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                     drops: Optional[Sequence[Sequence[bool]]] = None) -> torch.Tensor:
+        """sum over layers with weight > 0 of weight * mean CE(layer logits, y), plus the
+        self-distillation terms when the config's ``distill_weight`` > 0.
 
         x, y: (B, T) int64. An ``EarlyExitTransformer`` goes through the fused kernel and runs
         no block above the deepest weighted layer; any other model whose forward returns a list
         of per-layer logits (B, T, V) (the seed's style) is scored from those logits. Given the
         module ``distributed.wrap`` returned (DDP, FSDP2), x and y are this rank's rows, the
         loss runs inside that module's forward, and the mean is over the scored tokens of the
-        global batch (``distributed.global_token_mean``).
+        global batch (``distributed.global_token_mean``). ``drops[l][b]``: row b of x skips
+        block l + 1 (layer dropout; ``fit`` draws them from the config's ``layer_dropout``).
         """
         x, y = x.to(self.device), y.to(self.device)
         if distributed.is_wrapped(model):  # under FSDP2 the head weight is unsharded only in the root's forward
-            return model(self._loss, x, y, across_ranks=True)
-        return self._loss(model, x, y)
+            return model(self._loss, x, y, drops, across_ranks=True)
+        return self._loss(model, x, y, drops)
 
-    def _loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, across_ranks: bool = False) -> torch.Tensor:
+    def layer_drops(self, n_layers: int, batch_size: int) -> Optional[List[List[bool]]]:
+        """This rank's layer-dropout draws for the current step (None when layer dropout is off):
+        drawn for the whole global batch from (seed, step), so that resuming, and any number
+        of ranks, drop the same sequences."""
+        if self.config.layer_dropout is None or self.config.layer_dropout.max_rate == 0:
+            return None
+        rows = distributed.rank_rows(batch_size * distributed.world_size())
+        draws = self.config.layer_dropout.draw(n_layers, batch_size * distributed.world_size(), self.seed, self.step)
+        return [layer[rows] for layer in draws]
+
+    def _loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, drops=None,
+              across_ranks: bool = False) -> torch.Tensor:
         """The weighted loss of one batch: its token mean, or with ``across_ranks`` this rank's
         summed loss turned into its share of the global token mean."""
         reduction = "sum" if across_ranks else "mean"
@@ -80,11 +97,24 @@ class UniversalTrainer:
             distributed.check_unsharded(model.lm_head.weight)
             weights = self.layer_weights(model.n_layers)
             layers = [i for i, w in weights.items() if w > 0]
-            hiddens = model.exit_hidden_states(x, layers)
-            loss = weighted_linear_cross_entropy(
-                [h.reshape(-1, h.shape[-1]) for h in hiddens], model.lm_head.weight, y.reshape(-1),
-                [weights[i] for i in layers], reduction=reduction, backend=self.backend)
+            distill = self._distill_options(model.n_layers, layers)
+            hiddens = [h.reshape(-1, h.shape[-1]) for h in model.exit_hidden_states(x, distill.pop("layers"), drops=drops)]
+            if "teacher" not in distill and "distill_weight" in distill:  # the final layer is not weighted
+                distill["teacher"] = hiddens.pop().detach()
+            loss = weighted_linear_cross_entropy(hiddens, model.lm_head.weight, y.reshape(-1),
+                                                 [weights[i] for i in layers], reduction=reduction,
+                                                 backend=self.backend, **distill)
         return distributed.global_token_mean(loss, y) if across_ranks else loss
+
+    def _distill_options(self, n_layers: int, layers: List[int]) -> dict:
+        """The exits to compute and the fused loss's distillation arguments: the final layer
+        is the teacher, as one of the weighted heads or as an extra exit (its index last)."""
+        if not self.config.distill_weight or layers == [n_layers]:
+            return dict(layers=layers)
+        opts = dict(distill_weight=self.config.distill_weight, distill_temperature=self.config.distill_temperature)
+        if n_layers in layers:
+            return dict(opts, layers=layers, teacher=layers.index(n_layers))
+        return dict(opts, layers=layers + [n_layers])
 
     def _loss_from_logits(self, logits: Sequence[torch.Tensor], y: torch.Tensor, reduction: str) -> torch.Tensor:
         if not isinstance(logits, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in logits):
@@ -175,7 +205,7 @@ class UniversalTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor
         x, y = batch
-        loss = self.compute_loss(model, x, y)
+        loss = self.compute_loss(model, x, y, self._step_drops(model, x.shape[0]))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = distributed.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip else None
@@ -186,6 +216,15 @@ class UniversalTrainer:
         return dict(step=self.step + 1, loss=loss_value, lr=self.optimizer.param_groups[0]["lr"],
                     progress=self.progress, grad_norm=norm[0] if norm else None,
                     tokens_per_s=x.numel() * distributed.world_size() / (time.perf_counter() - t0))
+
+    def _step_drops(self, model: nn.Module, batch_size: int):
+        if self.config.layer_dropout is None:
+            return None
+        inner = distributed.unwrap(model)
+        if not hasattr(inner, "exit_hidden_states"):
+            raise TypeError("layer_dropout needs a model with exit_hidden_states (EarlyExitTransformer, from_hf), "
+                            f"got {type(inner).__name__}")
+        return self.layer_drops(inner.n_layers, batch_size)
 
     @staticmethod
     def _check_fit_args(steps, start_step, warmup_steps, eval_every, val_batches) -> None:

@@ -36,7 +36,7 @@ def linear_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a (M, K) @ b (N, K).T -> (M, N) in acc_dtype; CPU low-precision operands are upcast."""
     if a.dtype != mm_dtype(a):
         a, b = a.to(mm_dtype(a)), b.to(mm_dtype(a))
-    if use_onednn(a):
+    if use_onednn(a) and a.numel() and b.numel():  # oneDNN has no empty GEMM (a block on 0 rows)
         return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
     if a.dtype == acc_dtype(a):
         return torch.mm(a, b.t())

@@ -188,6 +188,24 @@ def test_stop_then_resume_matches_an_uninterrupted_run(run, data, tmp_path):
     assert steps == list(range(1, STEPS + 1))
 
 
+def test_layer_dropout_and_distillation_resume_to_the_uninterrupted_run(data, tmp_path):
+    flags = ("--layer-dropout", "0.4:linear", "--distill-weight", "0.5", "--distill-temperature", "2")
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert main(["train", *tiny(data, straight, *flags)]) == 0
+    method = RunConfig.from_dict(json.loads((straight / "config.json").read_text())).method
+    assert (method.distill_weight, method.distill_temperature) == (0.5, 2.0)
+    assert (method.layer_dropout.max_rate, method.layer_dropout.shape) == (0.4, "linear")
+    assert main(["train", *tiny(data, stopped, *flags, "--stop-at", "4")]) == 0
+    assert main(["train", "--out", str(stopped), "--resume", "--no-progress"]) == 0
+    assert_same_final_state(straight, stopped)
+
+
+@pytest.mark.parametrize("value", ["1.5", "0.2:cubic", "x"])
+def test_bad_layer_dropout_flag_names_it(data, tmp_path, capsys, value):
+    assert main(["train", *tiny(data, tmp_path / "run", "--layer-dropout", value)]) == 2
+    assert "--layer-dropout" in error_line(capsys)
+
+
 def test_kill_mid_run_then_resume_matches_an_uninterrupted_run(run, data, tmp_path, monkeypatch, capsys):
     out = tmp_path / "killed"
     real_loss = UniversalTrainer.compute_loss

@@ -319,3 +319,108 @@ def test_evaluate_routing_threshold_none_is_the_configs():
     assert trainer.evaluate(model, batches) == pytest.approx(dict(explicit, tokens_per_s=pytest.approx(0, abs=1e12),
                                                                    seconds=pytest.approx(0, abs=1e12)))
     assert trainer.evaluate(model, batches, routing_threshold=0)["shallow_ratio"] == 0
+
+
+# ----------------------------------------------------------------------------- self-distillation
+def distill_reference(model, x, y, weights, lam, temp):
+    """sum_i w_i CE_i + lam * w_i * T^2 * KL(p_L || p_i) over weighted i < L, token means, from
+    full fp64 logits with the final layer's detached as the teacher."""
+    L = model.n_layers
+    logits = model.exit_logits(x, list(range(1, L + 1)))
+    teacher = F.log_softmax(logits[-1].detach().flatten(0, 1) / temp, -1)
+    total = 0.0
+    for i, w in weights.items():
+        z = logits[i - 1].flatten(0, 1)
+        total = total + w * F.cross_entropy(z, y.flatten())
+        if i < L and w > 0:
+            kl = (teacher.exp() * (teacher - F.log_softmax(z / temp, -1))).sum(-1).mean()
+            total = total + lam * w * temp ** 2 * kl
+    return total
+
+
+@pytest.mark.parametrize("weights", [{1: 0.7, 3: 0.3}, {1: 0.5, 2: 0.5}, {2: 1.0, 3: 1.0}],
+                         ids=["teacher weighted", "teacher an extra exit", "middle student"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compute_loss_adds_self_distillation(weights, backend):
+    if backend == "triton":
+        pytest.importorskip("triton")
+    lam, temp = 0.5, 2.0
+    model, (x, y) = small_model(), batch()
+    model = model.double() if backend == "torch" else model
+    cfg = UniversalConfig(weights, routing_threshold=0, distill_weight=lam, distill_temperature=temp)
+    loss = UniversalTrainer(cfg, V, backend=backend).compute_loss(model, x, y)
+    loss.backward()
+    got = grads(model)
+    model.zero_grad()
+    expected = distill_reference(model, x, y, weights, lam, temp)
+    expected.backward()
+    tol = dict(rtol=1e-9, atol=1e-11) if backend == "torch" else dict(rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(loss, expected.to(loss.dtype), **tol)
+    ref = grads(model)
+    assert set(got) == set(ref)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], **tol, msg=name)
+
+
+def test_distill_weight_zero_is_the_plain_loss():
+    model, (x, y) = small_model(), batch()
+    plain = UniversalTrainer(UniversalConfig({1: 0.7, 3: 0.3}), V).compute_loss(model, x, y)
+    off = UniversalTrainer(UniversalConfig({1: 0.7, 3: 0.3}, distill_temperature=3.0), V).compute_loss(model, x, y)
+    assert torch.equal(plain, off)
+
+
+# ----------------------------------------------------------------------------- layer dropout
+def test_fit_draws_layer_drops_from_seed_and_step(monkeypatch):
+    from fastexit.config import LayerDropout
+    cfg = UniversalConfig({1: 0.5, 3: 0.5}, routing_threshold=0, layer_dropout=LayerDropout(0.5))
+    trainer, model = UniversalTrainer(cfg, V, seed=7), small_model()
+    seen = []
+    original = UniversalTrainer.compute_loss
+
+    def spy(self, model, x, y, drops=None):
+        seen.append(drops)
+        return original(self, model, x, y, drops)
+    monkeypatch.setattr(UniversalTrainer, "compute_loss", spy)
+    trainer.fit(model, iter([batch(4, seed=s) for s in range(3)]), steps=3, progress_bar=False)
+    assert seen == [LayerDropout(0.5).draw(3, 4, seed=7, step=k) for k in range(3)]
+    assert any(any(layer) for drops in seen for layer in drops)
+
+
+def test_layer_dropout_training_is_reproducible_and_changes_the_result():
+    from fastexit.config import LayerDropout
+
+    def train(dropout, seed=0):
+        cfg = UniversalConfig({1: 0.5, 3: 0.5}, routing_threshold=0, layer_dropout=dropout)
+        model = small_model()
+        UniversalTrainer(cfg, V, seed=seed).fit(model, iter([batch(4, seed=s) for s in range(3)]), steps=3,
+                                                progress_bar=False)
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+    dropped = train(LayerDropout(0.5))
+    assert torch.equal(dropped, train(LayerDropout(0.5)))
+    assert not torch.equal(dropped, train(None))
+    assert not torch.equal(dropped, train(LayerDropout(0.5), seed=1))
+    assert torch.equal(train(LayerDropout(0.0)), train(None))
+
+
+def test_layer_dropout_is_off_in_evaluation():
+    from fastexit.config import LayerDropout
+    model, b = small_model(), batch()
+    with_dropout = UniversalConfig({1: 0.5, 3: 0.5}, routing_threshold=0, layer_dropout=LayerDropout(0.9))
+    stats = UniversalTrainer(with_dropout, V).evaluate(model, [b])
+    plain = UniversalTrainer(UniversalConfig({1: 0.5, 3: 0.5}, routing_threshold=0), V).evaluate(model, [b])
+    assert stats["ppl"] == plain["ppl"] and stats["ppl_L3"] == plain["ppl_L3"]
+
+
+def test_layer_dropout_needs_exit_hidden_states():
+    from fastexit.config import LayerDropout
+    cfg = UniversalConfig({1: 0.5, 2: 0.5}, routing_threshold=0, layer_dropout=LayerDropout(0.2))
+
+    class LogitsModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(V, V))
+
+        def forward(self, x):
+            return [self.w[x], self.w[x]]
+    with pytest.raises(TypeError, match="layer_dropout"):
+        UniversalTrainer(cfg, V).fit(LogitsModel(), iter([batch()]), steps=1, progress_bar=False)
