@@ -22,6 +22,13 @@ parameter name, so that any number of ranks, or one process, can load them) and 
 and renamed once every rank has written, so a rank that fails mid-save leaves nothing a
 loader reads. ``find_checkpoint`` picks a run folder's latest checkpoint of either kind;
 ``load_checkpoint``, ``load_weights`` and ``load_optimizer`` read both.
+
+A run started from a transformers model (``RunConfig.hf_model``) saves the folder ``model``
+(``save_hf_checkpoint``): ``fastexit.hf.save``'s save_pretrained files and fastexit.json (it
+loads with transformers alone), the run's tokenizer, and ``ckpt.pt`` as above without the
+weights (its ``model`` is None). The folder is written under a temporary name and swapped in
+by two renames; ``find_checkpoint`` also finds the previous folder if a crash fell between
+them.
 """
 import hashlib
 import os
@@ -49,6 +56,7 @@ SHARDED_PREFIX = "ckpt-"  # a sharded checkpoint is the folder ckpt-<step, 6 dig
 META_NAME = "meta.pt"  # in it, beside the shards: every key but the model and optimizer tensors
 SHARDED_KEYS = tuple(k for k in REQUIRED_KEYS if k not in ("model", "optimizer")) + ("files",)
 DATA_KEYS = ("vocab_size", "fingerprint", "tokenizer")  # what a checkpoint's corpus must match
+HF_DIR = "model"  # an HF run's checkpoint folder: save_pretrained files + ckpt.pt without weights
 
 
 # --------------------------------------------------------------------------------- RNG
@@ -114,17 +122,17 @@ def payload_digest(payload: Dict[str, Any]) -> str:
 
 
 # -------------------------------------------------------------------------- save / load
-def save_checkpoint(path: PathLike, *, model: torch.nn.Module, run_config: RunConfig,
+def save_checkpoint(path: PathLike, *, model: Optional[torch.nn.Module], run_config: RunConfig,
                     optimizer: Optional[torch.optim.Optimizer], step: int, data_state: Optional[dict]) -> Path:
     """Write a checkpoint atomically to ``path`` and return it.
 
-    ``run_config``: the run's resolved config (its ``data.identity`` names the tokenized
+    ``model`` None: the weights are kept elsewhere (``save_hf_checkpoint``). ``run_config``: the run's resolved config (its ``data.identity`` names the tokenized
     corpus); ``step``: completed optimizer steps; ``data_state``: the training stream's
     ``state_dict()``. RNG states are captured here, so call it at a step boundary.
     """
     path = Path(path)
     payload = dict(format=FORMAT, version=FORMAT_VERSION, digest="",
-                   model={k: v.detach().cpu() for k, v in model.state_dict().items()},
+                   model=None if model is None else {k: v.detach().cpu() for k, v in model.state_dict().items()},
                    run_config=run_config.to_dict(), optimizer=None if optimizer is None else optimizer.state_dict(),
                    step=int(step), data_state=data_state, rng=capture_rng_state())
     payload["digest"] = payload_digest(payload)
@@ -222,7 +230,10 @@ def load_checkpoint(path: PathLike, *, model_config: Optional[ModelConfig] = Non
     (``FileNotFoundError`` when the file is absent).
     """
     path = Path(path)
-    payload = _read_sharded(path) if path.is_dir() else _read(path)
+    if not path.is_dir():
+        payload = _read(path)
+    else:  # an HF run's folder holds ckpt.pt, a sharded checkpoint meta.pt
+        payload = _read(path / CKPT_NAME) if (path / CKPT_NAME).is_file() else _read_sharded(path)
     try:
         payload["run_config"] = RunConfig.from_dict(payload["run_config"])
     except (TypeError, ValueError, KeyError) as err:
@@ -258,6 +269,8 @@ def load_weights(model: torch.nn.Module, payload: Dict[str, Any], path: PathLike
     """The weights of a loaded checkpoint into ``model``, a plain (unwrapped) model: from the
     file, or from the shards of the sharded checkpoint ``path`` (under torchrun every rank
     calls it and reads the full weights)."""
+    if "model" in payload and payload["model"] is None:
+        raise ValueError(f"{path}: this checkpoint keeps its weights in a transformers folder (fastexit.hf.load)")
     if "model" not in payload:
         _read_shards({"model": model.state_dict()}, path, "model weights")  # in place, into the parameters
         return
@@ -371,11 +384,44 @@ def remove_older_checkpoints(run_dir: PathLike, keep: Path) -> None:
             shutil.rmtree(path)
 
 
+# ------------------------------------------------------------------ transformers runs
+def save_hf_checkpoint(run_dir: PathLike, *, model: torch.nn.Module, run_config: RunConfig,
+                       optimizer: torch.optim.Optimizer, step: int, data_state: Optional[dict],
+                       tokenizer=None) -> Path:
+    """Write ``run_dir/model``: ``fastexit.hf.save(model, ..., run_config.method)``, the
+    transformers ``tokenizer`` (if any, its ``save_pretrained``) and ``ckpt.pt`` without the
+    weights; all into a temporary folder first, then swapped in. Returns the folder."""
+    from . import hf
+    final = Path(run_dir) / HF_DIR
+    tmp, old = final.with_name(f".{HF_DIR}.tmp"), final.with_name(f".{HF_DIR}.old")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a save that failed
+    hf.save(model, tmp, run_config.method)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    save_checkpoint(tmp / CKPT_NAME, model=None, run_config=run_config, optimizer=optimizer, step=step,
+                    data_state=data_state)
+    _commit(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _hf_checkpoint(run_dir: Path) -> Optional[Path]:
+    """``run_dir/model``, or its previous copy when a crash fell between the two renames of a save."""
+    for name in (HF_DIR, f".{HF_DIR}.old"):
+        if (run_dir / name / CKPT_NAME).is_file():
+            return run_dir / name
+    return None
+
+
 def find_checkpoint(run_dir: PathLike) -> Optional[Path]:
-    """The latest checkpoint of a run folder: ``ckpt.pt`` or the ``ckpt-<step>`` folder of the
-    highest step (both exist only after a crash between a save and its clean-up); None if
-    it has none. Temporary folders of unfinished saves are never returned."""
+    """The latest checkpoint of a run folder: ``ckpt.pt``, the ``ckpt-<step>`` folder of the
+    highest step (both exist only after a crash between a save and its clean-up), or an HF
+    run's ``model`` folder; None if it has none. Temporary folders of unfinished saves are
+    never returned."""
     run_dir = Path(run_dir)
+    hf_ckpt = _hf_checkpoint(run_dir) if run_dir.is_dir() else None
+    if hf_ckpt is not None:
+        return hf_ckpt
     steps = {_sharded_step(p): p for p in run_dir.glob(SHARDED_PREFIX + "*")} if run_dir.is_dir() else {}
     steps.pop(None, None)
     single = run_dir / CKPT_NAME

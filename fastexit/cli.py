@@ -8,6 +8,9 @@ Bad input (a missing data path, a too small corpus, an unknown preset, a malform
 corrupted or mismatched checkpoint) ends with one line ``fastexit: error: ...`` on stderr and
 exit status 2, before anything is written. ``train --parallel ddp|fsdp`` runs under torchrun
 (``torchrun --nproc-per-node 8 -m fastexit.cli train --parallel fsdp ...``); rank 0 prints.
+``train --hf-model DIR`` trains a local transformers model folder (``fastexit.hf``) instead of
+fastexit's own model: its shape comes from DIR's config.json, its text from DIR's tokenizer
+(or a BPE of the model's vocab_size when DIR has none), exit_layer defaults to n_layers // 2.
 """
 import argparse
 import math
@@ -20,7 +23,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from . import distributed, report
-from .config import (DEFAULT_PRESET, EVAL_MODES, GENERATE_DEFAULTS, MAX_PPL_INCREASE, PRESETS, RUN_MODEL_DEFAULTS,
+from .config import (DEFAULT_PRESET, EVAL_MODES, GENERATE_DEFAULTS, MAX_PPL_INCREASE, MIN_VOCAB_SIZE, PRESETS,
+                     RUN_MODEL_DEFAULTS,
                      SWEEP_THRESHOLDS, TRAIN_SWEEP_THRESHOLDS, AlphaSchedule, DataConfig, ModelConfig, RunConfig,
                      LayerDropout, TrainConfig, make_method)
 from .runs import Run, log, resolve_device
@@ -123,13 +127,13 @@ def _given(args, name: str, default=None, overrides: Optional[Dict[str, Any]] = 
     return default if value is None else value
 
 
-def _method_from_flags(args, n_layers: int, overrides: Dict[str, Any]):
+def _method_from_flags(args, n_layers: int, overrides: Dict[str, Any], default_exit_layer: int = 1):
     get = lambda name, default=None: _given(args, name, default, overrides)  # noqa: E731
     weights, schedule, scales = get("layer_weights"), get("alpha_schedule"), get("layer_lr_scales")
     try:
         return make_method(None if weights is not None else get("preset", DEFAULT_PRESET),
                            parse_layer_map(weights, "--layer-weights") if weights is not None else None,
-                           n_layers=n_layers, exit_layer=get("exit_layer", 1),
+                           n_layers=n_layers, exit_layer=get("exit_layer", default_exit_layer),
                            routing_threshold=get("routing_threshold"),
                            alpha_schedule=parse_alpha_schedule(schedule) if schedule else None,
                            layer_lr_scales=parse_layer_map(scales, "--layer-lr-scales") if scales else None,
@@ -154,6 +158,52 @@ def run_config_from_flags(args, **method_overrides) -> RunConfig:
                      model=ModelConfig(data.vocab_size, max_seq_len=train.seq_len, **model), train=train, data=data)
 
 
+def hf_run_config(args) -> RunConfig:
+    """A new run's config for ``--hf-model DIR``: the model's shape from DIR's config.json,
+    the tokenizer DIR ships (else a BPE of the model's vocab_size), exit_layer n_layers // 2
+    unless given. Errors name the flag at fault."""
+    from . import hf
+    from .data import has_tokenizer, load_hf_tokenizer
+    src = Path(args.hf_model).resolve()
+    try:
+        shape = hf.shape_of(hf.read_config(src))
+    except ValueError as err:
+        raise ValueError(f"--hf-model: {err}") from None
+    for name in RUN_MODEL_DEFAULTS:
+        if getattr(args, name, None) is not None:
+            raise ValueError(f"--{name.replace('_', '-')}: the model's shape comes from --hf-model ({src}); "
+                             f"leave it out")
+    n_layers, vocab = shape["n_layers"], shape["vocab_size"]
+    if args.vocab_size is not None and args.vocab_size != vocab:
+        raise ValueError(f"--vocab-size {args.vocab_size} does not match the vocab_size {vocab} of --hf-model {src}")
+    if args.exit_layer is not None and args.exit_layer > n_layers:
+        raise ValueError(f"--exit-layer {args.exit_layer} is beyond the depth of --hf-model {src} "
+                         f"({n_layers} layers)")
+    train = TrainConfig(**{f: getattr(args, f) for f in TRAIN_FLAGS if getattr(args, f, None) is not None})
+    if train.seq_len > shape["max_seq_len"]:
+        raise ValueError(f"--seq-len {train.seq_len} exceeds the max_seq_len {shape['max_seq_len']} of "
+                         f"--hf-model {src}")
+    tokenizer = str(src) if has_tokenizer(src) else None
+    if tokenizer is not None:
+        try:
+            n_tokens = len(load_hf_tokenizer(src))
+        except ValueError as err:
+            raise ValueError(f"--hf-model: {str(err).removeprefix('tokenizer: ')}") from None
+        if n_tokens > vocab:
+            raise ValueError(f"--hf-model: vocabulary mismatch: the tokenizer in {src} has {n_tokens} tokens, more "
+                             f"than the model's vocab_size {vocab}")
+    elif vocab < MIN_VOCAB_SIZE:
+        raise ValueError(f"--hf-model: {src} has no tokenizer and its vocab_size {vocab} is below the minimum "
+                         f"{MIN_VOCAB_SIZE} of fastexit's byte-level BPE; add a tokenizer to the folder")
+    data = DataConfig(paths=[str(Path(p).resolve()) for p in args.data] if args.data else None,
+                      vocab_size=max(vocab, MIN_VOCAB_SIZE), tokenizer=tokenizer,
+                      cache_dir=str(Path(args.cache_dir).resolve()) if args.cache_dir else None)
+    preset = None if args.layer_weights is not None else (args.preset or DEFAULT_PRESET)
+    method = _method_from_flags(args, n_layers, {}, default_exit_layer=max(1, n_layers // 2))
+    return RunConfig(name=preset or "custom", preset=preset, method=method, model=ModelConfig(**shape), train=train,
+                     data=data, hf_model=str(src))
+
+
 def resume_changes(args) -> Dict[str, Any]:
     """The flags given on --resume as {dotted RunConfig field: value in to_dict form}; the
     method flags are compared as the method they build (see runs.apply_resume_changes)."""
@@ -167,6 +217,8 @@ def resume_changes(args) -> Dict[str, Any]:
         changes["data.cache_dir"] = str(Path(args.cache_dir).resolve())
     if args.preset is not None:
         changes["preset"] = args.preset
+    if getattr(args, "hf_model", None) is not None:
+        changes["hf_model"] = str(Path(args.hf_model).resolve())
     return dict(changes, **_method_changes(args))
 
 
@@ -193,6 +245,8 @@ def _runtime(args) -> Dict[str, Any]:
 def cmd_train(args) -> int:
     """One process, or under torchrun (--parallel) every rank: the same calls; rank 0 prints."""
     parallel = distributed.resolve_parallel(args.parallel)
+    if parallel is not None and args.hf_model is not None:
+        raise ValueError("--parallel: not yet supported with --hf-model (train it in one process)")
     with distributed.process_group(parallel, resolve_device(args.device)) as device:
         return _train(args, dict(device=device, backend=args.backend, parallel=parallel,
                                  param_dtype=distributed.PARAM_DTYPES[args.param_dtype]))
@@ -204,7 +258,7 @@ def _train(args, runtime: Dict[str, Any]) -> int:
         path = Path(args.out or Path("runs") / (args.preset or ("custom" if args.layer_weights else DEFAULT_PRESET)))
         run = Run.resume(path, resume_changes(args), **runtime)
     else:
-        config = run_config_from_flags(args)
+        config = hf_run_config(args) if args.hf_model else run_config_from_flags(args)
         run = Run.create(Path(args.out or Path("runs") / config.name), config, **runtime)
     step = run.train(progress=not args.no_progress, stop_at=args.stop_at)
     if step < run.config.train.steps:
@@ -327,7 +381,8 @@ def _add_method_flags(p) -> None:
     pick = m.add_mutually_exclusive_group()
     pick.add_argument("--preset", help=f"one of {', '.join(PRESETS)} (default {DEFAULT_PRESET})")
     pick.add_argument("--layer-weights", metavar="L=W,...", help="custom loss weights, e.g. 1=0.7,3=0.3")
-    m.add_argument("--exit-layer", type=int, help="layer where confident tokens leave (default 1)")
+    m.add_argument("--exit-layer", type=int,
+                   help="layer where confident tokens leave (default 1; n_layers // 2 with --hf-model)")
     m.add_argument("--routing-threshold", type=float, help="0 = no routing (default: the preset's)")
     _alias(m, "--threshold", "--routing-threshold", type=float)
     m.add_argument("--alpha-schedule", metavar="KIND:START[:END]", help="e.g. linear:0.9:0.5 (exit-layer weight)")
@@ -388,6 +443,9 @@ def _train_parser(sub) -> None:
                                    "what early exit buys at a handful of routing thresholds.")
     _add_method_flags(p)
     _add_training_flags(p)
+    p.add_argument("--hf-model", metavar="DIR",
+                   help="train a local transformers model folder (config.json, optional weights and tokenizer; "
+                        "llama, mistral, qwen2, qwen3, gpt2) instead of fastexit's own model")
     p.add_argument("--out", help="run folder (default runs/<preset>); never overwritten")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its ckpt.pt")
     p.add_argument("--stop-at", type=int, metavar="STEP",

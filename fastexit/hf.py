@@ -33,9 +33,11 @@ from .config import UniversalConfig
 from .model import KVCache, QueryGrid
 from .routing import padding_layout
 
-__all__ = ["FAMILIES", "Family", "HFEarlyExit", "RotaryKVCache", "from_hf", "load", "save"]
+__all__ = ["FAMILIES", "Family", "HFEarlyExit", "RotaryKVCache", "from_folder", "from_hf", "load", "read_config",
+           "save"]
 
 METADATA = "fastexit.json"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 FORMAT = "fastexit-hf/1"
 # rope types whose frequencies grow with the sequence (inv_freq changes at run time): a cached
 # key rotated at one length would be wrong at the next
@@ -472,3 +474,45 @@ def _read_metadata(path: Path) -> Optional[dict]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{path}: not fastexit metadata of format {FORMAT!r}")
     return meta
+
+
+# ----------------------------------------------------------------------------- model folders
+def read_config(directory):
+    """The transformers config of a local model folder (never downloads); ValueError when the
+    folder has no config.json or its model_type is not in ``FAMILIES``."""
+    from transformers import AutoConfig
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise ValueError(f"{directory} has no config.json (give a transformers model folder, e.g. one written by "
+                         f"save_pretrained)")
+    try:
+        config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"{directory / 'config.json'} does not load: {str(err).splitlines()[0]}") from None
+    if config.model_type not in FAMILIES:
+        raise ValueError(f"{directory}: model_type {config.model_type!r} is not supported; supported model types: "
+                         f"{sorted(FAMILIES)}")
+    return config
+
+
+def shape_of(config) -> dict:
+    """The ModelConfig fields (vocab_size, n_layers, d_model, n_heads, max_seq_len,
+    tie_embeddings) that describe a transformers config."""
+    heads = config.num_attention_heads
+    return dict(vocab_size=config.vocab_size, n_layers=config.num_hidden_layers, d_model=config.hidden_size,
+                n_heads=heads if config.hidden_size % heads == 0 else 1, max_seq_len=_max_seq_len(config),
+                tie_embeddings=bool(getattr(config, "tie_word_embeddings", True)))
+
+
+def has_weights(directory) -> bool:
+    return any((Path(directory) / name).is_file() for name in WEIGHT_FILES)
+
+
+def from_folder(directory, dtype: torch.dtype = torch.float32) -> HFEarlyExit:
+    """The model of a local transformers folder as an ``HFEarlyExit``: its weights when it has
+    some, else initialised from its config.json with the current torch RNG."""
+    from transformers import AutoModelForCausalLM
+    config = read_config(directory)
+    if has_weights(directory):
+        return from_hf(AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=dtype))
+    return from_hf(AutoModelForCausalLM.from_config(config, dtype=dtype))

@@ -8,6 +8,10 @@ A run folder holds one training run:
 - ``ckpt.pt``: the latest checkpoint (``fastexit.checkpoint``), written atomically every
   ``ckpt_every`` steps and at the end; a run trained with ``parallel="fsdp"`` has the sharded
   folder ``ckpt-<step>`` instead. Either kind resumes with any number of processes.
+- a run started from a transformers model (``RunConfig.hf_model``) has the folder ``model``
+  instead: the model as ``fastexit.hf.save`` writes it (loads with transformers alone), its
+  tokenizer, and ``ckpt.pt`` without the weights. Such a run tokenizes with the model folder's
+  tokenizer when it has one (``DataConfig.tokenizer``), else with a BPE of the model's vocab_size.
 
 Under torchrun (``parallel="ddp"`` or ``"fsdp"``, inside ``distributed.process_group``) every
 rank runs the same calls; rank 0 alone writes config.json, metrics.jsonl, ckpt.pt and logs.
@@ -33,7 +37,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from . import distributed
+from . import distributed, hf
 from .atomic import write_json, write_lines
 from .config import DataConfig, RunConfig
 from .model import EarlyExitTransformer
@@ -78,9 +82,13 @@ def load_corpus(data: DataConfig):
     run reads the cache its checkpoint was made with."""
     from .data import prepare_data
     cache_dir = data.cache_dir or (data.identity or {}).get("cache_dir")
+    if data.tokenizer is not None:  # the cache is a subfolder (hf-<fingerprint>) of the folder given
+        cache_dir = data.cache_dir
     try:
-        return prepare_data(data.paths, vocab_size=data.vocab_size, cache_dir=cache_dir)
+        return prepare_data(data.paths, vocab_size=data.vocab_size, cache_dir=cache_dir, tokenizer=data.tokenizer)
     except (ValueError, FileNotFoundError) as err:
+        if str(err).startswith("tokenizer: "):
+            raise ValueError(f"--hf-model: {str(err).removeprefix('tokenizer: ')}") from None
         what = "--data" if data.paths else "the default corpus"
         raise ValueError(f"{what}: {str(err).removeprefix('paths: ')}") from None
 
@@ -227,7 +235,8 @@ class Run:
         if need_data:
             run.corpus = load_corpus(run.config.data)
             ckpt.check_matches(payload, ckpt_path, data=data_key(corpus_identity(run.corpus)))
-        run.model = ckpt.restore_model(payload, ckpt_path).to(run.device)
+        model = hf.load(ckpt_path, dtype=torch.float32)[0] if run.config.hf_model else ckpt.restore_model(payload, ckpt_path)
+        run.model = model.to(run.device)
         run.trainer = run._new_trainer()
         return run
 
@@ -246,7 +255,12 @@ class Run:
         identity = corpus_identity(self.corpus)
         data = DataConfig(**dict(cfg.data.to_dict(), identity=identity, n_bytes=dict(self.corpus.n_bytes),
                                  n_tokens={s: int(len(a)) for s, a in self.corpus.splits.items()}))
-        model = dict(cfg.model.to_dict(), vocab_size=identity["vocab_size"])
+        model = cfg.model.to_dict()
+        if cfg.hf_model is None:  # a native model's vocabulary is the tokenizer's
+            model["vocab_size"] = identity["vocab_size"]
+        elif identity["vocab_size"] > model["vocab_size"]:
+            raise ValueError(f"--hf-model: the tokenizer has {identity['vocab_size']} tokens, more than the model's "
+                             f"vocab_size {model['vocab_size']}")
         self.config = RunConfig.from_dict(dict(cfg.to_dict(), data=data.to_dict(), model=model))
         self._load_state(from_disk=resume)
         return self
@@ -263,9 +277,12 @@ class Run:
                 raise ValueError(f"steps {cfg.train.steps} is below the checkpoint's step {self.payload['step']} "
                                  f"({self.ckpt_path})")
         seed_everything(cfg.train.seed)
-        self.model = EarlyExitTransformer(cfg.model)
-        if self.payload is not None:
-            ckpt.load_weights(self.model, self.payload, self.ckpt_path)
+        if cfg.hf_model is not None:  # the checkpoint's transformers folder, or the one the run starts from
+            self.model = hf.load(self.ckpt_path, dtype=torch.float32)[0] if self.payload is not None else hf.from_folder(cfg.hf_model)
+        else:
+            self.model = EarlyExitTransformer(cfg.model)
+            if self.payload is not None:
+                ckpt.load_weights(self.model, self.payload, self.ckpt_path)
         self.model.to(self.device)
         self.trainer = self._new_trainer()
 
@@ -334,7 +351,10 @@ class Run:
         ``ckpt.pt`` from rank 0 (DDP replicas are all alike); older checkpoints go."""
         args = dict(model=self.model, run_config=self.config, optimizer=optimizer, step=step,
                     data_state=stream.state_dict())
-        if self.parallel == "fsdp":
+        if self.config.hf_model is not None:
+            if distributed.is_main():
+                ckpt.save_hf_checkpoint(self.path, tokenizer=self._hf_tokenizer(), **args)
+        elif self.parallel == "fsdp":
             ckpt.save_sharded_checkpoint(self.path, **args)
         elif distributed.is_main():
             path = ckpt.save_checkpoint(self.path / ckpt.CKPT_NAME, **args)
@@ -371,14 +391,25 @@ class Run:
             log(f"routing_threshold {th:g}: ppl {stats['ppl']:.3f}, compute_cost {stats['compute_cost']:.3f}")
         return rows
 
+    def _hf_tokenizer(self):
+        """The run's tokenizer as a transformers tokenizer, for the checkpoint folder."""
+        from .data import load_hf_tokenizer
+        if self.config.data.tokenizer is not None:
+            return load_hf_tokenizer(self.config.data.tokenizer)
+        from transformers import PreTrainedTokenizerFast
+        return PreTrainedTokenizerFast(tokenizer_object=self.corpus.tokenizer)
+
     def tokenizer(self):
-        """The run's tokenizer from its data cache; rebuilt through the corpus if it is gone."""
-        path = Path((self.config.data.identity or {}).get("cache_dir", "")) / "tokenizer.json"
-        if path.is_file():
-            from tokenizers import Tokenizer
-            tok = Tokenizer.from_file(str(path))
-            if tok.get_vocab_size() == self.model.cfg.vocab_size:
-                return tok
+        """The run's tokenizer (a ``tokenizers.Tokenizer``) from its data cache, else (an HF
+        run) from its checkpoint folder; rebuilt through the corpus if both are gone."""
+        from tokenizers import Tokenizer
+        identity = self.config.data.identity or {}
+        saved = ckpt.find_checkpoint(self.path) if self.config.hf_model is not None else None
+        for path in (Path(identity.get("cache_dir", "")) / "tokenizer.json", saved and saved / "tokenizer.json"):
+            if path and path.is_file():
+                tok = Tokenizer.from_file(str(path))
+                if tok.get_vocab_size() == identity.get("vocab_size", self.model.cfg.vocab_size):
+                    return tok
         return load_corpus(self.config.data).tokenizer
 
 
