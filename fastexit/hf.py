@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .atomic import write_json
 from .config import UniversalConfig
-from .model import KVCache, QueryGrid
+from .model import KVCache, QueryGrid, check_token_ids
 from .routing import padding_layout
 
 __all__ = ["FAMILIES", "Family", "HFEarlyExit", "RotaryKVCache", "from_folder", "from_hf", "load", "read_config",
@@ -337,14 +337,7 @@ class HFEarlyExit(nn.Module):
         return self.hf.get_output_embeddings()
 
     def check_idx(self, idx: torch.Tensor) -> None:
-        if not isinstance(idx, torch.Tensor) or idx.dtype != torch.long or idx.dim() != 2:
-            got = f"{idx.dtype} tensor of shape {tuple(idx.shape)}" if isinstance(idx, torch.Tensor) \
-                else type(idx).__name__
-            raise ValueError(f"idx must be an int64 tensor (B, T), got {got}")
-        if idx.numel() == 0:
-            raise ValueError(f"idx must be non-empty, got shape {tuple(idx.shape)}")
-        if idx.shape[1] > self.cfg.max_seq_len:
-            raise ValueError(f"idx has {idx.shape[1]} positions, more than max_seq_len={self.cfg.max_seq_len}")
+        check_token_ids(idx, self.cfg.max_seq_len)
 
     def embed(self, idx: torch.Tensor, start_pos: int = 0,
               positions: Optional[torch.Tensor] = None) -> torch.Tensor:  # (B, T) -> (B, T, d)

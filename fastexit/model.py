@@ -160,6 +160,17 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+def check_token_ids(idx, max_seq_len: int) -> None:
+    """idx must be a non-empty int64 (B, T) tensor with T <= max_seq_len."""
+    if not isinstance(idx, torch.Tensor) or idx.dtype != torch.long or idx.dim() != 2:
+        got = f"{idx.dtype} tensor of shape {tuple(idx.shape)}" if isinstance(idx, torch.Tensor) else type(idx).__name__
+        raise ValueError(f"idx must be an int64 tensor (B, T), got {got}")
+    if idx.numel() == 0:
+        raise ValueError(f"idx must be non-empty, got shape {tuple(idx.shape)}")
+    if idx.shape[1] > max_seq_len:
+        raise ValueError(f"idx has {idx.shape[1]} positions, more than max_seq_len={max_seq_len}")
+
+
 class EarlyExitTransformer(nn.Module):
     """Causal LM with an exit (norm + shared head) after every block.
 
@@ -205,13 +216,7 @@ class EarlyExitTransformer(nn.Module):
         return n
 
     def check_idx(self, idx: torch.Tensor) -> None:
-        if not isinstance(idx, torch.Tensor) or idx.dtype != torch.long or idx.dim() != 2:
-            got = f"{idx.dtype} tensor of shape {tuple(idx.shape)}" if isinstance(idx, torch.Tensor) else type(idx).__name__
-            raise ValueError(f"idx must be an int64 tensor (B, T), got {got}")
-        if idx.numel() == 0:
-            raise ValueError(f"idx must be non-empty, got shape {tuple(idx.shape)}")
-        if idx.shape[1] > self.cfg.max_seq_len:
-            raise ValueError(f"idx has {idx.shape[1]} positions, more than max_seq_len={self.cfg.max_seq_len}")
+        check_token_ids(idx, self.cfg.max_seq_len)
 
     def embed(self, idx: torch.Tensor, start_pos: int = 0,
               positions: Optional[torch.Tensor] = None) -> torch.Tensor:  # (B, T) -> (B, T, d)
