@@ -27,7 +27,7 @@ from .config import (DEFAULT_PRESET, EVAL_MODES, GENERATE_DEFAULTS, MAX_PPL_INCR
                      RUN_MODEL_DEFAULTS,
                      SWEEP_THRESHOLDS, TRAIN_SWEEP_THRESHOLDS, AlphaSchedule, DataConfig, ModelConfig, RunConfig,
                      LayerDropout, TrainConfig, make_method)
-from .runs import Run, log, resolve_device
+from .runs import Run, load_corpus, log, resolve_device, steps_for_budget
 
 TRAIN_FLAGS = tuple(f for f in TrainConfig.__dataclass_fields__ if f not in ("min_lr_ratio", "weight_decay",
                                                                              "grad_clip"))
@@ -111,6 +111,59 @@ def parse_thresholds(text: str) -> List[float]:
     if bad:
         raise ValueError(f"--routing-thresholds: every threshold must be in [0, 1], got {bad}")
     return sorted(set(values))
+
+
+def parse_seeds(text: str) -> List[int]:
+    """'0,1,2' -> [0, 1, 2] (distinct ints >= 0, in the order given)."""
+    try:
+        seeds = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--seeds: expected a comma list of ints >= 0 such as '0,1,2', got {text!r}") from None
+    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds: every seed must be an int >= 0, each given once, got {text!r}")
+    return seeds
+
+
+def parse_lrs(text: str) -> List[float]:
+    """'1e-3,3e-3' -> [0.001, 0.003] (distinct finite numbers > 0, in the order given)."""
+    try:
+        lrs = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--lrs: expected a comma list of learning rates such as '1e-3,3e-3', got {text!r}") from None
+    if not all(math.isfinite(v) and v > 0 for v in lrs) or len(set(lrs)) != len(lrs):
+        raise ValueError(f"--lrs: every learning rate must be a finite number > 0, each given once, got {text!r}")
+    return lrs
+
+
+def check_budget_flags(args) -> None:
+    """At most one of --steps, --epochs, --tokens, each in range; --early-stopping-patience
+    needs periodic evaluations."""
+    given = [f"--{name}" for name in ("steps", "epochs", "tokens") if getattr(args, name, None) is not None]
+    if len(given) > 1:
+        raise ValueError(f"{given[1]}: give one training budget (--steps, --epochs or --tokens), "
+                         f"not {' and '.join(given)}")
+    if args.epochs is not None and not (math.isfinite(args.epochs) and args.epochs > 0):
+        raise ValueError(f"--epochs must be a number > 0, got {args.epochs}")
+    if args.tokens is not None and args.tokens < 1:
+        raise ValueError(f"--tokens must be an int >= 1, got {args.tokens}")
+    patience = args.early_stopping_patience
+    if patience is not None and patience < 0:
+        raise ValueError(f"--early-stopping-patience must be an int >= 0 (0: never stop early), got {patience}")
+    if patience and args.eval_every == 0:
+        raise ValueError("--early-stopping-patience needs periodic evaluations; leave out --eval-every 0")
+
+
+def with_budget(args, config: RunConfig) -> RunConfig:
+    """``config`` with ``train.steps`` from --epochs / --tokens (converted on the corpus's
+    training split, ``runs.steps_for_budget``); unchanged without them. The warmup default
+    follows the new steps."""
+    if args.epochs is None and args.tokens is None:
+        return config
+    t = config.train
+    n_train = len(load_corpus(config.data).splits["train"])
+    steps = steps_for_budget(n_train, t.batch_size, t.seq_len, epochs=args.epochs, tokens=args.tokens)
+    train = dict(t.to_dict(), steps=steps, warmup_steps=args.warmup_steps)
+    return RunConfig.from_dict(dict(config.to_dict(), train=train))
 
 
 def parse_presets(text: str) -> List[str]:
@@ -254,14 +307,15 @@ def cmd_train(args) -> int:
 
 def _train(args, runtime: Dict[str, Any]) -> int:
     t0 = time.perf_counter()
+    check_budget_flags(args)
     if args.resume:
         path = Path(args.out or Path("runs") / (args.preset or ("custom" if args.layer_weights else DEFAULT_PRESET)))
         run = Run.resume(path, resume_changes(args), **runtime)
     else:
-        config = hf_run_config(args) if args.hf_model else run_config_from_flags(args)
+        config = with_budget(args, hf_run_config(args) if args.hf_model else run_config_from_flags(args))
         run = Run.create(Path(args.out or Path("runs") / config.name), config, **runtime)
     step = run.train(progress=not args.no_progress, stop_at=args.stop_at)
-    if step < run.config.train.steps:
+    if step < run.config.train.steps and run.early_stop is None:
         return 0  # --stop-at: evaluate once the run is complete
     stats = run.evaluate("val")  # every rank evaluates its share of the batches
     run.log_final(step, stats)
@@ -361,7 +415,15 @@ def _prompt_ids(tok, prompt: str, max_new_tokens: int, limit: int) -> List[int]:
 def cmd_compare(args) -> int:
     from .compare import LAYER_LR_CONFIGS, compare_runs, lr_scales_flag
     names, out = parse_presets(args.presets), Path(args.out)
+    check_budget_flags(args)
+    if args.seeds is not None and args.seed is not None:
+        raise ValueError("--seeds: give either --seed or --seeds, not both")
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else [args.seed or TrainConfig.seed]
+    lrs = parse_lrs(args.lrs) if args.lrs is not None else None
+    if lrs is not None and args.lr is not None:
+        raise ValueError("--lrs: give either --lr or --lrs, not both")
     n_layers = _given(args, "n_layers", RUN_MODEL_DEFAULTS["n_layers"])
+    args.steps = with_budget(args, run_config_from_flags(args)).train.steps  # one conversion for every job
     jobs = [(name, name, run_config_from_flags(args, preset=name)) for name in names]  # (label, folder, config)
     if args.layer_lr_configs:
         for label, suffix, scales in LAYER_LR_CONFIGS:
@@ -369,8 +431,8 @@ def cmd_compare(args) -> int:
             config = run_config_from_flags(args, preset=DEFAULT_PRESET,
                                            layer_lr_scales=scales and lr_scales_flag(scales, n_layers))
             jobs.append((label, folder, config))
-    text = compare_runs(out, jobs, names, args.split, args.layer_lr_configs, progress=not args.no_progress,
-                        **_runtime(args))
+    text = compare_runs(out, jobs, names, args.split, args.layer_lr_configs, seeds=seeds, lrs=lrs,
+                        progress=not args.no_progress, **_runtime(args))
     print(text, flush=True)
     return 0
 
@@ -405,6 +467,11 @@ def _add_training_flags(p) -> None:
     for name, text in helps.items():
         kind = float if name == "lr" else int
         g.add_argument(f"--{name.replace('_', '-')}", type=kind, help=f"{text} (default {getattr(t, name)})")
+    g.add_argument("--epochs", type=float, help="training budget in passes over the train split, instead of --steps")
+    g.add_argument("--tokens", type=int, help="training budget in tokens (batch_size x seq_len a step), instead of "
+                                              "--steps")
+    g.add_argument("--early-stopping-patience", type=int, metavar="K",
+                   help="stop once K periodic val evaluations in a row bring no better val ppl (default 0: never)")
     g.add_argument("--warmup-steps", type=int, help="linear LR warmup steps (default min(50, steps/10))")
     _alias(g, "--warmup", "--warmup-steps", type=int)
     p.add_argument("--data", nargs="+", metavar="PATH",
@@ -491,12 +558,19 @@ def _inference_parsers(sub) -> None:
 
 def _compare_parser(sub) -> None:
     p = sub.add_parser("compare", help="train and compare presets (and the seed's layer-wise LR runs)",
-                       description="Train every chosen preset with the same data, steps and seed; write "
-                                   "OUT/compare.md (tables) and OUT/compare.png (PPL vs compute_cost).")
+                       description="Train every chosen preset with the same data and steps, once per seed (and "
+                                   "base LR) into OUT/<config>/seed<k>; write OUT/compare.md (mean ± std over "
+                                   "seeds, paired ΔPPL vs the first preset with a 95% t-interval), OUT/compare.png "
+                                   "(PPL vs compute_cost) and OUT/compare.json. Rerunning the same command skips "
+                                   "finished runs and resumes unfinished ones.")
     p.add_argument("--presets", default="all", help="'all' or a comma list of preset names")
     p.add_argument("--layer-lr-configs", action="store_true",
                    help="also run the seed's decreasing/increasing layer-wise LR on asymmetric_best")
     _add_training_flags(p)
+    p.add_argument("--seeds", metavar="S,...", help="train every configuration once per seed, e.g. 0,1,2 "
+                                                     "(default: --seed alone)")
+    p.add_argument("--lrs", metavar="LR,...", help="train every configuration at each base LR, e.g. 1e-3,3e-3, and "
+                                                   "compare each at its best LR on val ppl")
     p.add_argument("--split", default="test", choices=("val", "test"), help="split of the tables (default test)")
     p.add_argument("--out", default="runs/compare", help="folder of runs and tables (default runs/compare)")
     _add_runtime_flags(p, progress=True)

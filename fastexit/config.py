@@ -352,12 +352,26 @@ class TrainConfig(_FlatConfig):
     eval_batches: int = 8               # val batches per periodic evaluation
     ckpt_every: int = 100
     seed: int = 0
+    # The budget as given when it was not --steps: ``steps`` holds it converted (runs.steps_for_budget).
+    epochs: Optional[float] = None      # passes over the training split
+    tokens: Optional[int] = None        # training tokens (batch_size * seq_len per step)
+    # Stop once this many periodic evaluations in a row fail to beat the best val ppl; 0 = never.
+    early_stopping_patience: int = 0
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "eval_batches", "ckpt_every"):
             _check_int(name, getattr(self, name), 1)
         _check_int("eval_every", self.eval_every, 0)
         _check_int("seed", self.seed, 0)
+        if self.epochs is not None:
+            _check_positive("epochs", self.epochs)
+        if self.tokens is not None:
+            _check_int("tokens", self.tokens, 1)
+        if self.epochs is not None and self.tokens is not None:
+            raise ValueError("give at most one of epochs and tokens (steps holds the converted budget)")
+        _check_int("early_stopping_patience", self.early_stopping_patience, 0)
+        if self.early_stopping_patience and not self.eval_every:
+            raise ValueError("early_stopping_patience needs periodic evaluations (eval_every > 0)")
         if self.warmup_steps is None:
             self.warmup_steps = min(DEFAULT_WARMUP_STEPS, self.steps // 10)
         _check_int("warmup_steps", self.warmup_steps, 0)

@@ -87,6 +87,108 @@ def vs_baseline(ppl: float, baseline: float) -> str:
     return f"{gain:.1f}% improvement" if gain >= 0 else f"{-gain:.1f}% worse"
 
 
+# ------------------------------------------------------------------ across seeds
+def mean_std(values: Sequence[float]) -> Tuple[float, float]:
+    """Mean and sample standard deviation (n - 1 in the denominator; 0.0 for one value)."""
+    n = len(values)
+    mean = sum(values) / n
+    return mean, (math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0)
+
+
+def spread_cell(values: Sequence[float]) -> str:
+    """'mean ± std' over seeds, or the value alone for one seed."""
+    mean, std = mean_std(values)
+    return _fmt(float(mean)) if len(values) == 1 else f"{_fmt(float(mean))} ± {_fmt(float(std))}"
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the regularized incomplete beta function (modified Lentz)."""
+    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 300):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1 + num * d
+            d = 1 / (d if abs(d) > tiny else tiny)
+            c = 1 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1) < 1e-15:
+            break
+    return h
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularized incomplete beta I_x(a, b)."""
+    if x <= 0 or x >= 1:
+        return 0.0 if x <= 0 else 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1) / (a + b + 2):
+        return front * _betacf(a, b, x) / a
+    return 1 - front * _betacf(b, a, 1 - x) / b
+
+
+def t_cdf(t: float, df: int) -> float:
+    """Student's t distribution function with ``df`` degrees of freedom."""
+    tail = 0.5 * _betainc(df / 2, 0.5, df / (df + t * t))
+    return 1 - tail if t >= 0 else tail
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The ``p`` quantile of Student's t (p in (0.5, 1)), computed (no scipy): bisection on
+    ``t_cdf``, to ~1e-10."""
+    lo, hi = 0.0, 1.0
+    while t_cdf(hi, df) < p:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
+        if hi - lo < 1e-10:
+            break
+    return (lo + hi) / 2
+
+
+def paired_interval(diffs: Sequence[float], confidence: float = 0.95) -> Tuple[float, Optional[float], Optional[float]]:
+    """(mean, low, high) of paired differences: mean ± t_{(1+c)/2, n-1} * sd / sqrt(n); the
+    bounds are None for a single pair."""
+    mean, std = mean_std(diffs)
+    n = len(diffs)
+    if n < 2:
+        return mean, None, None
+    half = t_quantile((1 + confidence) / 2, n - 1) * std / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def interval_cell(mean: float, low: Optional[float], high: Optional[float]) -> str:
+    return f"{mean:+.2f}" if low is None else f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
+
+
+def save_spread_plot(path: Path, series: Sequence[Tuple[str, Sequence[float], Sequence[float]]], title: str,
+                     xlabel: str, ylabel: str) -> Optional[Path]:
+    """One point per seed (faint) and the mean with ±1 sample-std error bars for every
+    (label, xs, ys) as a PNG; None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"note: matplotlib is not installed; skipped {path}", file=sys.stderr)
+        return None
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for label, xs, ys in series:
+        (mx, sx), (my, sy) = mean_std(xs), mean_std(ys)
+        bar = ax.errorbar([mx], [my], xerr=[sx], yerr=[sy], fmt="o", capsize=3)
+        ax.scatter(xs, ys, s=12, alpha=0.4, color=bar[0].get_color())
+        ax.annotate(label, (mx, my), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def save_plot(path: Path, points: Sequence[Tuple[str, float, float]], title: str, xlabel: str, ylabel: str,
               line: bool = False) -> Optional[Path]:
     """Labelled scatter (optionally joined) of (label, x, y) as a PNG; None without matplotlib."""

@@ -16,6 +16,13 @@ A run folder holds one training run:
 Under torchrun (``parallel="ddp"`` or ``"fsdp"``, inside ``distributed.process_group``) every
 rank runs the same calls; rank 0 alone writes config.json, metrics.jsonl, ckpt.pt and logs.
 
+With ``train.early_stopping_patience`` K > 0 a run stops after the periodic evaluation that
+makes K in a row without a new best val ppl (``trainer.EarlyStopping``): its checkpoint holds
+that step's weights (the last ones, not the best ones), metrics.jsonl gets a ``kind:
+"early_stop"`` line with ``best_step`` and ``best_val_ppl``, and ``Run.early_stop`` holds them.
+The decision is a function of the logged ``eval`` lines, so a resumed run replays them: an
+interrupted run stops at the same step, and resuming a run that stopped early trains nothing.
+
 A run is never overwritten: ``Run.create`` refuses a folder that already holds one, and
 ``Run.resume`` continues from ``ckpt.pt`` to the same final weights as an uninterrupted run
 (only ``RESUME_OVERRIDABLE`` fields may change). Every check runs before anything is written.
@@ -27,6 +34,7 @@ tokenizer's per-token byte lengths (``Corpus.bytes_of``), not a split-wide avera
 import contextlib
 import hashlib
 import json
+import math
 import random
 import sys
 import time
@@ -41,7 +49,7 @@ from . import distributed, hf
 from .atomic import write_json, write_lines
 from .config import DataConfig, RunConfig
 from .model import EarlyExitTransformer
-from .trainer import UniversalTrainer
+from .trainer import EarlyStopping, UniversalTrainer
 
 RUN_FILES = ("config.json", "metrics.jsonl", ckpt.CKPT_NAME)
 # Dotted RunConfig fields a resumed run may change; every other field defines the run.
@@ -136,6 +144,22 @@ def with_bpb(stats: Dict[str, float], n_bytes: int) -> Dict[str, float]:
     return dict(stats, bpb=bits_per_byte(stats["nll"], stats["n_tokens"], n_bytes))
 
 
+def steps_for_budget(n_train_tokens: int, batch_size: int, seq_len: int, *, epochs: Optional[float] = None,
+                     tokens: Optional[int] = None) -> int:
+    """Optimizer steps of a budget given as ``epochs`` (passes over the ``n_train_tokens`` of
+    the training split) or ``tokens``, at ``batch_size * seq_len`` tokens a step, rounded up.
+    Errors name the flag."""
+    if (epochs is None) == (tokens is None):
+        raise ValueError("give exactly one of epochs and tokens")
+    per_step = batch_size * seq_len
+    if tokens is not None:
+        if tokens < per_step:
+            raise ValueError(f"--tokens {tokens} is less than one step (batch_size {batch_size} x seq_len {seq_len} "
+                             f"= {per_step} tokens)")
+        return math.ceil(tokens / per_step)
+    return max(1, math.ceil(epochs * n_train_tokens / per_step))
+
+
 # ------------------------------------------------------------------------- run files
 def read_config(path: Path) -> RunConfig:
     """The RunConfig of a run folder; the checkpoint's copy wins over config.json (it is the
@@ -208,6 +232,7 @@ class Run:
         self.parallel, self.param_dtype = parallel, param_dtype
         self.corpus, self.model, self.trainer, self.payload, self.ckpt_path = None, None, None, None, None
         self.trained = False  # train() ran on this object: its in-memory state may be mid-run
+        self.early_stop: Optional[Dict[str, Any]] = None  # dict(step, best_step, best_val_ppl) once it stopped early
 
     # ---------------------------------------------------------------- opening a run
     @classmethod
@@ -311,21 +336,47 @@ class Run:
         if start == t.steps:
             log(f"{self.path}: already trained to step {start}")
             return start
+        early = self._early_stopping(start)
+        if early is not None and early.stop:
+            self.early_stop = dict(step=start, **early.summary())
+            log(f"{self.path}: already stopped early at step {start} (best val ppl at step {early.best_step})")
+            return start
         with open(self.path / "metrics.jsonl", "a", encoding="utf-8") if main else contextlib.nullcontext() as metrics:
             writer = _StepWriter(self, optimizer, stream, metrics, val_bytes, stop_at, start)
             try:
                 self.trainer.fit(model, stream, t.steps, t.lr, warmup_steps=t.warmup_steps,
                                  min_lr_ratio=t.min_lr_ratio, grad_clip=t.grad_clip, val_batches=val,
                                  eval_every=t.eval_every, start_step=start, optimizer=optimizer,
-                                 progress_bar=progress and main, callback=writer)
+                                 progress_bar=progress and main, callback=writer, early_stopping=early)
             except StopTraining as stop:
                 log(f"stopped after step {stop.args[0]} of {t.steps}; continue with: "
                     f"fastexit train --out {self.path} --resume")
                 return stop.args[0]
             except KeyboardInterrupt:
                 raise writer.interrupted() from None
-            writer.save(t.steps)
-        return t.steps
+            step = self.trainer.step
+            writer.save(step)
+        if early is not None and early.stop:
+            self.early_stop = dict(step=step, **early.summary())
+            log(f"{self.path}: stopped early at step {step} of {t.steps}: {early.patience} evaluations without a "
+                f"better val ppl than {early.best_ppl:.3f} (step {early.best_step})")
+        return step
+
+    def _early_stopping(self, start: int) -> Optional[EarlyStopping]:
+        """The early-stopping state after step ``start``, replayed from the logged evaluations
+        (None when the run does not stop early)."""
+        patience = self.config.train.early_stopping_patience
+        if not patience:
+            return None
+        early, path = EarlyStopping(patience), self.path / "metrics.jsonl"
+        for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut by a crash
+            if record.get("kind") == "eval" and record["step"] <= start:
+                early.update(record["step"], record["ppl"])
+        return early
 
     def _train_stream(self):
         """This process's training batches: the global ones in one process; under torchrun the
@@ -363,7 +414,11 @@ class Run:
     def log_final(self, step: int, stats: Dict[str, Any]) -> None:
         if distributed.is_main():
             with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as metrics:
-                metrics.write(json.dumps(dict(kind="final", step=step, **stats)) + "\n")
+                metrics.write(json.dumps(dict(kind="final", step=step, **stats, **self._early_fields())) + "\n")
+
+    def _early_fields(self) -> Dict[str, Any]:
+        return {} if self.early_stop is None else dict(stopped_early=True, best_step=self.early_stop["best_step"],
+                                                       best_val_ppl=self.early_stop["best_val_ppl"])
 
     # -------------------------------------------------------------------- evaluation
     def evaluate(self, split: str = "val", mode: str = "exact", *, eval_batches: Optional[int] = None,
@@ -436,13 +491,15 @@ class _StepWriter:
             raise StopTraining(step)
 
     def _write(self, record: Dict[str, Any]) -> None:
-        line = {k: v for k, v in record.items() if k != "eval"}
+        line = {k: v for k, v in record.items() if k not in ("eval", "early_stop")}
         self.metrics.write(json.dumps(dict(kind="train", elapsed_s=round(time.perf_counter() - self.t0, 3),
                                            **line)) + "\n")
         if "eval" in record:
             stats = with_bpb(record["eval"], self.val_bytes)
             self.metrics.write(json.dumps(dict(kind="eval", step=record["step"], split="val", mode="exact",
                                                **stats)) + "\n")
+        if "early_stop" in record:
+            self.metrics.write(json.dumps(dict(kind="early_stop", step=record["step"], **record["early_stop"])) + "\n")
         self.metrics.flush()
 
     def interrupted(self) -> KeyboardInterrupt:

@@ -27,6 +27,32 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: floa
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p))
 
 
+class EarlyStopping:
+    """Early stopping on validation perplexity: ``update`` returns True once ``patience``
+    periodic evaluations in a row have failed to beat the best val ppl so far (a NaN never
+    beats it). A pure function of the (step, ppl) pairs fed in step order, so a resumed run
+    rebuilds it from the evaluations it logged."""
+
+    def __init__(self, patience: int):
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"patience must be an int >= 1, got {patience!r}")
+        self.patience, self.best_ppl, self.best_step, self.bad = patience, math.inf, None, 0
+
+    @property
+    def stop(self) -> bool:
+        return self.bad >= self.patience
+
+    def update(self, step: int, ppl: float) -> bool:
+        if ppl < self.best_ppl:
+            self.best_ppl, self.best_step, self.bad = ppl, step, 0
+        else:
+            self.bad += 1
+        return self.stop
+
+    def summary(self) -> Dict[str, float]:
+        return dict(best_step=self.best_step, best_val_ppl=self.best_ppl)
+
+
 class UniversalTrainer:
     """Loss, optimizer, training loop and routed evaluation for one ``UniversalConfig``.
 
@@ -171,7 +197,8 @@ class UniversalTrainer:
             grad_clip: Optional[float] = TrainConfig.grad_clip,
             val_batches: Optional[Sequence[Batch]] = None, eval_every: int = 0, start_step: int = 0,
             optimizer: Optional[torch.optim.Optimizer] = None, progress_bar: bool = True,
-            callback: Optional[Callable[["UniversalTrainer", dict], None]] = None, **adamw_kwargs) -> List[dict]:
+            callback: Optional[Callable[["UniversalTrainer", dict], None]] = None,
+            early_stopping: Optional[EarlyStopping] = None, **adamw_kwargs) -> List[dict]:
         """Train for ``steps`` optimizer steps (continuing at ``start_step`` when resuming).
 
         ``train_batches`` yields (x, y) int64 (B, T). Each step sets ``progress = step / steps``
@@ -180,6 +207,9 @@ class UniversalTrainer:
         eval steps). Under DDP / FSDP2 (``model`` from ``distributed.wrap``) ``train_batches``
         yields this rank's rows; every rank runs ``fit``, and the records are the same on all:
         the loss is the global batch's, tokens/s counts every rank's tokens.
+        ``early_stopping`` sees every periodic evaluation; when it says stop, that step's record
+        gets ``early_stop`` (best_step, best_val_ppl), the callback runs, and fit returns with
+        ``self.step`` at that step (the LR schedule kept spanning ``steps`` until then).
         """
         self._check_fit_args(steps, start_step, warmup_steps, eval_every, val_batches)
         self.total_steps, self.optimizer = steps, optimizer or self.create_optimizer(model, base_lr, **adamw_kwargs)
@@ -192,10 +222,16 @@ class UniversalTrainer:
             if eval_every and val_batches and (self.step + 1) % eval_every == 0:
                 record["eval"] = self.evaluate(model, val_batches)
                 model.train()
+                if early_stopping is not None and early_stopping.update(record["step"], record["eval"]["ppl"]):
+                    record["early_stop"] = early_stopping.summary()
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             history.append(record)
             if callback is not None:
                 callback(self, record)
+            if "early_stop" in record:
+                bar.close()
+                self.step = record["step"]
+                return history
         self.step = steps
         return history
 

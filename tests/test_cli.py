@@ -415,5 +415,5 @@ def test_compare_every_preset_and_layer_lr(data, tmp_path, capsys):
     gain = (base - float(dec["PPL"])) / base * 100
     assert dec["vs Baseline"] == (f"{gain:.1f}% improvement" if gain >= 0 else f"{-gain:.1f}% worse")
     assert (out / "compare.png").read_bytes().startswith(PNG_MAGIC)
-    method = json.loads((out / "asymmetric_best_lr-decreasing" / "config.json").read_text())["method"]
+    method = json.loads((out / "asymmetric_best_lr-decreasing" / "seed0" / "config.json").read_text())["method"]
     assert method["layer_lr_scales"] == {"1": 1.0, "2": 0.5, "3": 0.1}
