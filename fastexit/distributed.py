@@ -109,9 +109,11 @@ def local_rank_zero_first():
     first = world_size() == 1 or int(os.environ.get("LOCAL_RANK", 0)) == 0
     if not first:
         barrier()
-    yield
-    if first:
-        barrier()
+    try:
+        yield
+    finally:  # should the first rank fail, the others go on (and fail on their own) rather than wait
+        if first:
+            barrier()
 
 
 # ---------------------------------------------------------------------- the model

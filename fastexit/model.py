@@ -94,7 +94,10 @@ class Attention(nn.Module):
                is_causal: bool = False, dropout_p: float = 0.0) -> torch.Tensor:
         """Output (B, t, d) of queries from the normed states a (B, t, d) over k, v (B, H, Tk, hd)."""
         q = self.split_heads(self.q_proj(a))
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)
+        if q.shape[0] == 0:  # a block on zero rows (layer dropout): Flash SDPA rejects an empty batch;
+            y = q + (k.sum() + v.sum())  # every weight stays in the graph (a zero gradient) all the same
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)
         return self.out_proj(self.merge_heads(y))
 
     def attend_rows(self, a: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: QueryGrid) -> torch.Tensor:

@@ -227,6 +227,9 @@ class Run:
 
     def __init__(self, path: Path, config: RunConfig, *, device="cpu", backend: str = "auto",
                  parallel: Optional[str] = None, param_dtype: Optional[torch.dtype] = None):
+        if parallel is not None and config.hf_model is not None:
+            raise ValueError(f"--parallel: not yet supported for runs of a transformers model ({path} trains "
+                             f"{config.hf_model}); train or resume it in one process")
         self.path, self.config = Path(path), config
         self.device, self.backend = torch.device(device), backend
         self.parallel, self.param_dtype = parallel, param_dtype

@@ -101,14 +101,17 @@ class UniversalTrainer:
             return model(self._loss, x, y, drops, across_ranks=True)
         return self._loss(model, x, y, drops)
 
-    def layer_drops(self, n_layers: int, batch_size: int) -> Optional[List[List[bool]]]:
-        """This rank's layer-dropout draws for the current step (None when layer dropout is off):
-        drawn for the whole global batch from (seed, step), so that resuming, and any number
-        of ranks, drop the same sequences."""
+    def layer_drops(self, n_layers: int, batch_size: int, across_ranks: bool = False) -> Optional[List[List[bool]]]:
+        """Layer-dropout draws (n_layers lists of batch_size bools) for the current step, None
+        when layer dropout is off; a function of (seed, step), so resuming drops the same
+        sequences. ``across_ranks``: batch_size rows are this rank's share of a global batch,
+        and the draws are this rank's rows of the global batch's (any number of ranks drops
+        what one process would)."""
         if self.config.layer_dropout is None or self.config.layer_dropout.max_rate == 0:
             return None
-        rows = distributed.rank_rows(batch_size * distributed.world_size())
-        draws = self.config.layer_dropout.draw(n_layers, batch_size * distributed.world_size(), self.seed, self.step)
+        world = distributed.world_size() if across_ranks else 1
+        draws = self.config.layer_dropout.draw(n_layers, batch_size * world, self.seed, self.step)
+        rows = distributed.rank_rows(batch_size * world) if across_ranks else slice(None)
         return [layer[rows] for layer in draws]
 
     def _loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, drops=None,
@@ -260,7 +263,7 @@ class UniversalTrainer:
         if not hasattr(inner, "exit_hidden_states"):
             raise TypeError("layer_dropout needs a model with exit_hidden_states (EarlyExitTransformer, from_hf), "
                             f"got {type(inner).__name__}")
-        return self.layer_drops(inner.n_layers, batch_size)
+        return self.layer_drops(inner.n_layers, batch_size, across_ranks=distributed.is_wrapped(model))
 
     @staticmethod
     def _check_fit_args(steps, start_step, warmup_steps, eval_every, val_batches) -> None:

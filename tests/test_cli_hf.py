@@ -156,6 +156,13 @@ def test_resume_refuses_another_hf_model(runs, data, folders, tmp_path, capsys):
     assert "--hf-model" in error_line(capsys)
 
 
+def test_parallel_training_of_an_hf_run_is_refused_on_resume_too(runs):
+    config = RunConfig.from_dict(json.loads((runs["llama"] / "config.json").read_text()))
+    for parallel in ("ddp", "fsdp"):
+        with pytest.raises(ValueError, match="--parallel: not yet supported"):
+            Run(runs["llama"], config, parallel=parallel)
+
+
 @pytest.mark.parametrize("case, extra, needle", [
     ("no config.json", (), "config.json"),
     ("unsupported model_type", (), "model_type 'bert' is not supported"),

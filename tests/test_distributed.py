@@ -21,7 +21,7 @@ from fastexit import (PRESETS, AlphaSchedule, EarlyExitTransformer, ModelConfig,
                       UniversalTrainer, distributed)
 from fastexit import checkpoint as ckpt
 from fastexit.cli import main
-from fastexit.config import DataConfig, RunConfig, TrainConfig, make_method
+from fastexit.config import DataConfig, LayerDropout, RunConfig, TrainConfig, make_method
 from fastexit.runs import Run
 from test_cli import error_line, tiny, write_play
 
@@ -29,7 +29,12 @@ V, T, B = 101, 16, 4
 WORLD = 2
 STEPS = 6
 METHODS = dict(PRESETS, alpha_schedule=UniversalConfig({1: 0.9, 2: 0.0, 3: 0.1}, routing_threshold=0.5,
-                                                       alpha_schedule=AlphaSchedule("linear", 0.9, 0.3)))
+                                                       alpha_schedule=AlphaSchedule("linear", 0.9, 0.3)),
+               # the final layer an extra, unweighted teacher exit; layer dropout drawn for the global batch
+               distill_extra_teacher=UniversalConfig({1: 0.7, 2: 0.3}, routing_threshold=0, distill_weight=0.5,
+                                                     distill_temperature=2.0),
+               layer_dropout_and_distill=UniversalConfig({1: 0.5, 3: 0.5}, routing_threshold=0, distill_weight=1.0,
+                                                         layer_dropout=LayerDropout(0.5, "linear")))
 
 
 # ------------------------------------------------------------------------ harness
