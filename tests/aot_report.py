@@ -72,7 +72,7 @@ DTYPES = {"fp32": ("float32", "ieee"), "tf32": ("float32", "tf32"), "bf16": ("bf
 # the options each op exposes; every subset of them is a variant
 OPTIONS = {
     "weighted_ce": ("grad", "smoothing", "zloss"),
-    "exit_confidence": ("targets",),
+    "exit_confidence": ("targets", "margin"),
     "compaction": (),
 }
 HEADS = 2  # exits sharing the head in weighted_ce
@@ -152,7 +152,8 @@ def _run_op(v: Variant) -> None:
         if grad:
             loss.backward()
     elif v.op == "exit_confidence":
-        K.exit_confidence(meta(n, d), meta(n_classes, d), targets if "targets" in opts else None)
+        K.exit_confidence(meta(n, d), meta(n_classes, d), targets if "targets" in opts else None,
+                          want_margin="margin" in opts)
     elif v.op == "compaction":
         x = meta(n, d)
         idx = K.compact_indices(meta(n, dtype=torch.bool))

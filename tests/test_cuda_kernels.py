@@ -75,6 +75,67 @@ def test_weighted_ce_on_gpu(backend, dtype, reduction, n_classes):
         assert torch.isfinite(a).all() and rel_err(a, r) <= bound, f"tensor {i}: {rel_err(a, r):.3g} > {bound:.3g}"
 
 
+def naive_distill(hs, weight, targets, reduction, teacher, distill_weight=0.8, temperature=2.0):
+    """naive() plus distill_weight * w_k * T^2 * KL(softmax(z_t / T) || softmax(z_k / T)) per valid
+    row of every head but the teacher (an index, or hiddens [N, d]); z_t detached, W included."""
+    valid = targets != IGNORE
+    z_t = ((hs[teacher] if isinstance(teacher, int) else teacher) @ weight.T).detach()
+    per_head = []
+    for k, (h, w) in enumerate(zip(hs, HEAD_WEIGHTS)):
+        z = h @ weight.T
+        row = F.cross_entropy(z, targets, ignore_index=IGNORE, reduction="none")
+        if not (isinstance(teacher, int) and k == teacher):
+            kl = F.kl_div(F.log_softmax(z / temperature, 1), F.log_softmax(z_t / temperature, 1), reduction="none",
+                          log_target=True).sum(1)
+            row = row + torch.where(valid, distill_weight * temperature ** 2 * kl, 0.0)
+        per_head.append(w * row)
+    rows = torch.stack(per_head)
+    return {"none": rows, "mean": rows.sum() / valid.sum()}[reduction]
+
+
+@pytest.mark.parametrize("teacher", ["head", "tensor"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_distill_on_gpu(backend, dtype, reduction, teacher):
+    """Self-distillation from the last weighted head (its logits reused) or from a separate
+    tensor (one more logits GEMM): value and every gradient against fp64, NaN in ignored rows
+    of every hidden state never read."""
+    hs, weight, targets = inputs(dtype, v=5003)
+    t_hidden = torch.randn(hs[0].shape, device="cuda", generator=torch.Generator("cuda").manual_seed(1)).to(dtype)
+    ignored = (targets == IGNORE)[:, None]
+    hs, t_hidden = [h.masked_fill(ignored, float("nan")) for h in hs], t_hidden.masked_fill(ignored, float("nan"))
+    clean, t_clean = [h.nan_to_num(0.0) for h in hs], t_hidden.nan_to_num(0.0)
+    ours_teacher, ref_teacher = (2, 2) if teacher == "head" else (t_hidden, t_clean)
+    ours = value_and_grads(lambda h, w, y: weighted_linear_cross_entropy(
+        h, w, y, HEAD_WEIGHTS, reduction=reduction, distill_weight=0.8, distill_temperature=2.0,
+        teacher=ours_teacher, backend=backend), hs, weight, targets)
+    exact = value_and_grads(lambda h, w, y: naive_distill(
+        [x.double() for x in h], w.double(), y, reduction,
+        ref_teacher if isinstance(ref_teacher, int) else ref_teacher.double()), clean, weight, targets)
+    same_dtype = value_and_grads(lambda h, w, y: naive_distill(h, w, y, reduction, ref_teacher), clean, weight, targets)
+    for i, (a, r, p) in enumerate(zip(ours, exact, same_dtype)):
+        bound = TOL[dtype] if TOL[dtype] is not None else 2 * rel_err(p, r) + 1e-3
+        assert torch.isfinite(a).all() and rel_err(a, r) <= bound, f"tensor {i}: {rel_err(a, r):.3g} > {bound:.3g}"
+
+
+@NEEDS_TRITON
+@pytest.mark.parametrize("teacher", ["head", "tensor"])
+def test_distill_never_syncs_with_the_host(teacher):
+    hs, weight, targets = inputs(torch.bfloat16)
+    leaves = [t.requires_grad_() for t in (weight, *hs)]
+    t_hidden = 2 if teacher == "head" else torch.randn_like(hs[0])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = weighted_linear_cross_entropy(leaves[1:], leaves[0], targets, HEAD_WEIGHTS, distill_weight=0.5,
+                                             distill_temperature=2.0, teacher=t_hidden, backend="triton")
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss).item()
+
+
 def elementwise_error(grad, exact):
     """(median of |grad - exact| / |exact|, share of entries flushed to 0) where exact != 0."""
     nonzero = exact != 0
@@ -162,13 +223,53 @@ def test_exit_confidence_on_gpu(dtype, n):
 
 
 @NEEDS_TRITON
-def test_exit_confidence_never_syncs_with_the_host():
+@pytest.mark.parametrize("n", [1, 3, 64, 777])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exit_confidence_margin_on_gpu(backend, dtype, n):
+    """margin = top-1 - top-2 softmax probability against fp64: 1e-4 in fp32 (IEEE), at most
+    ~2x PyTorch's own error in 16 bits; conf, pred, lse and nll as without the margin."""
+    hs, weight, targets = inputs(dtype, n=n)
+    stats = exit_confidence(hs[0], weight, targets, want_margin=True, backend=backend)
+    plain = exit_confidence(hs[0], weight, targets, backend=backend)
+    assert plain.margin is None and torch.equal(stats.pred, plain.pred)
+    for ours, theirs in zip((stats.conf, stats.lse, stats.nll), (plain.conf, plain.lse, plain.nll)):
+        torch.testing.assert_close(ours, theirs, atol=0, rtol=1e-6)
+    exact = (hs[0].double() @ weight.double().T).softmax(1).topk(2, 1).values  # (N, 2)
+    own = (hs[0] @ weight.T).float().softmax(1).topk(2, 1).values  # PyTorch's own logits in dtype
+    exact, own = exact[:, 0] - exact[:, 1], (own[:, 0] - own[:, 1]).double()
+    bound = 1e-4 if dtype == torch.float32 else 2 * (own - exact).abs().max().item() + 1e-4
+    assert (stats.margin.double() - exact).abs().max().item() <= bound
+
+
+@NEEDS_TRITON
+@pytest.mark.parametrize("n", [3, 777])  # decode tiles; batch tiles
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_exit_confidence_margin_of_a_tie_across_splits_on_gpu(dtype, n):
+    """Integer inputs (every logit exact in either dtype): row 0's top logit |h0|^2 >= 9 (every
+    other class <= 6) at the first and the last class, in the first and last vocabulary split:
+    margin exactly 0 and pred the first class."""
+    gen = torch.Generator("cuda").manual_seed(0)
+    d, v = 16, 5003
+    hidden = torch.randint(-3, 4, (n, d), device="cuda", generator=gen).float()
+    hidden[0, 0] = 3
+    weight = torch.randint(-1, 2, (v, d), device="cuda", generator=gen).float() / 8
+    weight[[0, v - 1]] = hidden[0]
+    stats = exit_confidence(hidden.to(dtype), weight.to(dtype), want_margin=True, backend="triton")
+    assert stats.margin[0] == 0 and stats.pred[0] == 0
+    top = (hidden.double() @ weight.double().T).softmax(1).topk(2, 1).values
+    assert rel_err(stats.margin.double(), top[:, 0] - top[:, 1]) <= 1e-5
+
+
+@NEEDS_TRITON
+@pytest.mark.parametrize("want_margin", [False, True])
+def test_exit_confidence_never_syncs_with_the_host(want_margin):
     hs, weight, targets = inputs(torch.bfloat16, n=3)
-    exit_confidence(hs[0], weight, targets, backend="triton")  # compiles the kernels
+    exit_confidence(hs[0], weight, targets, want_margin=want_margin, backend="triton")  # compiles the kernels
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        stats = exit_confidence(hs[0], weight, targets, backend="triton")
+        stats = exit_confidence(hs[0], weight, targets, want_margin=want_margin, backend="triton")
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(stats.lse).all()

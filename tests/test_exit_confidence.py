@@ -206,6 +206,142 @@ def test_all_targets_ignored(backend):
     assert_matches(stats, reference(hidden, weight, targets))
 
 
+# ----------------------------------------------------------------------------- margin
+MARGIN_TOL = {torch.float32: 2e-5, torch.bfloat16: None, torch.float16: None}  # None: 2x PyTorch's own error
+
+
+def reference_margin(hidden, weight):
+    """Top-1 minus top-2 softmax probability of the fp64 logits (N,); the top-1 alone for V = 1."""
+    probs = (hidden.double() @ weight.double().T).softmax(1)  # (N, V)
+    top = probs.topk(min(2, probs.shape[1]), 1).values
+    return top[:, 0] - top[:, 1] if probs.shape[1] > 1 else top[:, 0]
+
+
+def assert_margin(hidden, weight, targets=None, backend="torch", atol=2e-5):
+    """want_margin: margin against fp64, every other field bit for bit the same as without it."""
+    stats = exit_confidence(hidden, weight, targets, want_margin=True, backend=backend)
+    plain = exit_confidence(hidden, weight, targets, backend=backend)
+    assert plain.margin is None and stats.margin.dtype == torch.float32 and stats.margin.shape == (len(hidden),)
+    for ours, theirs in zip(stats[:4], plain[:4]):
+        assert ours is theirs is None or torch.equal(ours, theirs)
+    torch.testing.assert_close(stats.margin.double(), reference_margin(hidden, weight), atol=atol, rtol=1e-5)
+    return stats
+
+
+@pytest.mark.parametrize("backend,n,d,v", CASES)
+@pytest.mark.parametrize("with_targets", [True, False])
+def test_margin_matches_fp64(backend, n, d, v, with_targets):
+    hidden, weight, targets = make(n, d, v)
+    assert_margin(hidden, weight, targets if with_targets else None, backend)
+
+
+@NEEDS_TRITON
+@pytest.mark.parametrize("n,d,v", SPLIT_SHAPES + [(300, 16, 1003)])  # decode steps, batches, 10 row blocks
+def test_split_kernel_margin_matches_fp64_and_torch_path(n, d, v):
+    hidden, weight, targets = make(n, d, v)
+    stats = assert_margin(hidden, weight, targets, "triton")
+    torch_margin = exit_confidence(hidden, weight, targets, want_margin=True, backend="torch").margin
+    torch.testing.assert_close(stats.margin, torch_margin, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n", [50, 4099])  # many chunks with a ragged last one; a large batch
+def test_torch_path_margin_over_row_chunks(monkeypatch, n):
+    monkeypatch.setattr(ec, "CHUNK_BYTES", 4 * 1003 * (7 if n < 100 else 512))
+    assert_margin(*make(n, 32, 1003))
+
+
+@pytest.mark.parametrize("dtype", list(MARGIN_TOL))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_margin_error_per_dtype(backend, dtype):
+    hidden, weight, _ = make(64, 64, 1000, dtype=dtype)
+    exact = reference_margin(hidden, weight)
+    own = (hidden @ weight.T).float().softmax(1).topk(2, 1).values  # PyTorch's own logits in dtype
+    bound = MARGIN_TOL[dtype] or 2 * (own[:, 0] - own[:, 1] - exact).abs().max().item() + 1e-6
+    margin = exit_confidence(hidden, weight, want_margin=True, backend=backend).margin
+    assert (margin.double() - exact).abs().max() <= bound
+
+
+def planted(n, d, v, top, runner_up, tie):
+    """Integer inputs, so every logit is exact: row 0's largest logit |h0|^2 >= 9 (every unplanted
+    class <= 6) at class `top` and, on a tie, at `runner_up` too, else 7/8 of it there."""
+    hidden = torch.randint(-3, 4, (n, d)).float()
+    hidden[0, 0] = 3
+    weight = torch.randint(-1, 2, (v, d)).float() / 8
+    weight[top] = hidden[0]
+    weight[runner_up] = hidden[0] * (1 if tie else 7 / 8)
+    return hidden, weight
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("tie", [True, False])
+def test_margin_of_a_planted_top_two(backend, tie):
+    hidden, weight = planted(5, 16, 77, 3, 70, tie)
+    stats = assert_margin(hidden, weight, backend=backend, atol=1e-6)
+    assert stats.pred[0] == 3 and (stats.margin[0] == 0 if tie else stats.margin[0] > 0)
+
+
+# where the top two of row 0 lie for the split kernel: (top, runner-up) as functions of the plan
+PLACES = {
+    "same tile": lambda p: (p.split_v + 1, p.split_v + 3),
+    "same split": lambda p: (p.split_v + 1, p.split_v + p.tiles.block_v + 2),
+    "earlier split": lambda p: (2 * p.split_v + 5, 5),
+    "later split": lambda p: (5, 5002),  # the ragged last split
+    "later combine tile": lambda p: (5, ec.COMBINE_BLOCK_S * p.split_v + 1),
+    "earlier combine tile": lambda p: (ec.COMBINE_BLOCK_S * p.split_v + 1, 5),
+}
+
+
+@NEEDS_TRITON
+@pytest.mark.parametrize("place", list(PLACES))
+@pytest.mark.parametrize("tie", [True, False])
+def test_split_kernel_merges_the_top_two(monkeypatch, place, tie):
+    """A tie at the top gives margin 0 wherever its two classes lie; a runner-up in the top's
+    own tile, split or in another split (or combine tile) is found."""
+    if "combine" in place:
+        monkeypatch.setattr(ec, "INTERPRET_SM_COUNT", 64)  # more splits than one combine tile
+    n, d, v = 3, 16, 5003
+    plan = split_plan(n, v)
+    top, runner_up = PLACES[place](plan)
+    assert plan.n_splits > (ec.COMBINE_BLOCK_S if "combine" in place else 1)
+    hidden, weight = planted(n, d, v, top, runner_up, tie)
+    stats = assert_margin(hidden, weight, backend="triton", atol=1e-6)
+    assert stats.pred[0] == (min(top, runner_up) if tie else top)
+    assert stats.margin[0] == 0 if tie else stats.margin[0] > 0
+
+
+@pytest.mark.parametrize("backend,n", [("torch", 150), pytest.param("triton", 1, marks=NEEDS_TRITON),
+                                       pytest.param("triton", 150, marks=NEEDS_TRITON)])
+def test_margin_ties_everywhere(backend, n):
+    hidden = torch.randint(-2, 3, (n, 8)).float()  # integer logits in [-32, 32] over 1003 classes
+    weight = torch.randint(-2, 3, (1003, 8)).float()
+    top2 = (hidden @ weight.T).topk(2, 1).values
+    tied = top2[:, 0] == top2[:, 1]
+    assert tied.any() and (n == 1 or not tied.all())
+    margin = assert_margin(hidden, weight, backend=backend, atol=1e-6).margin
+    assert torch.all(margin[tied] == 0) and torch.all(margin[~tied] > 0)
+
+
+@pytest.mark.parametrize("backend,n", [("torch", 17), pytest.param("triton", 1, marks=NEEDS_TRITON),
+                                       pytest.param("triton", 70, marks=NEEDS_TRITON)])
+def test_margin_of_very_confident_rows(backend, n):
+    hidden, weight, targets = make(n, 16, 1000, scale=300.0)  # logits in the thousands
+    stats = assert_margin(hidden, weight, targets, backend, atol=1e-5)
+    assert torch.isfinite(stats.margin).all() and stats.margin.max() > 0.999
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("v", [1, 2])
+def test_margin_of_one_and_two_classes(backend, v):
+    hidden, weight, _ = make(37, 24, v)
+    stats = assert_margin(hidden, weight, backend=backend)
+    if v == 1:  # no runner-up: the margin is the top probability, 1
+        assert torch.equal(stats.margin, torch.ones(37))
+    else:  # p1 - p2 = |tanh((x1 - x2) / 2)|
+        logits = hidden.double() @ weight.double().T
+        torch.testing.assert_close(stats.margin.double(), ((logits[:, 0] - logits[:, 1]) / 2).tanh().abs(),
+                                   atol=2e-5, rtol=1e-5)
+
+
 BAD = [
     (lambda h, w, t: (h[0], w, t), ValueError, "hidden"),
     (lambda h, w, t: (h.long(), w, t), TypeError, "hidden"),
