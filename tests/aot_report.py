@@ -71,12 +71,12 @@ DTYPES = {"fp32": ("float32", "ieee"), "tf32": ("float32", "tf32"), "bf16": ("bf
 
 # the options each op exposes; every subset of them is a variant
 OPTIONS = {
-    "weighted_ce": ("grad", "smoothing", "zloss"),
+    "weighted_ce": ("grad", "smoothing", "zloss", "distill"),
     "exit_confidence": ("targets", "margin"),
     "compaction": (),
 }
 HEADS = 2  # exits sharing the head in weighted_ce
-LABEL_SMOOTHING, Z_LOSS = 0.1, 1e-4  # nonzero values switch the options on
+LABEL_SMOOTHING, Z_LOSS, DISTILL_WEIGHT = 0.1, 1e-4, 0.5  # nonzero values switch the options on
 TF32_MMA = re.compile(r"^\s*(?:wgmma\.mma_async|mma)\.[\w.]*\btf32\b", re.MULTILINE)
 
 
@@ -148,7 +148,8 @@ def _run_op(v: Variant) -> None:
         loss = K.weighted_linear_cross_entropy(
             [meta(n, d, grad=grad) for _ in range(HEADS)], meta(n_classes, d, grad=grad), targets, [1.0] * HEADS,
             label_smoothing=LABEL_SMOOTHING if "smoothing" in opts else 0.0,
-            z_loss=Z_LOSS if "zloss" in opts else 0.0)
+            z_loss=Z_LOSS if "zloss" in opts else 0.0, teacher=HEADS - 1,
+            distill_weight=DISTILL_WEIGHT if "distill" in opts else 0.0)
         if grad:
             loss.backward()
     elif v.op == "exit_confidence":
