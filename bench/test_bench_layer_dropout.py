@@ -35,7 +35,7 @@ def step_flops(drops) -> int:
     return FWD_BWD * (sum(kept) * per_sequence + n_heads * head_flops(cfg, BATCH * SEQ_LEN))
 
 
-def make_step(device, drops):
+def make_step(device, drops, with_optimizer: bool = True):
     torch.manual_seed(0)
     model = EarlyExitTransformer(model_config()).to(device).train()
     trainer = UniversalTrainer(get_preset(PRESET, N_LAYERS, EXIT_LAYER), VOCAB, device=device)
@@ -44,17 +44,23 @@ def make_step(device, drops):
 
     def step():
         trainer.compute_loss(model, x, y, drops=drops).backward()
-        optimizer.step()
+        if with_optimizer:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return step
 
 
+@pytest.mark.parametrize("with_optimizer", [True, False], ids=["step", "fwd+bwd"])
 @pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: f"{s.shape}-{s.max_rate}")
-def test_layer_dropout_step(benchmark, setting):
+def test_layer_dropout_step(benchmark, setting, with_optimizer):
+    """with_optimizer=False times forward + backward only: the AdamW update over every
+    parameter is a fixed cost that no FLOP count of the step includes."""
     device = bench_device()
-    benchmark.group = f"train step with layer dropout {device.type} L{N_LAYERS}-d{D_MODEL}-V{VOCAB} {BATCH}x{SEQ_LEN}"
+    part = "step" if with_optimizer else "fwd+bwd"
+    benchmark.group = f"train {part} with layer dropout {device.type} L{N_LAYERS}-d{D_MODEL}-V{VOCAB} {BATCH}x{SEQ_LEN}"
     drops = setting.draw(N_LAYERS, BATCH, seed=0, step=0)
-    seconds, (measured,) = timed_against(benchmark, [make_step(device, None)], make_step(device, drops), device)
+    seconds, (measured,) = timed_against(benchmark, [make_step(device, None, with_optimizer)],
+                                         make_step(device, drops, with_optimizer), device)
     full, dropped = step_flops(None), step_flops(drops)
     ideal = full / dropped
     record(benchmark, provider=f"{setting.shape} max {setting.max_rate}", shape=f"L{N_LAYERS}-d{D_MODEL}",
