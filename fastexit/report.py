@@ -164,16 +164,32 @@ def interval_cell(mean: float, low: Optional[float], high: Optional[float]) -> s
     return f"{mean:+.2f}" if low is None else f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
 
 
-def save_spread_plot(path: Path, series: Sequence[Tuple[str, Sequence[float], Sequence[float]]], title: str,
-                     xlabel: str, ylabel: str) -> Optional[Path]:
-    """One point per seed (faint) and the mean with ±1 sample-std error bars for every
-    (label, xs, ys) as a PNG; None without matplotlib."""
+def _pyplot(path: Path):
+    """matplotlib.pyplot on the Agg backend, or None (with a note) without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print(f"note: matplotlib is not installed; skipped {path}", file=sys.stderr)
+        return None
+    return plt
+
+
+def _finish(plt, fig, ax, path: Path, title: str, xlabel: str, ylabel: str) -> None:
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def save_spread_plot(path: Path, series: Sequence[Tuple[str, Sequence[float], Sequence[float]]], title: str,
+                     xlabel: str, ylabel: str) -> Optional[Path]:
+    """One point per seed (faint) and the mean with ±1 sample-std error bars for every
+    (label, xs, ys) as a PNG; None without matplotlib."""
+    plt = _pyplot(path)
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(7, 5))
     for label, xs, ys in series:
@@ -181,33 +197,21 @@ def save_spread_plot(path: Path, series: Sequence[Tuple[str, Sequence[float], Se
         bar = ax.errorbar([mx], [my], xerr=[sx], yerr=[sy], fmt="o", capsize=3)
         ax.scatter(xs, ys, s=12, alpha=0.4, color=bar[0].get_color())
         ax.annotate(label, (mx, my), textcoords="offset points", xytext=(5, 5), fontsize=8)
-    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(plt, fig, ax, path, title, xlabel, ylabel)
     return path
 
 
 def save_plot(path: Path, points: Sequence[Tuple[str, float, float]], title: str, xlabel: str, ylabel: str,
               line: bool = False) -> Optional[Path]:
     """Labelled scatter (optionally joined) of (label, x, y) as a PNG; None without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"note: matplotlib is not installed; skipped {path}", file=sys.stderr)
+    plt = _pyplot(path)
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(7, 5))
     ax.plot([p[1] for p in points], [p[2] for p in points], "o-" if line else "o")
     for label, x, y in points:
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
-    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(plt, fig, ax, path, title, xlabel, ylabel)
     return path
 
 
