@@ -136,7 +136,7 @@ class Speedup(NamedTuple):
     min_time: float
 
 
-def timed_against(benchmark, baselines, step, device):
+def timed_against(benchmark, baselines, step, device, rounds: int = PAIRED_ROUNDS):
     """Benchmark step() with every baseline timed just before every round (pedantic's untimed
     setup), so load drift hits them all alike. Returns (median seconds, [Speedup] per baseline)."""
     base = [[] for _ in baselines]
@@ -145,11 +145,11 @@ def timed_against(benchmark, baselines, step, device):
         for times, baseline in zip(base, baselines):
             times.append(_seconds(baseline, device))
     benchmark.pedantic(lambda: (step(), synchronize(device)), setup=time_baselines,
-                       rounds=PAIRED_ROUNDS, iterations=1, warmup_rounds=1)
+                       rounds=rounds, iterations=1, warmup_rounds=1)
     data = benchmark.stats.stats.data
     return benchmark.stats.stats.median, [
-        Speedup(statistics.median([b / r for b, r in zip(times[-PAIRED_ROUNDS:], data)]),
-                min(times[-PAIRED_ROUNDS:]) / min(data)) for times in base]
+        Speedup(statistics.median([b / r for b, r in zip(times[-rounds:], data)]),
+                min(times[-rounds:]) / min(data)) for times in base]
 
 
 def speedup_info(measured: Speedup, ideal, suffix="") -> dict:
