@@ -13,12 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.conftest import bench_device, cpu_peak_extra_mb, cuda_peak_extra_mb, record, run_timed
+from bench.test_bench_train import FWD_BWD, optimizer_step, time_train_step
 from fastexit import TrainConfig, UniversalTrainer, from_hf, get_preset
 
 transformers = pytest.importorskip("transformers")
-
-FWD_BWD = 3  # backward = two forward-sized GEMMs per forward GEMM
 
 
 @dataclass(frozen=True)
@@ -89,25 +87,10 @@ def make_step(provider: str, shape_index: int, device_type: str):
     trainer = UniversalTrainer(shape.method(), shape.vocab, device=device)
     optimizer = trainer.create_optimizer(model, TrainConfig.lr, weight_decay=TrainConfig.weight_decay)
     x, y = torch.randint(0, shape.vocab, (2, shape.batch, shape.seq_len), device=device)
-
-    def step():
-        loss = loss_fn(trainer, model, x, y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
-    return step
+    return optimizer_step(loss_fn, trainer, model, optimizer, x, y)
 
 
 @pytest.mark.parametrize("shape_index", range(len(SHAPES)), ids=[s.label for s in SHAPES])
 @pytest.mark.parametrize("provider", list(PROVIDERS))
 def test_hf_train_step(benchmark, provider, shape_index):
-    device, shape = bench_device(), SHAPES[shape_index]
-    benchmark.group = f"hf train step {device.type} {shape.label}"
-    step = make_step(provider, shape_index, device.type)
-    initial_loss = step().item()  # the same for both providers: same model, batch and weights
-    seconds = run_timed(benchmark, step, device)
-    peak = (cuda_peak_extra_mb(step, device) if device.type == "cuda"
-            else cpu_peak_extra_mb("bench.test_bench_hf", "make_step", provider, shape_index, "cpu"))
-    record(benchmark, provider=provider, shape=shape.label, seconds=seconds, tokens=shape.n_tokens,
-           peak_mem_mb=peak, flops=shape.flops, initial_loss=initial_loss)
+    time_train_step(benchmark, "bench.test_bench_hf", SHAPES, provider, shape_index, "hf train step")

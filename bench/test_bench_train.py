@@ -6,6 +6,7 @@ PyTorch: the full logits (B, T, V) of every weighted exit, `model.lm_head(h)` on
 `model.exit_hidden_states`, + F.cross_entropy, weighted sum. Both start from the same seed and
 batch and step through `trainer.create_optimizer` (the same AdamW groups and settings).
 """
+import importlib
 from dataclasses import dataclass
 
 import pytest
@@ -86,7 +87,11 @@ def make_step(provider: str, shape_index: int, device_type: str):
     trainer = UniversalTrainer(shape.method(), shape.vocab, device=device)
     optimizer = trainer.create_optimizer(model, TRAIN.lr, weight_decay=TRAIN.weight_decay)
     x, y = torch.randint(0, shape.vocab, (2, shape.batch, shape.seq_len), device=device)
+    return optimizer_step(loss_fn, trainer, model, optimizer, x, y)
 
+
+def optimizer_step(loss_fn, trainer, model, optimizer, x, y):
+    """step(): loss_fn(trainer, model, x, y), backward, optimizer step; returns the loss (detached)."""
     def step():
         loss = loss_fn(trainer, model, x, y)
         loss.backward()
@@ -96,15 +101,21 @@ def make_step(provider: str, shape_index: int, device_type: str):
     return step
 
 
+def time_train_step(benchmark, module: str, shapes, provider: str, shape_index: int, group: str) -> None:
+    """Time ``module.make_step(provider, shape_index, device)`` and record tokens/s, peak memory
+    (on CPU measured in a child process that imports ``module``) and TFLOP/s."""
+    device, shape = bench_device(), shapes[shape_index]
+    benchmark.group = f"{group} {device.type} {shape.label}"
+    step = importlib.import_module(module).make_step(provider, shape_index, device.type)
+    initial_loss = step().item()  # the same for every provider: same model, batch and weights
+    seconds = run_timed(benchmark, step, device)
+    peak = (cuda_peak_extra_mb(step, device) if device.type == "cuda"
+            else cpu_peak_extra_mb(module, "make_step", provider, shape_index, "cpu"))
+    record(benchmark, provider=provider, shape=shape.label, seconds=seconds, tokens=shape.n_tokens,
+           peak_mem_mb=peak, flops=shape.flops, initial_loss=initial_loss)
+
+
 @pytest.mark.parametrize("shape_index", range(len(SHAPES)), ids=[s.label for s in SHAPES])
 @pytest.mark.parametrize("provider", list(PROVIDERS))
 def test_train_step(benchmark, provider, shape_index):
-    device, shape = bench_device(), SHAPES[shape_index]
-    benchmark.group = f"train step {device.type} {shape.label}"
-    step = make_step(provider, shape_index, device.type)
-    initial_loss = step().item()  # the same for both providers: same model, batch and weights
-    seconds = run_timed(benchmark, step, device)
-    peak = (cuda_peak_extra_mb(step, device) if device.type == "cuda"
-            else cpu_peak_extra_mb("bench.test_bench_train", "make_step", provider, shape_index, "cpu"))
-    record(benchmark, provider=provider, shape=shape.label, seconds=seconds, tokens=shape.n_tokens,
-           peak_mem_mb=peak, flops=shape.flops, initial_loss=initial_loss)
+    time_train_step(benchmark, "bench.test_bench_train", SHAPES, provider, shape_index, "train step")
