@@ -30,8 +30,7 @@ import torch.nn.functional as F
 
 from .atomic import write_json
 from .config import UniversalConfig
-from .model import KVCache, QueryGrid, check_token_ids
-from .routing import padding_layout
+from .model import KVCache, QueryGrid, check_token_ids, padding_layout
 
 __all__ = ["FAMILIES", "Family", "HFEarlyExit", "RotaryKVCache", "from_folder", "from_hf", "load", "read_config",
            "save"]
@@ -358,7 +357,7 @@ class HFEarlyExit(nn.Module):
 
         drops[l][b] (layer dropout, ``LayerDropout.draw``, as the native model): sequence b
         skips layer l + 1. attention_mask: (B, T), 1/True on real tokens
-        (``routing.padding_layout``): pads are never attended to and positions count from each
+        (``model.padding_layout``): pads are never attended to and positions count from each
         row's first real token.
         """
         self.check_idx(idx)

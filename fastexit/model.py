@@ -62,6 +62,28 @@ class KVCache:
         return (k, v) if rows is None else (k.index_select(0, rows), v.index_select(0, rows))
 
 
+def padding_layout(attention_mask: torch.Tensor, idx: torch.Tensor):
+    """Positions (B, T) int64 and the causal mask (B, 1, T, T) bool of a padded batch.
+
+    attention_mask: (B, T) bool or 0/1 ints, True on real tokens (left or right padding).
+    Positions count from each row's first real token (as transformers' generate counts them);
+    no query sees a pad, but a pad sees itself, so that no query row is fully masked (its
+    state would be NaN; pads are never scored).
+    """
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != idx.shape \
+            or attention_mask.dtype.is_floating_point or attention_mask.device != idx.device:
+        raise ValueError(f"attention_mask must be a bool or 0/1 int tensor of idx's shape {tuple(idx.shape)} on "
+                         f"{idx.device}, got {getattr(attention_mask, 'dtype', type(attention_mask).__name__)} "
+                         f"of shape {tuple(getattr(attention_mask, 'shape', ()))}")
+    real = attention_mask.bool()
+    positions = (real.cumsum(1) - 1).clamp(min=0)
+    T = idx.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+    mask = causal & (real[:, None, :] | torch.eye(T, dtype=torch.bool, device=idx.device))
+    return positions, mask.unsqueeze(1)
+
+
+
 class Attention(nn.Module):
     """Causal multi-head self-attention (SDPA). Q and KV are separate projections so that
     routing can compute queries for hard tokens only and keys/values for every position."""
@@ -82,9 +104,11 @@ class Attention(nn.Module):
         B, _, T, _ = y.shape
         return y.transpose(1, 2).reshape(B, T, self.d_model)  # (B, T, d)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d)
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:  # (B, T, d)
+        """Causal self-attention; mask (B, 1, T, T) bool (``padding_layout``) replaces the
+        causal rule for a padded batch."""
         p = self.dropout if self.training else 0.0
-        return self.attend(x, *self.kv(x), is_causal=True, dropout_p=p)
+        return self.attend(x, *self.kv(x), mask=mask, is_causal=mask is None, dropout_p=p)
 
     def kv(self, a: torch.Tensor):
         """Keys and values (B, H, t, hd) of the normed states a (B, t, d)."""
@@ -130,8 +154,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d)
-        x = x + self.resid_dropout(self.attn(self.attn_norm(x)))
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:  # (B, T, d)
+        x = x + self.resid_dropout(self.attn(self.attn_norm(x), mask))
         return x + self.resid_dropout(self.mlp(self.mlp_norm(x)))
 
     def kv(self, x: torch.Tensor):
@@ -229,35 +253,40 @@ class EarlyExitTransformer(nn.Module):
         return self.emb_dropout(self.tok_emb(idx) + self.pos_emb(pos))
 
     def exit_hidden_states(self, idx: torch.Tensor, layers: Sequence[int],
-                           drops: Optional[Sequence[Sequence[bool]]] = None) -> List[torch.Tensor]:
+                           drops: Optional[Sequence[Sequence[bool]]] = None, *,
+                           attention_mask: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
         """Exit-normed hidden states (B, T, d) after each of ``layers`` (1-indexed), in the
         order given; no block deeper than ``max(layers)`` runs.
 
         ``drops[l][b]`` (layer dropout, ``LayerDropout.draw``): sequence b skips block l + 1,
         its residual stream passing through unchanged. The block then runs on the other rows
         only, compacted into a smaller batch, so dropped rows cost it no work.
+        ``attention_mask`` (B, T), True/1 on real tokens (``padding_layout``): pads are never
+        attended to and positions count from each row's first real token.
         """
         self.check_idx(idx)
         layers = list(layers)
         if not layers or any(not isinstance(i, int) or not 1 <= i <= self.n_layers for i in layers):
             raise ValueError(f"layers must be a non-empty list of ints in 1..{self.n_layers}, got {layers!r}")
         self._check_drops(drops, idx.shape[0])
-        x, states = self.embed(idx), {}
+        positions, mask = padding_layout(attention_mask, idx) if attention_mask is not None else (None, None)
+        x, states = self.embed(idx, positions=positions), {}
         for i, block in enumerate(self.blocks[:max(layers)], start=1):
-            x = block(x) if drops is None else self._run_kept_rows(block, x, drops[i - 1])
+            x = block(x, mask) if drops is None else self._run_kept_rows(block, x, drops[i - 1], mask)
             if i in layers:
                 states[i] = self.exit_norms[i - 1](x)
         return [states[i] for i in layers]
 
     @staticmethod
-    def _run_kept_rows(block: nn.Module, x: torch.Tensor, dropped: Sequence[bool]) -> torch.Tensor:
+    def _run_kept_rows(block: nn.Module, x: torch.Tensor, dropped: Sequence[bool],
+                       mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         kept = [b for b, drop in enumerate(dropped) if not drop]
         if len(kept) == x.shape[0]:
-            return block(x)
+            return block(x, mask)
         # No kept row still runs the block on zero rows: under FSDP2 every rank must take part
         # in the block's all-gather, whatever its own draws (and the gradient is a true zero).
         rows = torch.tensor(kept, dtype=torch.long).to(x.device, non_blocking=True)  # (k,)
-        return replace_rows(x, rows, block(select_rows(x, rows)))
+        return replace_rows(x, rows, block(select_rows(x, rows), None if mask is None else mask[rows]))
 
     def _check_drops(self, drops, batch: int) -> None:
         if drops is None:

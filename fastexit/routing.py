@@ -22,7 +22,7 @@ import torch
 
 from .config import UniversalConfig
 from .kernels import ExitStats, compact_indices, exit_confidence, gather_rows, scatter_rows
-from .model import QueryGrid
+from .model import QueryGrid, padding_layout
 
 
 class RoutedOutput(NamedTuple):
@@ -77,51 +77,6 @@ def _flat_targets(targets, idx):
     return targets.reshape(-1)
 
 
-def padding_layout(attention_mask: torch.Tensor, idx: torch.Tensor):
-    """Positions (B, T) int64 and the causal mask (B, 1, T, T) bool of a padded batch.
-
-    attention_mask: (B, T) bool or 0/1 ints, True on real tokens (left or right padding).
-    Positions count from each row's first real token (as transformers' generate counts them);
-    no query sees a pad, but a pad sees itself, so that no query row is fully masked (its
-    state would be NaN; pads are never scored).
-    """
-    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != idx.shape \
-            or attention_mask.dtype.is_floating_point or attention_mask.device != idx.device:
-        raise ValueError(f"attention_mask must be a bool or 0/1 int tensor of idx's shape {tuple(idx.shape)} on "
-                         f"{idx.device}, got {getattr(attention_mask, 'dtype', type(attention_mask).__name__)} "
-                         f"of shape {tuple(getattr(attention_mask, 'shape', ()))}")
-    real = attention_mask.bool()
-    positions = (real.cumsum(1) - 1).clamp(min=0)
-    T = idx.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
-    mask = causal & (real[:, None, :] | torch.eye(T, dtype=torch.bool, device=idx.device))
-    return positions, mask.unsqueeze(1)
-
-
-def _masked_block(block, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """block(x) on x (B, T, d); with a padding mask (B, 1, T, T), the block's row form over a
-    full (B, T) grid, so that any model's blocks take the mask."""
-    if mask is None:
-        return block(x)
-    B, T, d = x.shape
-    grid = QueryGrid(torch.arange(B * T, device=x.device), T, mask)
-    return block.forward_rows(x.reshape(-1, d), *block.kv(x), grid).view(B, T, d)
-
-
-def _hidden_states(model, idx, layers, attention_mask):
-    """model.exit_hidden_states(idx, layers), or for a padded batch the same through
-    ``padding_layout`` and the blocks' row form."""
-    if attention_mask is None:
-        return model.exit_hidden_states(idx, layers)
-    positions, mask = padding_layout(attention_mask, idx)
-    x, states = model.embed(idx, positions=positions), {}
-    for i, block in enumerate(model.blocks[:max(layers)], start=1):
-        x = _masked_block(block, x, mask)
-        if i in layers:
-            states[i] = model.exit_norms[i - 1](x)
-    return [states[i] for i in layers]
-
-
 def easy_mask(conf: torch.Tensor, routing_threshold: float) -> torch.Tensor:
     """(N,) bool: tokens that leave at the exit layer; none when routing is off."""
     return conf >= routing_threshold if routing_threshold > 0 else torch.zeros_like(conf, dtype=torch.bool)
@@ -153,7 +108,7 @@ def exact_routed_forward(model, idx: torch.Tensor, exit_layer: int, routing_thre
     tgt, weight, L = _flat_targets(targets, idx), model.lm_head.weight, model.n_layers
     layers = list(range(1, L + 1)) if all_layers else sorted({exit_layer, L})
     stats = {i: exit_confidence(h.reshape(-1, h.shape[-1]), weight, tgt, ignore_index=ignore_index, backend=backend)
-             for i, h in zip(layers, _hidden_states(model, idx, layers, attention_mask))}  # (B*T,) rows each
+             for i, h in zip(layers, model.exit_hidden_states(idx, layers, attention_mask=attention_mask))}  # (B*T,) rows each
     easy = easy_mask(stats[exit_layer].conf, routing_threshold)
     return _select(idx, stats[exit_layer], stats[L], easy, exit_layer, L, stats if all_layers else None)
 
@@ -208,7 +163,7 @@ def compact_routed_forward(model, idx: torch.Tensor, exit_layer: int, routing_th
     positions, mask = padding_layout(attention_mask, idx) if attention_mask is not None else (None, None)
     x = model.embed(idx, positions=positions)
     for block in model.blocks[:exit_layer]:
-        x = _masked_block(block, x, mask)  # (B, T, d)
+        x = block(x, mask)  # (B, T, d)
     d, deeper, final_norm = x.shape[-1], model.blocks[exit_layer:], model.exit_norms[-1]
     stats = exit_confidence(model.exit_norms[exit_layer - 1](x).view(-1, d), weight, tgt,
                             ignore_index=ignore_index, backend=backend)
@@ -216,7 +171,7 @@ def compact_routed_forward(model, idx: torch.Tensor, exit_layer: int, routing_th
     hard_idx = compact_indices(~easy, backend=backend)  # (n,)
     if hard_idx.numel() == B * T:  # nobody leaves: a plain dense forward
         for block in deeper:
-            x = _masked_block(block, x, mask)
+            x = block(x, mask)
         final = exit_confidence(final_norm(x).view(-1, d), weight, tgt, ignore_index=ignore_index, backend=backend)
     elif hard_idx.numel():
         real = attention_mask.bool() if attention_mask is not None else None
