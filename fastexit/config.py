@@ -395,12 +395,18 @@ class DataConfig(_FlatConfig):
     vocab_size: int = DEFAULT_VOCAB_SIZE
     cache_dir: Optional[str] = None     # None = ~/.cache/fastexit/<fingerprint>
     tokenizer: Optional[str] = None     # a transformers tokenizer folder; None = train fastexit's BPE
+    # Train on the first fraction of the training split's tokens (a small corpus to overfit);
+    # val, test and the tokenizer stay those of the whole corpus, so results compare across fractions.
+    train_fraction: float = 1.0
     identity: Optional[Dict[str, Any]] = None
     n_tokens: Optional[Dict[str, int]] = None
     n_bytes: Optional[Dict[str, int]] = None
 
     def __post_init__(self):
         _check_int("vocab_size", self.vocab_size, MIN_VOCAB_SIZE)
+        _check_positive("train_fraction", self.train_fraction)
+        if self.train_fraction > 1:
+            raise ValueError(f"train_fraction must be in (0, 1], got {self.train_fraction}")
         if self.paths is not None and (not isinstance(self.paths, list) or not self.paths
                                        or not all(isinstance(p, str) for p in self.paths)):
             raise ValueError(f"paths must be None or a non-empty list of path strings, got {self.paths!r}")

@@ -93,12 +93,16 @@ def load_corpus(data: DataConfig):
     if data.tokenizer is not None:  # the cache is a subfolder (hf-<fingerprint>) of the folder given
         cache_dir = data.cache_dir
     try:
-        return prepare_data(data.paths, vocab_size=data.vocab_size, cache_dir=cache_dir, tokenizer=data.tokenizer)
+        corpus = prepare_data(data.paths, vocab_size=data.vocab_size, cache_dir=cache_dir, tokenizer=data.tokenizer)
     except (ValueError, FileNotFoundError) as err:
         if str(err).startswith("tokenizer: "):
             raise ValueError(f"--hf-model: {str(err).removeprefix('tokenizer: ')}") from None
         what = "--data" if data.paths else "the default corpus"
         raise ValueError(f"{what}: {str(err).removeprefix('paths: ')}") from None
+    if data.train_fraction < 1:
+        train = corpus.splits["train"][:max(1, math.floor(data.train_fraction * len(corpus.splits["train"])))]
+        corpus.splits["train"], corpus.n_bytes["train"] = train, corpus.bytes_of(train)
+    return corpus
 
 
 def corpus_identity(corpus) -> Dict[str, Any]:

@@ -105,3 +105,10 @@ def test_depth_dependent_validation(cfg, match):
 
 def test_routing_off_allows_exit_at_final_layer():
     UniversalConfig({3: 1}, exit_layer=3, routing_threshold=0).validate_for(3)
+
+
+@pytest.mark.parametrize("fraction", [0, -0.5, 1.5, math.nan, "0.5"])
+def test_train_fraction_out_of_range_is_an_error_naming_it(fraction):
+    from fastexit.config import DataConfig
+    with pytest.raises(ValueError, match="train_fraction"):
+        DataConfig(train_fraction=fraction)

@@ -44,3 +44,21 @@ def test_a_version_1_config_json_is_read(tmp_path):
     (tmp_path / "v1").mkdir()
     (tmp_path / "v1" / "config.json").write_text(json.dumps(old))
     assert read_config(tmp_path / "v1") == RunConfig.from_dict(new)
+
+
+def test_train_fraction_trains_on_the_start_of_the_training_split_only(tmp_path):
+    whole = Run.create(tmp_path / "whole", config(tmp_path))
+    d = config(tmp_path).to_dict()
+    d["data"]["train_fraction"] = 0.25
+    part = Run.create(tmp_path / "part", RunConfig.from_dict(d))
+    train = whole.corpus.splits["train"]
+    kept = train[: len(train) // 4]
+    assert len(part.corpus.splits["train"]) == len(kept) > 0
+    assert (part.corpus.splits["train"] == kept).all()
+    assert part.corpus.n_bytes["train"] == whole.corpus.bytes_of(kept) < whole.corpus.n_bytes["train"]
+    for split in ("val", "test"):  # held-out text, tokenizer and cache are the whole corpus's
+        assert (part.corpus.splits[split] == whole.corpus.splits[split]).all()
+    assert part.config.data.identity == whole.config.data.identity
+    assert part.config.data.n_tokens == dict(whole.config.data.n_tokens, train=len(kept))
+    assert part.train(progress=False) == STEPS
+    assert len(Run.load(tmp_path / "part").corpus.splits["train"]) == len(kept)  # resumed runs keep the fraction
