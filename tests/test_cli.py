@@ -252,6 +252,7 @@ def test_existing_run_is_never_overwritten(run, data, capsys):
     ("alpha", ["--alpha-schedule", "wobbly:0.9"], "--alpha-schedule"),
     ("threshold", ["--routing-threshold", "1.5"], "routing_threshold"),
     ("warmup", ["--warmup-steps", "99"], "warmup_steps"),
+    ("fraction", ["--train-fraction", "1.5"], "train_fraction"),
     ("flag", ["--colour", "red"], "--colour"),
 ])
 def test_bad_input_is_one_error_line(case, flags, needle, data, tmp_path, capsys):
@@ -306,6 +307,8 @@ def test_mismatched_resume_is_refused(run, data, tmp_path, capsys):
     assert "--routing-threshold 0.5" in error_line(capsys)
     assert main(["train", "--out", str(copy), "--resume", "--layer-weights", "1=0.5,3=0.5"]) == 2
     assert "--layer-weights" in error_line(capsys)
+    assert main(["train", "--out", str(copy), "--resume", "--train-fraction", "0.5"]) == 2
+    assert "--train-fraction 0.5" in error_line(capsys)
     assert (copy / ckpt.CKPT_NAME).read_bytes() == before
 
 
