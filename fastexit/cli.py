@@ -23,8 +23,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from . import distributed, report
-from .config import (DEFAULT_PRESET, EVAL_MODES, GENERATE_DEFAULTS, MAX_PPL_INCREASE, MIN_VOCAB_SIZE, PRESETS,
-                     RUN_MODEL_DEFAULTS,
+from .config import (CONFIDENCE_KINDS, DEFAULT_PRESET, EVAL_MODES, GENERATE_DEFAULTS, MAX_PPL_INCREASE,
+                     MIN_VOCAB_SIZE, PRESETS, RUN_MODEL_DEFAULTS,
                      SWEEP_THRESHOLDS, TRAIN_SWEEP_THRESHOLDS, AlphaSchedule, DataConfig, ModelConfig, RunConfig,
                      LayerDropout, TrainConfig, make_method)
 from .runs import Run, load_corpus, log, resolve_device, steps_for_budget
@@ -113,6 +113,16 @@ def parse_thresholds(text: str) -> List[float]:
     return sorted(set(values))
 
 
+def parse_number_list(text: str, flag: str, kind=float) -> list:
+    """'2,4,8' -> [2, 4, 8] (kind=int) or '0.9,0.8' -> [0.9, 0.8], in the order given; the
+    config checks the values."""
+    try:
+        return [kind(v) for v in text.split(",")]
+    except ValueError:
+        example = "'2,4,8'" if kind is int else "'0.9,0.8'"
+        raise ValueError(f"{flag}: expected a comma list such as {example}, got {text!r}") from None
+
+
 def parse_seeds(text: str) -> List[int]:
     """'0,1,2' -> [0, 1, 2] (distinct ints >= 0, in the order given)."""
     try:
@@ -183,10 +193,14 @@ def _given(args, name: str, default=None, overrides: Optional[Dict[str, Any]] = 
 def _method_from_flags(args, n_layers: int, overrides: Dict[str, Any], default_exit_layer: int = 1):
     get = lambda name, default=None: _given(args, name, default, overrides)  # noqa: E731
     weights, schedule, scales = get("layer_weights"), get("alpha_schedule"), get("layer_lr_scales")
+    exits, thresholds = get("exit_layers"), get("routing_thresholds")
+    exits = parse_number_list(exits, "--exit-layers", int) if isinstance(exits, str) else exits
+    thresholds = parse_number_list(thresholds, "--routing-thresholds") if isinstance(thresholds, str) else thresholds
     try:
         return make_method(None if weights is not None else get("preset", DEFAULT_PRESET),
                            parse_layer_map(weights, "--layer-weights") if weights is not None else None,
-                           n_layers=n_layers, exit_layer=get("exit_layer", default_exit_layer),
+                           n_layers=n_layers, exit_layer=get("exit_layer", None if exits else default_exit_layer),
+                           exit_layers=exits, routing_thresholds=thresholds, confidence=get("confidence", "max_prob"),
                            routing_threshold=get("routing_threshold"),
                            alpha_schedule=parse_alpha_schedule(schedule) if schedule else None,
                            layer_lr_scales=parse_layer_map(scales, "--layer-lr-scales") if scales else None,
@@ -282,7 +296,12 @@ def resume_changes(args) -> Dict[str, Any]:
 def _method_changes(args) -> Dict[str, Any]:
     """The method flags given on --resume, in RunConfig.to_dict form."""
     out = {name: getattr(args, name) for name in ("exit_layer", "routing_threshold", "distill_weight",
-                                                  "distill_temperature") if getattr(args, name, None) is not None}
+                                                  "distill_temperature", "confidence")
+           if getattr(args, name, None) is not None}
+    if getattr(args, "exit_layers", None) is not None:
+        out["exit_layers"] = parse_number_list(args.exit_layers, "--exit-layers", int)
+    if getattr(args, "routing_thresholds", None) is not None:
+        out["routing_thresholds"] = parse_number_list(args.routing_thresholds, "--routing-thresholds")
     for name in ("layer_weights", "layer_lr_scales"):
         if getattr(args, name) is not None:
             flag = "--" + name.replace("_", "-")
@@ -325,11 +344,28 @@ def _train(args, runtime: Dict[str, Any]) -> int:
     run.log_final(step, stats)
     m = run.config.method
     _print_on_rank_0(report.eval_table(f"{run.config.name} after {step} steps ({time.perf_counter() - t0:.0f} s): "
-                                       f"val split, exact mode, routing_threshold {m.routing_threshold}, "
-                                       f"exit_layer {m.exit_layer}", stats, run.model.n_layers))
-    if m.exit_layer < run.model.n_layers:
+                                       f"val split, exact mode, {routing_text(m)}", stats, run.model.n_layers))
+    if m.exits[-1] < run.model.n_layers:
         _print_on_rank_0("\n" + _threshold_table(run, "val", TRAIN_SWEEP_THRESHOLDS, None))
     return 0
+
+
+def exits_text(method) -> str:
+    """'exit_layer 1', or 'exit_layers [2, 4]' (and the confidence when not max_prob)."""
+    exits = f"exit_layers {method.exits}" if method.exit_layers is not None else f"exit_layer {method.exit_layer}"
+    return exits if method.confidence == "max_prob" else f"{exits}, confidence {method.confidence}"
+
+
+def routing_text(method, routing_threshold: Optional[float] = None) -> str:
+    """The routing rule of a method as table titles name it; routing_threshold: an override
+    of every exit's threshold."""
+    if routing_threshold is not None:
+        th = f"routing_threshold {routing_threshold}" + (" at every exit" if len(method.exits) > 1 else "")
+    elif method.routing_thresholds is not None:
+        th = f"routing_thresholds {method.routing_thresholds}"
+    else:
+        th = f"routing_threshold {method.routing_threshold}"
+    return f"{th}, {exits_text(method)}"
 
 
 def _print_on_rank_0(text: str) -> None:
@@ -341,8 +377,8 @@ def _threshold_table(run: Run, split: str, thresholds: Sequence[float], eval_bat
     """The compact-mode sweep the main job ends with, and which threshold stays within 2%."""
     rows = run.sweep(split, "compact", thresholds, eval_batches=eval_batches, compare_exact=True)
     full = next((r["ppl"] for r in rows if r["routing_threshold"] == "0"), None)
-    text = (f"What early exit buys ({split} split, compact mode: deeper layers really skipped; exit_layer "
-            f"{run.config.method.exit_layer})\n\n{report.sweep_table(rows, compare_exact=True)}")
+    text = (f"What early exit buys ({split} split, compact mode: deeper layers really skipped; "
+            f"{exits_text(run.config.method)})\n\n{report.sweep_table(rows, compare_exact=True)}")
     return text if full is None else text + "\n\n" + report.within_line(rows, full, MAX_PPL_INCREASE)
 
 
@@ -351,22 +387,22 @@ def cmd_eval(args) -> int:
     stats = run.evaluate(args.split, args.mode, eval_batches=args.eval_batches,
                          routing_threshold=args.routing_threshold, per_layer=True if args.per_layer else None,
                          compare_exact=args.compare_exact)
-    th = run.config.method.routing_threshold if args.routing_threshold is None else args.routing_threshold
     print(report.eval_table(f"{run.config.name} ({run.path}): {args.split} split, {args.mode} mode, "
-                            f"routing_threshold {th}", stats, run.model.n_layers), flush=True)
+                            f"{routing_text(run.config.method, args.routing_threshold)}", stats, run.model.n_layers),
+          flush=True)
     return 0
 
 
 def cmd_sweep(args) -> int:
     thresholds = parse_thresholds(args.routing_thresholds)
     run = Run.load(Path(args.run), **_runtime(args))
-    if run.model.n_layers <= run.config.method.exit_layer and any(thresholds):
-        raise ValueError(f"--routing-thresholds: routing needs exit_layer < n_layers={run.model.n_layers}")
+    if run.model.n_layers <= run.config.method.exits[-1] and any(thresholds):
+        raise ValueError(f"--routing-thresholds: routing needs every exit layer < n_layers={run.model.n_layers}")
     compare = args.compare_exact and args.mode == "compact"
     rows = run.sweep(args.split, args.mode, thresholds, eval_batches=args.eval_batches, compare_exact=compare)
     text = (f"{run.config.name} ({run.path}): routing_threshold sweep, {args.split} split, {args.mode} mode, "
-            f"exit_layer {run.config.method.exit_layer}; * = Pareto-optimal (no threshold has both lower ppl and "
-            f"lower compute_cost)\n\n{report.sweep_table(rows, compare)}")
+            f"{exits_text(run.config.method)} (each threshold at every exit); * = Pareto-optimal (no threshold "
+            f"has both lower ppl and lower compute_cost)\n\n{report.sweep_table(rows, compare)}")
     print(text, flush=True)
     (run.path / f"sweep-{args.mode}.md").write_text(text + "\n", encoding="utf-8")
     report.save_plot(run.path / f"sweep-{args.mode}.png",
@@ -397,9 +433,9 @@ def cmd_generate(args) -> int:
     if stats:  # no routing: the full model verified every token
         print(f"speculative={args.speculative}: acceptance rate {stats[0]['acceptance_rate']:.1%} of drafts")
         return 0
-    th = run.config.method.routing_threshold if args.routing_threshold is None else args.routing_threshold
     n_early = sum(early)
-    print(f"[...] = left at layer {run.config.method.exit_layer} of {model.n_layers} (routing_threshold {th}); "
+    rule = routing_text(run.config.method, args.routing_threshold)
+    print(f"[...] = left at an exit before layer {model.n_layers} ({rule}); "
           f"exited early: {n_early}/{len(new)} tokens ({100 * n_early / len(new):.1f}%)")
     return 0
 
@@ -449,8 +485,14 @@ def _add_method_flags(p) -> None:
     pick.add_argument("--layer-weights", metavar="L=W,...", help="custom loss weights, e.g. 1=0.7,3=0.3")
     m.add_argument("--exit-layer", type=int,
                    help="layer where confident tokens leave (default 1; n_layers // 2 with --hf-model)")
+    m.add_argument("--exit-layers", metavar="L,...",
+                   help="several exits, e.g. 2,4,8: a token leaves at the first one confident enough")
     m.add_argument("--routing-threshold", type=float, help="0 = no routing (default: the preset's)")
     _alias(m, "--threshold", "--routing-threshold", type=float)
+    m.add_argument("--routing-thresholds", metavar="T,...",
+                   help="one threshold per exit of --exit-layers, e.g. 0.9,0.8,0.7 (0 turns an exit off)")
+    m.add_argument("--confidence", choices=CONFIDENCE_KINDS,
+                   help="exit confidence: max_prob (default), margin (top-1 minus top-2 probability) or learned")
     m.add_argument("--alpha-schedule", metavar="KIND:START[:END]", help="e.g. linear:0.9:0.5 (exit-layer weight)")
     m.add_argument("--layer-lr-scales", metavar="L=S,...", help="per-block LR scales, e.g. 1=1,2=0.5,3=0.1")
     _alias(m, "--layer-lr", "--layer-lr-scales")

@@ -21,6 +21,8 @@ from typing import Any, Dict, List, Optional
 ALPHA_KINDS = ("constant", "linear", "cosine")
 LAYER_DROPOUT_SHAPES = ("constant", "linear", "exponential")
 EVAL_MODES = ("exact", "compact")
+# How sure an exit is: max softmax probability, top-1 minus top-2 probability, or a learned head.
+CONFIDENCE_KINDS = ("max_prob", "margin", "learned")
 
 # The defaults of `fastexit train`: sized so that the main job ends within ~5 minutes on 2 CPU cores.
 DEFAULT_PRESET = "asymmetric_best"
@@ -133,6 +135,17 @@ class UniversalConfig:
     at ``exit_layer`` is >= threshold leaves there. ``layer_lr_scales`` multiplies the learning
     rate of transformer block i (1-indexed); other parameters keep the base rate.
 
+    Several exits: ``exit_layers`` (ascending, distinct; None = ``[exit_layer]``) with
+    ``routing_thresholds`` (one per exit; None = ``routing_threshold`` at every exit, which is
+    otherwise unused). A token leaves at the first exit whose confidence reaches that exit's
+    threshold; a threshold of 0 turns its exit off. ``exit_layer`` is the first exit: left out
+    (None) it is taken from ``exit_layers`` (1 without them), given it must equal
+    ``exit_layers[0]``; the alpha schedule and speculative decoding use it. ``exits`` and
+    ``exit_thresholds`` are the effective lists. ``confidence`` is the exit's score:
+    "max_prob" (max softmax probability), "margin" (top-1 minus top-2 probability) or
+    "learned" (a model's confidence heads); ``confidence_loss_weight`` (>= 0) weighs the
+    learned heads' training loss.
+
     ``distill_weight`` > 0 adds self-distillation: each weighted layer i below the final one
     also pays ``distill_weight * w_i * T**2 * KL(softmax(z_L / T) || softmax(z_i / T))``, the
     final layer's logits z_L a detached teacher and T = ``distill_temperature``.
@@ -140,18 +153,28 @@ class UniversalConfig:
     The defaults of these three reproduce the plain weighted loss exactly.
     """
     layer_weights: Dict[int, float]
-    exit_layer: int = 1
+    exit_layer: Optional[int] = None  # None: exit_layers[0], or 1 without exit_layers
     routing_threshold: float = 0.95
     alpha_schedule: Optional[AlphaSchedule] = None
     layer_lr_scales: Optional[Dict[int, float]] = None
     distill_weight: float = 0.0
     distill_temperature: float = 1.0
     layer_dropout: Optional[LayerDropout] = None
+    exit_layers: Optional[List[int]] = None
+    routing_thresholds: Optional[List[float]] = None
+    confidence: str = "max_prob"
+    confidence_loss_weight: float = 0.0
 
     def __post_init__(self):
         self._check_layer_weights()
-        _check_int("exit_layer", self.exit_layer, 1)
+        self._check_exits()
         _check_unit("routing_threshold", self.routing_threshold)
+        if self.routing_thresholds is not None:
+            check_exit_thresholds("routing_thresholds", self.routing_thresholds, len(self.exits))
+            self.routing_thresholds = [float(t) for t in self.routing_thresholds]
+        if self.confidence not in CONFIDENCE_KINDS:
+            raise ValueError(f"confidence must be one of {CONFIDENCE_KINDS}, got {self.confidence!r}")
+        _check_positive("confidence_loss_weight", self.confidence_loss_weight, allow_zero=True)
         if self.alpha_schedule is not None and not isinstance(self.alpha_schedule, AlphaSchedule):
             raise TypeError(f"alpha_schedule must be an AlphaSchedule, got {type(self.alpha_schedule).__name__}")
         self._check_lr_scales()
@@ -170,6 +193,31 @@ class UniversalConfig:
         if self.alpha_schedule is None and not any(w > 0 for w in self.layer_weights.values()):
             raise ValueError(f"layer_weights needs at least one weight > 0, got {self.layer_weights!r}")
 
+    def _check_exits(self):
+        if self.exit_layers is not None:
+            check_exit_layers("exit_layers", self.exit_layers)
+            self.exit_layers = list(self.exit_layers)
+            if self.exit_layer is None:
+                self.exit_layer = self.exit_layers[0]
+            elif self.exit_layer != self.exit_layers[0]:
+                raise ValueError(f"exit_layer={self.exit_layer!r} must equal exit_layers[0]={self.exit_layers[0]} "
+                                 f"(the first exit): leave exit_layer out when giving exit_layers")
+        elif self.exit_layer is None:
+            self.exit_layer = 1
+        _check_int("exit_layer", self.exit_layer, 1)
+
+    @property
+    def exits(self) -> List[int]:
+        """The exit layers, ascending: ``exit_layers``, or ``[exit_layer]``."""
+        return list(self.exit_layers) if self.exit_layers is not None else [self.exit_layer]
+
+    @property
+    def exit_thresholds(self) -> List[float]:
+        """One routing threshold per exit: ``routing_thresholds``, or ``routing_threshold`` at each."""
+        if self.routing_thresholds is not None:
+            return list(self.routing_thresholds)
+        return [float(self.routing_threshold)] * len(self.exits)
+
     def _check_lr_scales(self):
         for layer, s in (self.layer_lr_scales or {}).items():
             _check_layer_key("layer_lr_scales", layer)
@@ -178,7 +226,7 @@ class UniversalConfig:
 
     @property
     def routing(self) -> bool:
-        return self.routing_threshold > 0
+        return any(t > 0 for t in self.exit_thresholds)
 
     def validate_for(self, n_layers: int) -> None:
         """Depth-dependent checks against a model with ``n_layers`` blocks."""
@@ -186,9 +234,10 @@ class UniversalConfig:
             for layer in getattr(self, name) or {}:
                 if layer > n_layers:
                     raise ValueError(f"{name} has layer {layer}, but the model has {n_layers} layers")
-        if self.exit_layer > n_layers or (self.routing and self.exit_layer >= n_layers):
-            raise ValueError(f"exit_layer must be < n_layers={n_layers} when routing is on "
-                             f"(and <= n_layers always), got {self.exit_layer}")
+        name = "exit_layer" if self.exit_layers is None else "exit_layers"
+        if self.exits[-1] > n_layers or (self.routing and self.exits[-1] >= n_layers):
+            raise ValueError(f"{name} must be < n_layers={n_layers} when routing is on "
+                             f"(and <= n_layers always), got {getattr(self, name)}")
         if self.alpha_schedule is not None and self.exit_layer >= n_layers:
             raise ValueError(f"alpha_schedule needs exit_layer < n_layers={n_layers}, got {self.exit_layer}")
 
@@ -213,7 +262,10 @@ class UniversalConfig:
                     alpha_schedule=None if self.alpha_schedule is None else asdict(self.alpha_schedule),
                     layer_lr_scales=None if self.layer_lr_scales is None else _str_keys(self.layer_lr_scales),
                     distill_weight=float(self.distill_weight), distill_temperature=float(self.distill_temperature),
-                    layer_dropout=None if self.layer_dropout is None else asdict(self.layer_dropout))
+                    layer_dropout=None if self.layer_dropout is None else asdict(self.layer_dropout),
+                    exit_layers=None if self.exit_layers is None else list(self.exit_layers),
+                    routing_thresholds=None if self.routing_thresholds is None else list(self.routing_thresholds),
+                    confidence=self.confidence, confidence_loss_weight=float(self.confidence_loss_weight))
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "UniversalConfig":
@@ -224,7 +276,10 @@ class UniversalConfig:
                    layer_lr_scales=None if scales is None else _int_keys(scales),
                    distill_weight=float(d.get("distill_weight", 0.0)),
                    distill_temperature=float(d.get("distill_temperature", 1.0)),
-                   layer_dropout=None if dropout is None else LayerDropout(**dropout))
+                   layer_dropout=None if dropout is None else LayerDropout(**dropout),
+                   exit_layers=d.get("exit_layers"), routing_thresholds=d.get("routing_thresholds"),
+                   confidence=d.get("confidence", "max_prob"),
+                   confidence_loss_weight=float(d.get("confidence_loss_weight", 0.0)))
 
 
 def _str_keys(layer_map: Dict[int, float]) -> Dict[str, float]:
@@ -233,6 +288,24 @@ def _str_keys(layer_map: Dict[int, float]) -> Dict[str, float]:
 
 def _int_keys(layer_map: Dict[str, float]) -> Dict[int, float]:
     return {int(k): float(v) for k, v in layer_map.items()}
+
+
+def check_exit_layers(field: str, layers) -> None:
+    """layers must be a non-empty ascending list of distinct ints >= 1."""
+    if not isinstance(layers, (list, tuple)) or not layers \
+            or any(isinstance(i, bool) or not isinstance(i, int) or i < 1 for i in layers):
+        raise ValueError(f"{field} must be a non-empty list of layer numbers (ints >= 1), got {layers!r}")
+    if any(a >= b for a, b in zip(layers, layers[1:])):
+        raise ValueError(f"{field} must be ascending without duplicates, got {list(layers)!r}")
+
+
+def check_exit_thresholds(field: str, thresholds, n_exits: int) -> None:
+    """thresholds must be a list of n_exits numbers in [0, 1], one per exit."""
+    if not isinstance(thresholds, (list, tuple)) or len(thresholds) != n_exits:
+        raise ValueError(f"{field} must be a list of one threshold per exit ({n_exits}), got {thresholds!r}")
+    for t in thresholds:
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 1:  # NaN fails too
+            raise ValueError(f"{field} must be numbers in [0, 1], got {list(thresholds)!r}")
 
 
 def _check_layer_key(field: str, layer) -> None:
@@ -275,19 +348,26 @@ PRESETS: Dict[str, UniversalConfig] = {name: get_preset(name) for name in _PRESE
 
 
 def make_method(preset: Optional[str] = None, layer_weights: Optional[Dict[int, float]] = None, *,
-                n_layers: int = RUN_MODEL_DEFAULTS["n_layers"], exit_layer: int = 1,
+                n_layers: int = RUN_MODEL_DEFAULTS["n_layers"], exit_layer: Optional[int] = None,
                 routing_threshold: Optional[float] = None, alpha_schedule: Optional[AlphaSchedule] = None,
                 layer_lr_scales: Optional[Dict[int, float]] = None, distill_weight: float = 0.0,
-                distill_temperature: float = 1.0, layer_dropout: Optional[LayerDropout] = None) -> UniversalConfig:
+                distill_temperature: float = 1.0, layer_dropout: Optional[LayerDropout] = None,
+                exit_layers: Optional[List[int]] = None, routing_thresholds: Optional[List[float]] = None,
+                confidence: str = "max_prob", confidence_loss_weight: float = 0.0) -> UniversalConfig:
     """A method from a preset name (default ``DEFAULT_PRESET``) or custom ``layer_weights``,
-    with the other fields overriding the preset's; checked against ``n_layers``."""
+    with the other fields overriding the preset's; checked against ``n_layers``. With several
+    ``exit_layers`` a preset's exit-layer weight goes to the first exit (``get_preset``)."""
     if preset is not None and layer_weights is not None:
         raise ValueError("give either preset or layer_weights, not both")
-    base = UniversalConfig(layer_weights, exit_layer) if layer_weights is not None \
-        else get_preset(preset or DEFAULT_PRESET, n_layers, exit_layer)
+    if exit_layers is not None:
+        check_exit_layers("exit_layers", exit_layers)
+    first = exit_layer if exit_layer is not None else exit_layers[0] if exit_layers is not None else 1
+    base = UniversalConfig(layer_weights, first) if layer_weights is not None \
+        else get_preset(preset or DEFAULT_PRESET, n_layers, first)
     cfg = UniversalConfig(dict(base.layer_weights), exit_layer,
                           base.routing_threshold if routing_threshold is None else routing_threshold,
-                          alpha_schedule, layer_lr_scales, distill_weight, distill_temperature, layer_dropout)
+                          alpha_schedule, layer_lr_scales, distill_weight, distill_temperature, layer_dropout,
+                          exit_layers, routing_thresholds, confidence, confidence_loss_weight)
     cfg.validate_for(n_layers)
     return cfg
 

@@ -1,15 +1,15 @@
 """Batched early-exit generation with a per-layer KV cache (docs/design.md §3, token by token).
 
-Each new token is routed as in ``fastexit.routing``: after ``exit_layer`` a row whose max
-softmax probability is >= ``routing_threshold`` emits from the exit layer; the hard rows are
-compacted and alone run the deeper blocks' query, attention output, MLP and the final head,
-while the deeper caches of easy rows are filled from their carried exit-layer state (state
-propagation). The arithmetic is the model's own: ``Block.forward_cached`` for dense steps,
-``Block.kv`` + ``Block.forward_rows`` for the hard rows.
+Each new token is routed as in ``fastexit.routing``: at each exit a row whose confidence is
+>= that exit's threshold emits from there; the rows still running are compacted and alone
+run the next blocks' query, attention output, MLP and the next exit's (at the end the final)
+head, while the deeper caches of rows that left are filled from their carried exit state
+(state propagation). The arithmetic is the model's own: ``Block.forward_cached`` for dense
+steps, ``Block.kv`` + ``Block.forward_rows`` for the running rows.
 
 ``speculative=k`` replaces routing by lossless self-speculative decoding (LayerSkip): the
-layers up to ``exit_layer`` draft k tokens and the full model verifies them in one pass
-(section "speculative decoding" below).
+layers up to ``exit_layer`` (the first exit when there are several) draft k tokens and the
+full model verifies them in one pass (section "speculative decoding" below).
 """
 from typing import NamedTuple, Optional
 
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .config import UniversalConfig
 from .kernels import compact_indices, exit_confidence, gather_rows, scatter_rows
 from .model import QueryGrid
-from .routing import resolve_routing
+from .routing import Layers, Routing, Thresholds, easy_mask, exit_score, resolve_routing
 
 
 def _check_prompt(model, idx, max_new_tokens, prompt_mask) -> None:
@@ -88,47 +88,42 @@ def _decode_shallow(model, tok: torch.Tensor, caches, slot, positions, mask) -> 
     return x.squeeze(1)
 
 
-def _decode_deeper(blocks, caches, x, hard_rows, pos: int, mask, backend) -> torch.Tensor:
-    """Deeper blocks for one decode position: x (B, d) exit-layer states of all rows; returns
-    the final states (n, d) of the hard rows. Every row's keys/values at ``pos`` are written
-    from its current state (carried for easy rows); only hard rows run q/out/MLP, and their
-    attention reads only their own rows of the cache (decode attention is memory-bound: the
-    gathered copy costs less than reading every row's keys and values). mask: (B, 1, 1, pos+1)
-    bool keys to attend for padded prompts, else None."""
+def _decode_deeper(blocks, caches, x, xh, rows, pos: int, mask, backend):
+    """Blocks for one decode position: x (B, d) current states of all rows, xh (n, d) those of
+    the running rows (n,). Every row's keys/values at ``pos`` are written from its current
+    state (carried for rows that left); only running rows run q/out/MLP, and their attention
+    reads only their own rows of the cache (decode attention is memory-bound: the gathered
+    copy costs less than reading every row's keys and values). mask: (B, 1, 1, pos+1) bool
+    keys to attend for padded prompts, else None. Returns (x, xh) after the blocks."""
     B = x.shape[0]
-    if hard_rows.numel() == B:
+    if rows.numel() == B:
         x = x.unsqueeze(1)  # (B, 1, d)
         for block, cache in zip(blocks, caches):
             x = block.forward_cached(x, cache, pos, mask)
-        return x.squeeze(1)
-    hard_mask = mask.index_select(0, hard_rows) if mask is not None else None  # (n, 1, 1, pos+1)
-    grid = QueryGrid(torch.arange(hard_rows.numel(), device=x.device), 1, hard_mask)  # one query per cache row
-    x = x.clone()  # refreshed in place with the hard rows' states below
-    xh = gather_rows(x, hard_rows, backend=backend)  # (n, d)
-    for i, (block, cache) in enumerate(zip(blocks, caches)):
-        if i and hard_rows.numel():
-            scatter_rows(x, hard_rows, xh, backend=backend)
+        return x.squeeze(1), x.squeeze(1)
+    hard_mask = mask.index_select(0, rows) if mask is not None else None  # (n, 1, 1, pos+1)
+    grid = QueryGrid(torch.arange(rows.numel(), device=x.device), 1, hard_mask)  # one query per cache row
+    x = x.clone()  # refreshed in place with the running rows' states below
+    for block, cache in zip(blocks, caches):
         cache.write(pos, *block.kv(x.unsqueeze(1)))
-        if hard_rows.numel():
-            xh = block.forward_rows(xh, *cache.upto(pos + 1, hard_rows), grid)  # (n, H, pos+1, hd) keys
-    return xh
+        if rows.numel():
+            xh = block.forward_rows(xh, *cache.upto(pos + 1, rows), grid)  # (n, H, pos+1, hd) keys
+            scatter_rows(x, rows, xh, backend=backend)
+    return x, xh
 
 
-def _next_tokens(model, h_exit, exit_stats, h_final, hard_rows, temperature, top_k, generator, backend):
-    """Tokens (B,) from the exit layer for easy rows and the final layer for hard rows.
-
-    h_exit: (B, d) exit-normed states; exit_stats: their ExitStats (None when routing is off
-    and no confidence is wanted); h_final: (n, d) final-normed states of hard_rows (n,).
-    """
-    weight = model.lm_head.weight
+def _emit(model, h, pred, temperature, top_k, generator):
+    """Tokens (B,): pred (B,) when greedy, else a draw from the sampling distribution of the
+    normed states h (B, d)."""
     if temperature == 0:
-        final_pred = exit_confidence(h_final, weight, backend=backend).pred if hard_rows.numel() else None
-        if exit_stats is None:
-            return final_pred
-        return scatter_rows(exit_stats.pred.clone(), hard_rows, final_pred, backend=backend) \
-            if final_pred is not None else exit_stats.pred
-    h = scatter_rows(h_exit.clone(), hard_rows, h_final, backend=backend)  # (B, d)
+        return pred
     return torch.multinomial(_probs(model.lm_head(h), temperature, top_k), 1, generator=generator).squeeze(1)
+
+
+def _put(full, rows, part, backend):
+    """full (B, ...) with its rows (n,) replaced by part (n, ...) in place; part itself when
+    there is no full yet (the first exit sees every row)."""
+    return part if full is None else scatter_rows(full, rows, part, backend=backend)
 
 
 def _probs(logits: torch.Tensor, temperature: float, top_k: Optional[int]) -> torch.Tensor:
@@ -141,56 +136,71 @@ def _probs(logits: torch.Tensor, temperature: float, top_k: Optional[int]) -> to
     return logits.softmax(-1)
 
 
-def _prefill(model, idx, caches, prompt: _Prompt, exit_layer: int) -> tuple:
+def _prefill(model, idx, caches, prompt: _Prompt, layers) -> list:
     """Every layer for every prompt position (B, T0), filling ``caches`` from slot 0; returns
-    the last position's exit-layer and final states (B, d) each."""
-    x = model.embed(idx, positions=prompt.positions)
+    the last position's states (B, d) after each of ``layers``."""
+    x, states = model.embed(idx, positions=prompt.positions), {}
     for i, (block, cache) in enumerate(zip(model.blocks, caches), start=1):
         x = block.forward_cached(x, cache, 0, prompt.prefill_mask)
-        if i == exit_layer:
-            x_exit = x[:, -1]
-    return x_exit, x[:, -1]
+        states[i] = x[:, -1]
+    return [states[i] for i in layers]
 
 
 class _Decoder:
     """The state of one generate call: caches, output buffers and the routing rule."""
 
-    def __init__(self, model, idx, max_new_tokens, routing_threshold, exit_layer, prompt: _Prompt, want_conf,
-                 sampling, backend):
+    def __init__(self, model, idx, max_new_tokens, rule: Routing, prompt: _Prompt, want_conf, sampling, backend):
         (B, T0), self.model, self.prompt, self.backend = idx.shape, model, prompt, backend
-        self.threshold, self.exit_layer, self.sampling = routing_threshold, exit_layer, sampling
-        self.want_conf = routing_threshold > 0 or want_conf
+        self.rule, self.sampling = rule, sampling
+        self.want_conf = rule.on or want_conf
         self.caches = model.new_kv_caches(B, T0 + max_new_tokens, range(1, model.n_layers + 1))
         self.tokens = torch.cat([idx, idx.new_empty(B, max_new_tokens)], dim=1)
         self.exit_layers = idx.new_empty(B, max_new_tokens)
         self.confs = torch.empty(B, max_new_tokens, device=idx.device)
         self.all_rows = torch.arange(B, device=idx.device)
 
-    def step(self, s: int, pos: int, x_exit, x_last=None) -> None:
-        """Emit the token at ``pos`` (step s) from x_exit (B, d); x_last: the prefill's final
-        states (every layer already ran), else the deeper blocks run here."""
-        model, L, key_ok = self.model, self.model.n_layers, self.prompt.key_ok
+    def step(self, s: int, pos: int, x, prefill=None) -> None:
+        """Emit the token at ``pos`` (step s) from x (B, d), the first exit's states of the token
+        at pos - 1. prefill: the prefill's states (B, d) at every later exit and the final layer
+        (every layer already ran); otherwise the deeper blocks run here."""
+        model, L, key_ok, backend = self.model, self.model.n_layers, self.prompt.key_ok, self.backend
         mask = key_ok[:, None, None, :pos] if key_ok is not None else None  # keys of slots 0..pos-1
-        h_exit = model.exit_norms[self.exit_layer - 1](x_exit)
-        stats = exit_confidence(h_exit, model.lm_head.weight, backend=self.backend) if self.want_conf else None
-        easy = stats.conf >= self.threshold if self.threshold > 0 else None
-        hard_rows = compact_indices(~easy, backend=self.backend) if easy is not None else self.all_rows  # (n,)
-        if x_last is None:
-            x_final = _decode_deeper(model.blocks[self.exit_layer:], self.caches[self.exit_layer:], x_exit,
-                                     hard_rows, pos - 1, mask, self.backend)
-        else:
-            x_final = gather_rows(x_last, hard_rows, backend=self.backend)
-        h_final = model.exit_norms[-1](x_final)  # (n, d)
-        self.tokens[:, pos] = _next_tokens(model, h_exit, stats, h_final, hard_rows, *self.sampling, self.backend)
-        self.exit_layers[:, s] = torch.where(easy, self.exit_layer, L) if easy is not None else L
-        if stats is not None:
-            self.confs[:, s] = stats.conf
+        greedy, bounds = self.sampling[0] == 0, self.rule.exit_layers + [L]
+        rows, xh, at = self.all_rows, x, torch.full_like(self.all_rows, L)  # running rows (n,), states (n, d)
+        h_out = pred = conf = None
+        for i, layer in enumerate(bounds):
+            if i and prefill is not None:
+                xh = gather_rows(prefill[i - 1], rows, backend=backend)
+            elif i:  # rows that left still write these blocks' caches, from their carried state
+                x, xh = _decode_deeper(model.blocks[bounds[i - 1]:layer], self.caches[bounds[i - 1]:layer], x, xh,
+                                       rows, pos - 1, mask, backend)
+            if not rows.numel():
+                continue
+            h, final = model.exit_norms[layer - 1](xh), i == len(bounds) - 1  # (n, d)
+            # the final head scores only greedy picks; an exit's also its confidence, when asked for
+            margin = self.rule.confidence == "margin" and not final
+            score = greedy if final else self.want_conf
+            stats = exit_confidence(h, model.lm_head.weight, want_margin=margin, backend=backend) if score else None
+            h_out = _put(h_out, rows, h, backend) if not greedy else None
+            pred = _put(pred, rows, stats.pred, backend) if greedy and stats is not None else pred
+            if final or stats is None:
+                continue
+            c = exit_score(stats, self.rule.confidence)
+            conf, leave = _put(conf, rows, c, backend), easy_mask(c, self.rule.routing_thresholds[i])
+            at = scatter_rows(at, rows, torch.where(leave, layer, L), backend=backend)
+            stay = compact_indices(~leave, backend=backend)  # (n',) of the running rows
+            if stay.numel() < rows.numel():
+                rows, xh = gather_rows(rows, stay, backend=backend), gather_rows(xh, stay, backend=backend)
+        self.tokens[:, pos] = _emit(model, h_out, pred, *self.sampling)
+        self.exit_layers[:, s] = at
+        if conf is not None:
+            self.confs[:, s] = conf
 
     def shallow(self, s: int, pos: int):
-        """Exit-layer states (B, d) of the token emitted at pos - 1."""
+        """First-exit states (B, d) of the token emitted at pos - 1."""
         mask = self.prompt.key_ok[:, None, None, :pos] if self.prompt.key_ok is not None else None
         positions = (self.prompt.lengths + s - 1)[:, None]
-        return _decode_shallow(self.model, self.tokens[:, pos - 1], self.caches[:self.exit_layer], pos - 1,
+        return _decode_shallow(self.model, self.tokens[:, pos - 1], self.caches[:self.rule.exit_layers[0]], pos - 1,
                                positions, mask)
 
 
@@ -253,8 +263,9 @@ class _Speculator:
     def first_token(self, x_last) -> None:
         """The token at column T0 from the prefill's final states x_last (B, d), as generate."""
         h = self.model.exit_norms[-1](x_last)
-        all_rows = torch.arange(h.shape[0], device=h.device)
-        self.tokens[:, self.t0] = _next_tokens(self.model, h, None, h, all_rows, *self.sampling, self.backend)
+        greedy = self.sampling[0] == 0
+        pred = exit_confidence(h, self.model.lm_head.weight, backend=self.backend).pred if greedy else None
+        self.tokens[:, self.t0] = _emit(self.model, h, pred, *self.sampling)
 
     def progress(self):
         """(lowest pending column, highest draft start) in the round's one host sync: whether any
@@ -344,7 +355,7 @@ def _speculative_generate(model, idx, max_new_tokens, k, exit_layer, prompt_mask
     B, T0 = idx.shape
     spec = _Speculator(model, idx, max_new_tokens, k, exit_layer, _prompt_layout(idx, prompt_mask, max_new_tokens + k),
                        sampling, backend)
-    spec.first_token(_prefill(model, idx, spec.caches, spec.prompt, exit_layer)[1])
+    spec.first_token(_prefill(model, idx, spec.caches, spec.prompt, [model.n_layers])[0])
     lowest, top = spec.progress()
     while lowest < spec.last:
         spec.round(top)
@@ -358,17 +369,20 @@ def _speculative_generate(model, idx, max_new_tokens, k, exit_layer, prompt_mask
 
 
 @torch.no_grad()
-def generate(model, idx: torch.Tensor, max_new_tokens: int, routing_threshold: Optional[float] = None,
-             exit_layer: Optional[int] = None, temperature: float = 0.0, top_k: Optional[int] = None,
+def generate(model, idx: torch.Tensor, max_new_tokens: int, routing_threshold: Optional[Thresholds] = None,
+             exit_layer: Optional[Layers] = None, temperature: float = 0.0, top_k: Optional[int] = None,
              generator: Optional[torch.Generator] = None, *, prompt_mask: Optional[torch.Tensor] = None,
              config: Optional[UniversalConfig] = None, return_conf: bool = False, backend: str = "auto",
-             speculative: Optional[int] = None, return_stats: bool = False):
+             speculative: Optional[int] = None, return_stats: bool = False, confidence: Optional[str] = None):
     """Early-exit decoding with a per-layer KV cache; rows of the batch exit independently.
 
     idx: (B, T0) int64 prompt; the prefill runs every layer for every position. Routing
     (module docstring): ``routing_threshold`` / ``exit_layer`` None mean the method's own,
-    taken from ``config`` (a UniversalConfig) when given, else no routing (full depth) and
-    exit layer 1 (``fastexit.routing.resolve_routing``; evaluate reads None the same way).
+    taken from ``config`` (a UniversalConfig: its exits, per-exit thresholds and confidence)
+    when given, else no routing (full depth) and exit layer 1 (``fastexit.routing.resolve_routing``;
+    evaluate reads None the same way). exit_layer may list several exits and routing_threshold
+    give one number per exit; a single number applies to every exit. ``confidence``
+    ("max_prob", "margin", "learned"): None = the config's, else max_prob.
     temperature=0: greedy; otherwise sample softmax(logits / temperature), optionally from the
     top_k logits (routing always uses the temperature-1 confidence).
 
@@ -378,7 +392,8 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, routing_threshold: O
 
     speculative=k (an int >= 1): lossless self-speculative decoding instead of routing
     (``routing_threshold`` None means 0 here; > 0 is an error). Each round the layers up to
-    ``exit_layer`` (< n_layers) with its exit norm and the shared head draft k tokens; the
+    ``exit_layer`` (< n_layers; the first exit when there are several) with its exit norm and
+    the shared head draft k tokens; the
     deeper blocks verify them in one pass, reusing the draft's shallow keys/values and
     exit-layer states; every row keeps its longest agreeing prefix plus the verifier's next
     token. Greedy output is that of full-depth greedy decoding. Sampling draws from exactly the
@@ -390,7 +405,8 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, routing_threshold: O
     last new token).
 
     Returns (tokens (B, T0 + max_new_tokens) int64, exit_layers (B, max_new_tokens) int64),
-    plus conf (B, max_new_tokens) fp32, the exit-layer confidence of each step, when
+    plus conf (B, max_new_tokens) fp32, the confidence of each step at the deepest exit it
+    reached (the one it left at, else the last), when
     ``return_conf``. With speculative, exit_layers is n_layers everywhere (the full model
     verifies every token), and ``return_stats`` appends {accepted_per_row (B,) int64,
     drafted_per_row (B,) int64, acceptance_rate float (nan when nothing was drafted)}, counting
@@ -399,17 +415,20 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, routing_threshold: O
     _check_prompt(model, idx, max_new_tokens, prompt_mask)
     if speculative is not None and routing_threshold is None:
         routing_threshold = 0.0  # speculative decoding replaces routing, whatever the method's threshold
-    routing_threshold, exit_layer = resolve_routing(model, routing_threshold, exit_layer, config)
+    # speculative decoding scores no confidence: the method's kind does not matter there
+    rule = resolve_routing(model, routing_threshold, exit_layer, config,
+                           confidence="max_prob" if speculative is not None else confidence)
     _check_sampling(model, temperature, top_k)
     T0, sampling = idx.shape[1], (temperature, top_k, generator)
     if speculative is not None or return_stats:
-        _check_speculative(model, speculative, routing_threshold, exit_layer, T0, max_new_tokens, return_conf)
-        return _speculative_generate(model, idx, max_new_tokens, speculative, exit_layer, prompt_mask, sampling,
-                                     backend, return_stats)
-    dec = _Decoder(model, idx, max_new_tokens, routing_threshold, exit_layer,
-                   _prompt_layout(idx, prompt_mask, max_new_tokens), return_conf, sampling, backend)
-    x_exit, x_last = _prefill(model, idx, dec.caches, dec.prompt, exit_layer)
-    dec.step(0, T0, x_exit, x_last)
+        _check_speculative(model, speculative, max(rule.routing_thresholds), rule.exit_layers[0], T0, max_new_tokens,
+                           return_conf)
+        return _speculative_generate(model, idx, max_new_tokens, speculative, rule.exit_layers[0], prompt_mask,
+                                     sampling, backend, return_stats)
+    dec = _Decoder(model, idx, max_new_tokens, rule, _prompt_layout(idx, prompt_mask, max_new_tokens), return_conf,
+                   sampling, backend)
+    x_first, *prefill = _prefill(model, idx, dec.caches, dec.prompt, rule.exit_layers + [model.n_layers])
+    dec.step(0, T0, x_first, prefill)
     for s in range(1, max_new_tokens):  # the token emitted at pos is predicted from position pos - 1
         dec.step(s, T0 + s, dec.shallow(s, T0 + s))
     return (dec.tokens, dec.exit_layers, dec.confs) if return_conf else (dec.tokens, dec.exit_layers)

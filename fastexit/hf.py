@@ -428,8 +428,8 @@ def save(model: nn.Module, directory, config: Optional[UniversalConfig] = None, 
     write_json(directory / METADATA, dict(
         format=FORMAT, model_type=model.cfg.model_type, n_layers=model.n_layers, vocab_size=model.cfg.vocab_size,
         method=None if config is None else config.to_dict(),
-        exit_layers=None if config is None else [config.exit_layer],
-        routing_thresholds=None if config is None else [float(config.routing_threshold)]))
+        exit_layers=None if config is None else config.exits,
+        routing_thresholds=None if config is None else config.exit_thresholds))
     return directory
 
 
@@ -450,8 +450,7 @@ def load(directory, **from_pretrained_kwargs):
     config = None if meta.get("method") is None else UniversalConfig.from_dict(meta["method"])
     if config is not None:
         config.validate_for(model.n_layers)
-        if meta.get("exit_layers") != [config.exit_layer] \
-                or meta.get("routing_thresholds") != [config.routing_threshold]:
+        if meta.get("exit_layers") != config.exits or meta.get("routing_thresholds") != config.exit_thresholds:
             raise ValueError(f"{directory / METADATA}: exit_layers/routing_thresholds disagree with the method")
     return model, config
 

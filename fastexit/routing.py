@@ -1,36 +1,46 @@
-"""Confidence routing at inference (docs/design.md §3): easy tokens leave at ``exit_layer``.
+"""Confidence routing at inference (docs/design.md §3): easy tokens leave at an exit layer.
 
 A token whose max softmax probability at ``exit_layer`` is >= ``routing_threshold`` is easy
 and predicts from the exit layer; every other token is hard and predicts from the final layer.
 ``routing_threshold = 0`` turns routing off: every token is hard.
+
+Several exits (``exit_layer`` a list of ascending layers, ``routing_threshold`` one number per
+exit or one for all): a token leaves at the first exit whose confidence reaches that exit's
+threshold (0 turns an exit off); a token that leaves nowhere runs to the final layer. The
+confidence is the max softmax probability, or with ``confidence="margin"`` the top-1 minus
+top-2 probability (``confidence="learned"`` needs a model with ``confidence_heads``).
 
 - ``exact_routed_forward``: every layer runs on every token and each token's prediction is
   selected (the seed's measurement).
 - ``compact_routed_forward``: real skipping, see its docstring.
 Generation applies the same rule token by token (``fastexit.generate``).
 
-Skipped tokens keep their exit-layer state (CALM's state propagation): every deeper block
-computes keys and values for them from that carried state, so hard tokens still attend to
-every earlier position. The first block after the exit layer is therefore exact; deeper
-blocks see carried (not recomputed) keys for easy positions and differ slightly from exact
-mode. The arithmetic is the model's own (``Block.kv`` / ``Block.forward_rows``); dropout is
-not applied (inference).
+Skipped tokens keep the state of the exit they left at (CALM's state propagation): every
+deeper block computes keys and values for them from that carried state, so tokens still
+running attend to every earlier position. The first block after the first exit is therefore
+exact; deeper blocks see carried (not recomputed) keys for positions that left and differ
+slightly from exact mode. The arithmetic is the model's own (``Block.kv`` /
+``Block.forward_rows``); dropout is not applied (inference).
 """
-from typing import Dict, NamedTuple, Optional
+from typing import Dict, List, NamedTuple, Optional, Sequence, Union
 
 import torch
 
-from .config import UniversalConfig
+from .config import CONFIDENCE_KINDS, UniversalConfig, check_exit_layers, check_exit_thresholds
 from .kernels import ExitStats, compact_indices, exit_confidence, gather_rows, scatter_rows
 from .model import QueryGrid, padding_layout
+
+Layers = Union[int, Sequence[int]]
+Thresholds = Union[float, Sequence[float]]
 
 
 class RoutedOutput(NamedTuple):
     """Per-token results of a routed forward, all (B, T).
 
     pred int64: the prediction used; nll fp32: its NLL (None without targets, 0 where the
-    target is ignored); conf fp32: confidence at the exit layer; easy bool: left at the exit
-    layer; layers_run int64: exit_layer for easy tokens, n_layers for hard ones;
+    target is ignored); conf fp32: confidence at the deepest exit the token reached (the one
+    it left at, else the last exit); easy bool: left at an exit; layers_run int64: the exit
+    layer the token left at, n_layers for hard ones;
     layer_stats: {layer: ExitStats of (B*T,) rows} of every layer that was asked for, or None.
     """
     pred: torch.Tensor
@@ -41,31 +51,55 @@ class RoutedOutput(NamedTuple):
     layer_stats: Optional[Dict[int, ExitStats]] = None
 
 
-def resolve_routing(model, routing_threshold: Optional[float], exit_layer: Optional[int],
-                    config: Optional[UniversalConfig] = None):
-    """(routing_threshold, exit_layer) to route with, checked against the model.
+class Routing(NamedTuple):
+    """A checked routing rule: exit layers (ascending), one threshold per exit, the confidence."""
+    exit_layers: List[int]
+    routing_thresholds: List[float]
+    confidence: str = "max_prob"
 
-    None means "the method's own": the value in ``config`` when one is given, else no routing
-    (threshold 0, full depth) and exit layer 1. ``evaluate`` passes its trainer's config, so
-    ``routing_threshold=None`` means the same there and in ``generate``.
+    @property
+    def on(self) -> bool:
+        return any(t > 0 for t in self.routing_thresholds)
+
+
+def resolve_routing(model, routing_threshold: Optional[Thresholds], exit_layer: Optional[Layers],
+                    config: Optional[UniversalConfig] = None, confidence: Optional[str] = None) -> Routing:
+    """The routing rule to use, checked against the model.
+
+    None means "the method's own": the value in ``config`` (its ``exits``, ``exit_thresholds``
+    and ``confidence``) when one is given, else no routing (threshold 0, full depth), exit
+    layer 1 and max_prob. A single ``routing_threshold`` overrides the threshold of every exit.
+    ``evaluate`` passes its trainer's config, so ``routing_threshold=None`` means the same there
+    and in ``generate``.
     """
+    exits = exit_layer if exit_layer is not None else config.exits if config is not None else 1
     if routing_threshold is None:
-        routing_threshold = config.routing_threshold if config is not None else 0.0
-    if exit_layer is None:
-        exit_layer = config.exit_layer if config is not None else 1
-    check_routing(model, exit_layer, routing_threshold)
-    return float(routing_threshold), exit_layer
+        routing_threshold = config.exit_thresholds if config is not None else 0.0
+    if confidence is None:
+        confidence = config.confidence if config is not None else "max_prob"
+    return check_routing(model, exits, routing_threshold, confidence)
 
 
-def check_routing(model, exit_layer: int, routing_threshold: float) -> None:
-    """ValueError unless threshold is in [0, 1] and 1 <= exit_layer <= n_layers (< when routing)."""
-    if isinstance(routing_threshold, bool) or not isinstance(routing_threshold, (int, float)) \
-            or not 0 <= routing_threshold <= 1:
-        raise ValueError(f"routing_threshold must be a number in [0, 1], got {routing_threshold!r}")
-    top = model.n_layers - 1 if routing_threshold > 0 else model.n_layers
-    if isinstance(exit_layer, bool) or not isinstance(exit_layer, int) or not 1 <= exit_layer <= top:
-        raise ValueError(f"exit_layer must be an int in [1, {top}] for a {model.n_layers}-layer model "
+def check_routing(model, exit_layer: Layers, routing_threshold: Thresholds, confidence: str = "max_prob") -> Routing:
+    """The rule as a ``Routing``; ValueError unless every threshold is in [0, 1], the exits are
+    ascending distinct ints in [1, n_layers] (< n_layers when routing), and the model can
+    score ``confidence``. One exit and one threshold may be given as plain numbers."""
+    exits = [exit_layer] if isinstance(exit_layer, int) and not isinstance(exit_layer, bool) else exit_layer
+    check_exit_layers("exit_layer", exits)
+    single = isinstance(routing_threshold, (int, float)) and not isinstance(routing_threshold, bool)
+    thresholds = [routing_threshold] * len(exits) if single else routing_threshold
+    check_exit_thresholds("routing_threshold", thresholds, len(exits))
+    rule = Routing(list(exits), [float(t) for t in thresholds], confidence)
+    top = model.n_layers - 1 if rule.on else model.n_layers
+    if exits[-1] > top:
+        raise ValueError(f"exit_layer must be in [1, {top}] for a {model.n_layers}-layer model "
                          f"with routing_threshold={routing_threshold}, got {exit_layer!r}")
+    if confidence not in CONFIDENCE_KINDS:
+        raise ValueError(f"confidence must be one of {CONFIDENCE_KINDS}, got {confidence!r}")
+    if confidence == "learned" and not hasattr(model, "confidence_heads"):
+        raise ValueError(f"confidence='learned' needs a model with confidence heads (confidence_heads); "
+                         f"{type(model).__name__} has none: use 'max_prob' or 'margin'")
+    return rule
 
 
 def _flat_targets(targets, idx):
@@ -78,125 +112,162 @@ def _flat_targets(targets, idx):
 
 
 def easy_mask(conf: torch.Tensor, routing_threshold: float) -> torch.Tensor:
-    """(N,) bool: tokens that leave at the exit layer; none when routing is off."""
+    """(N,) bool: tokens that leave at the exit; none when the exit is off (threshold 0)."""
     return conf >= routing_threshold if routing_threshold > 0 else torch.zeros_like(conf, dtype=torch.bool)
 
 
-def _select(idx, exit_stats, final_stats, easy, exit_layer, n_layers, layer_stats=None) -> RoutedOutput:
-    """Per token, the exit layer's result where easy, else the final layer's; all (B, T)."""
-    pick = lambda a, b: torch.where(easy, a, b).view(idx.shape)  # noqa: E731
-    nll = pick(exit_stats.nll, final_stats.nll) if exit_stats.nll is not None else None
-    layers_run = torch.where(easy, exit_layer, n_layers).view(idx.shape)
-    return RoutedOutput(pick(exit_stats.pred, final_stats.pred), nll, exit_stats.conf.view(idx.shape),
-                        easy.view(idx.shape), layers_run, layer_stats)
+def exit_score(stats: ExitStats, confidence: str) -> torch.Tensor:
+    """(N,) fp32 confidence of one exit's ``exit_confidence`` stats (margin: want_margin=True)."""
+    if confidence == "learned":
+        raise NotImplementedError("confidence='learned': routing with confidence heads is not implemented yet")
+    return stats.margin if confidence == "margin" else stats.conf
+
+
+def exit_layer_of_tokens(confs: Sequence[torch.Tensor], rule: Routing, n_layers: int) -> torch.Tensor:
+    """(N,) int64: the first exit whose confidence (confs: one (N,) tensor per exit reached, in
+    order) reaches its threshold, n_layers where none does."""
+    at = torch.full_like(confs[0], n_layers, dtype=torch.int64)
+    for layer, threshold, conf in reversed(list(zip(rule.exit_layers, rule.routing_thresholds, confs))):
+        at = torch.where(easy_mask(conf, threshold), layer, at)
+    return at
+
+
+def _select(idx, rule, exit_stats, confs, final_stats, n_layers, layer_stats=None) -> RoutedOutput:
+    """Per token, the result of the exit it left at, else the final layer's; all (B, T).
+    exit_stats, confs: of each exit reached, in order (rows that left earlier hold any value)."""
+    at = exit_layer_of_tokens(confs, rule, n_layers)
+    pred, nll, conf = final_stats.pred, final_stats.nll, confs[-1]
+    for layer, stats, c in zip(rule.exit_layers, exit_stats, confs):
+        here = at == layer
+        pred, conf = torch.where(here, stats.pred, pred), torch.where(here, c, conf)
+        nll = torch.where(here, stats.nll, nll) if nll is not None else None
+    view = lambda t: t.view(idx.shape)  # noqa: E731
+    return RoutedOutput(view(pred), None if nll is None else view(nll), view(conf), view(at < n_layers), view(at),
+                        layer_stats)
 
 
 @torch.no_grad()
-def exact_routed_forward(model, idx: torch.Tensor, exit_layer: int, routing_threshold: float,
+def exact_routed_forward(model, idx: torch.Tensor, exit_layer: Layers, routing_threshold: Thresholds,
                          targets: Optional[torch.Tensor] = None, backend: str = "auto", *,
                          ignore_index: int = -100, all_layers: bool = False,
-                         attention_mask: Optional[torch.Tensor] = None) -> RoutedOutput:
+                         attention_mask: Optional[torch.Tensor] = None, confidence: str = "max_prob") -> RoutedOutput:
     """Routed predictions with every layer run on every token (the seed's measurement).
 
-    idx: (B, T) int64; targets: optional (B, T) int64. ``all_layers``: also score the exit
-    of every layer in the same pass (``layer_stats``), at one head pass per layer.
-    attention_mask: optional (B, T), True/1 on real tokens (``padding_layout``); give pads
-    ignore_index targets. Returns RoutedOutput of (B, T) tensors.
+    idx: (B, T) int64; targets: optional (B, T) int64. exit_layer: an int or ascending exit
+    layers; routing_threshold: one number, or one per exit (module docstring). ``all_layers``:
+    also score the exit of every layer in the same pass (``layer_stats``), at one head pass per
+    layer. attention_mask: optional (B, T), True/1 on real tokens (``padding_layout``); give
+    pads ignore_index targets. Returns RoutedOutput of (B, T) tensors.
     """
-    check_routing(model, exit_layer, routing_threshold)
+    rule = check_routing(model, exit_layer, routing_threshold, confidence)
     model.check_idx(idx)
-    tgt, weight, L = _flat_targets(targets, idx), model.lm_head.weight, model.n_layers
-    layers = list(range(1, L + 1)) if all_layers else sorted({exit_layer, L})
-    stats = {i: exit_confidence(h.reshape(-1, h.shape[-1]), weight, tgt, ignore_index=ignore_index, backend=backend)
-             for i, h in zip(layers, model.exit_hidden_states(idx, layers, attention_mask=attention_mask))}  # (B*T,) rows each
-    easy = easy_mask(stats[exit_layer].conf, routing_threshold)
-    return _select(idx, stats[exit_layer], stats[L], easy, exit_layer, L, stats if all_layers else None)
+    tgt, weight, L, exits = _flat_targets(targets, idx), model.lm_head.weight, model.n_layers, rule.exit_layers
+    layers = list(range(1, L + 1)) if all_layers else sorted({*exits, L})
+    hidden = model.exit_hidden_states(idx, layers, attention_mask=attention_mask)
+    stats = {i: exit_confidence(h.reshape(-1, h.shape[-1]), weight, tgt, ignore_index=ignore_index,
+                                want_margin=confidence == "margin" and i in exits, backend=backend)
+             for i, h in zip(layers, hidden)}  # (B*T,) rows each
+    confs = [exit_score(stats[i], confidence) for i in exits]
+    return _select(idx, rule, [stats[i] for i in exits], confs, stats[L], L, stats if all_layers else None)
 
 
 # ----------------------------------------------------------------------------- compact mode
-def _padded_layout(hard: torch.Tensor, hard_idx: torch.Tensor, real: Optional[torch.Tensor] = None) -> QueryGrid:
-    """Hard tokens of each batch row packed left into a (B, S) query grid, S = the largest
-    per-row count, with the causal mask (B, 1, S, T): key_pos <= query_pos.
+def _padded_layout(rows: torch.Tensor, shape, real: Optional[torch.Tensor] = None) -> QueryGrid:
+    """The running tokens of each batch row packed left into a (B, S) query grid, S = the
+    largest per-row count, with the causal mask (B, 1, S, T): key_pos <= query_pos.
 
-    hard: (B, T) bool; hard_idx: (n,) flat ascending positions; real: (B, T) bool non-pad
-    tokens, or None: pads are hidden from every query but themselves.
+    rows: (n,) flat ascending positions in a (B, T) batch; real: (B, T) bool non-pad tokens,
+    or None: pads are hidden from every query but themselves.
     """
-    B, T = hard.shape
-    counts = hard.sum(1)  # (B,)
+    B, T = shape
+    counts = torch.bincount(rows // T, minlength=B)  # (B,)
     n_slots = int(counts.max())
-    rows = hard_idx // T
-    rank = torch.arange(hard_idx.numel(), device=hard.device) - (counts.cumsum(0) - counts)[rows]
-    slot = rows * n_slots + rank
-    q_pos = torch.zeros(B * n_slots, dtype=torch.int64, device=hard.device)  # padding: position 0
-    q_pos[slot] = hard_idx % T
-    key_pos, q_pos = torch.arange(T, device=hard.device), q_pos.view(B, n_slots, 1)
+    rank = torch.arange(rows.numel(), device=rows.device) - (counts.cumsum(0) - counts)[rows // T]
+    slot = rows // T * n_slots + rank
+    q_pos = torch.zeros(B * n_slots, dtype=torch.int64, device=rows.device)  # padding: position 0
+    q_pos[slot] = rows % T
+    key_pos, q_pos = torch.arange(T, device=rows.device), q_pos.view(B, n_slots, 1)
     mask = key_pos <= q_pos  # (B, S, T)
     if real is not None:
         mask &= real[:, None, :] | (key_pos == q_pos)
     return QueryGrid(slot, n_slots, mask.unsqueeze(1))
 
 
-def _merge(exit_stats: ExitStats, hard_stats: ExitStats, hard_idx, backend) -> ExitStats:
-    """Full-size stats: the hard rows from hard_stats, the rest from exit_stats."""
-    return ExitStats(*(None if e is None else scatter_rows(e.clone(), hard_idx, h, backend=backend)
-                       for e, h in zip(exit_stats, hard_stats)))
+def _merge(full: ExitStats, part: ExitStats, rows, backend) -> ExitStats:
+    """Full-size stats: the given rows from part, the rest from full (None where either is)."""
+    return ExitStats(*(None if f is None or p is None else scatter_rows(f.clone(), rows, p, backend=backend)
+                       for f, p in zip(full, part)))
 
 
 @torch.no_grad()
-def compact_routed_forward(model, idx: torch.Tensor, exit_layer: int, routing_threshold: float,
+def compact_routed_forward(model, idx: torch.Tensor, exit_layer: Layers, routing_threshold: Thresholds,
                            targets: Optional[torch.Tensor] = None, backend: str = "auto", *,
-                           ignore_index: int = -100, attention_mask: Optional[torch.Tensor] = None) -> RoutedOutput:
+                           ignore_index: int = -100, attention_mask: Optional[torch.Tensor] = None,
+                           confidence: str = "max_prob") -> RoutedOutput:
     """Routed predictions with real skipping (docs/design.md §3, compact mode).
 
-    idx: (B, T) int64; targets: optional (B, T) int64; attention_mask: as in
-    ``exact_routed_forward``. Blocks 1..exit_layer run on every
-    token. Hard tokens are compacted (n of B*T) and alone run the deeper blocks' query
-    projection, attention output and MLP, and the final exit norm + head; each deeper block
-    computes keys/values for every position from the current states, where easy tokens keep
-    their exit-layer state. Hard queries attend in a per-row padded layout (B, S) with the
-    mask key_pos <= query_pos. Host syncs: one for the hard count, one for S.
+    idx: (B, T) int64; targets: optional (B, T) int64; exit_layer, routing_threshold,
+    attention_mask: as in ``exact_routed_forward``. Blocks up to the first exit run on every
+    token. At each exit the tokens still running are scored; those that stay are compacted
+    (n of B*T) and alone run the next blocks' query projection, attention output and MLP, the
+    next exit's norm and head, and at the end the final ones; each of those blocks computes
+    keys/values for every position from the current states, where tokens that left keep the
+    state of their exit. Running queries attend in a per-row padded layout (B, S) with the
+    mask key_pos <= query_pos. Host syncs per exit: one for the running count, one for S.
     Returns RoutedOutput of (B, T) tensors.
     """
-    check_routing(model, exit_layer, routing_threshold)
+    rule = check_routing(model, exit_layer, routing_threshold, confidence)
     model.check_idx(idx)
-    tgt, weight, (B, T) = _flat_targets(targets, idx), model.lm_head.weight, idx.shape
+    tgt, L, exits = _flat_targets(targets, idx), model.n_layers, rule.exit_layers
     positions, mask = padding_layout(attention_mask, idx) if attention_mask is not None else (None, None)
+    real = attention_mask.bool() if attention_mask is not None else None
     x = model.embed(idx, positions=positions)
-    for block in model.blocks[:exit_layer]:
+    for block in model.blocks[:exits[0]]:
         x = block(x, mask)  # (B, T, d)
-    d, deeper, final_norm = x.shape[-1], model.blocks[exit_layer:], model.exit_norms[-1]
-    stats = exit_confidence(model.exit_norms[exit_layer - 1](x).view(-1, d), weight, tgt,
-                            ignore_index=ignore_index, backend=backend)
-    easy = easy_mask(stats.conf, routing_threshold)
-    hard_idx = compact_indices(~easy, backend=backend)  # (n,)
-    if hard_idx.numel() == B * T:  # nobody leaves: a plain dense forward
-        for block in deeper:
-            x = block(x, mask)
-        final = exit_confidence(final_norm(x).view(-1, d), weight, tgt, ignore_index=ignore_index, backend=backend)
-    elif hard_idx.numel():
-        real = attention_mask.bool() if attention_mask is not None else None
-        xh = _deeper_hard_rows(deeper, x.reshape(-1, d).contiguous(), ~easy.view(B, T), hard_idx, backend, real)
-        hard_tgt = gather_rows(tgt, hard_idx, backend=backend) if tgt is not None else None
-        hard = exit_confidence(final_norm(xh), weight, hard_tgt, ignore_index=ignore_index, backend=backend)
-        final = _merge(stats, hard, hard_idx, backend)
-    else:
-        final = stats
-    return _select(idx, stats, final, easy, exit_layer, model.n_layers)
+    d = x.shape[-1]
+    # xh: states of the running tokens, (B, T, d) while every token runs (rows None), then (n, d)
+    # at the flat rows (n,); x: (B*T, d) states of every token once some have left
+    xh, rows, stats, confs = x, None, [], []
+    for layer, threshold, end in zip(exits, rule.routing_thresholds, exits[1:] + [L]):
+        part = _exit_stats(model, layer, xh, tgt, rows, rule, ignore_index, backend)
+        stats.append(part if rows is None else _merge(stats[-1], part, rows, backend))
+        conf = exit_score(part, confidence)
+        confs.append(conf if rows is None else scatter_rows(confs[-1].clone(), rows, conf, backend=backend))
+        stay = compact_indices(~easy_mask(conf, threshold), backend=backend)  # (n',) of the running tokens
+        if stay.numel() == 0:  # every token has left
+            return _select(idx, rule, stats, confs, stats[-1], L)
+        if rows is None and stay.numel() == conf.numel():  # nobody has left yet: dense blocks
+            for block in model.blocks[layer:end]:
+                xh = block(xh, mask)
+            continue
+        flat = xh.reshape(-1, d)  # (B*T or n, d)
+        x = flat if rows is None else x
+        rows = stay if rows is None else gather_rows(rows, stay, backend=backend)
+        xh = _run_rows(model.blocks[layer:end], x, gather_rows(flat, stay, backend=backend), rows,
+                       _padded_layout(rows, idx.shape, real), backend)
+    final = _exit_stats(model, L, xh, tgt, rows, rule, ignore_index, backend)
+    return _select(idx, rule, stats, confs, final if rows is None else _merge(stats[-1], final, rows, backend), L)
 
 
-def _deeper_hard_rows(blocks, x, hard, hard_idx, backend, real=None) -> torch.Tensor:
-    """Run ``blocks`` for the hard tokens; returns their final states (n, d).
+def _exit_stats(model, layer, h, targets, rows, rule, ignore_index, backend) -> ExitStats:
+    """exit_confidence at ``layer`` of the states h (B, T, d) of every token (rows None) or
+    (n, d) of the flat rows (n,); targets: (B*T,) or None."""
+    h = model.exit_norms[layer - 1](h)
+    tgt = targets if targets is None or rows is None else gather_rows(targets, rows, backend=backend)
+    return exit_confidence(h.reshape(-1, h.shape[-1]), model.lm_head.weight, tgt, ignore_index=ignore_index,
+                           want_margin=rule.confidence == "margin" and layer in rule.exit_layers, backend=backend)
 
-    x: (B*T, d) exit-layer states of all tokens, updated in place with the hard rows before
-    every block after the first (easy rows stay carried); hard: (B, T) bool; hard_idx: (n,);
-    real: (B, T) bool non-pad tokens or None.
+
+def _run_rows(blocks, x, xh, rows, grid, backend) -> torch.Tensor:
+    """Run ``blocks`` for the running tokens only; returns their states (n, d).
+
+    x: (B*T, d) states of every token, updated in place with the running rows after every
+    block (tokens that left keep theirs: the next blocks compute their keys/values from it);
+    xh: (n, d) states of the running tokens at the flat rows (n,); grid: their query layout.
     """
-    B, T = hard.shape
-    xh = gather_rows(x, hard_idx, backend=backend)  # (n, d)
-    grid = _padded_layout(hard, hard_idx, real)
-    for i, block in enumerate(blocks):
-        if i:
-            scatter_rows(x, hard_idx, xh, backend=backend)
-        k, v = block.kv(x.view(B, T, -1))  # (B, H, T, hd): carried states for easy tokens
+    B = grid.mask.shape[0]
+    for block in blocks:
+        k, v = block.kv(x.view(B, -1, x.shape[-1]))  # (B, H, T, hd)
         xh = block.forward_rows(xh, k, v, grid)
+        scatter_rows(x, rows, xh, backend=backend)
     return xh

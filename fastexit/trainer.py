@@ -284,12 +284,13 @@ class UniversalTrainer:
     # ------------------------------------------------------------------------- evaluate
     @torch.no_grad()
     def evaluate(self, model: nn.Module, val_batches: Sequence[Batch], mode: str = "exact", *,
-                 routing_threshold: Optional[float] = None, per_layer: Optional[bool] = None,
+                 routing_threshold: Optional[routing.Thresholds] = None, per_layer: Optional[bool] = None,
                  compare_exact: bool = False, ignore_index: int = -100) -> Dict[str, float]:
         """Routed metrics over ``val_batches`` ((x, y) int64 (B, T) pairs), docs/design.md §3.
 
-        Returns ``ppl``, ``acc``, ``nll``, ``shallow_ratio``, ``exit_ratio_L{exit_layer}`` (the
-        share of tokens leaving at that exit), ``compute_cost``, ``tokens_per_s`` and ``seconds``
+        Returns ``ppl``, ``acc``, ``nll``, ``shallow_ratio`` (the share of tokens leaving at any
+        exit), ``exit_ratio_L{i}`` for every exit i (the share leaving there), ``compute_cost``
+        (mean layers run / n_layers), ``tokens_per_s`` and ``seconds``
         (of the timed pass), ``n_tokens``; with ``per_layer`` also ``ppl_L{i}`` / ``acc_L{i}`` of
         every layer's exit.
         - ``mode='exact'``: one pass through every layer; per_layer (default on) scores every
@@ -298,30 +299,33 @@ class UniversalTrainer:
           (default off) costs an extra, untimed exact pass; ``compare_exact=True`` times an exact
           routed pass batch by batch, interleaved, and adds ``ppl_exact``, ``ppl_diff_vs_exact``
           and ``speedup_vs_exact``.
-        ``routing_threshold``: None = the config's (``routing.resolve_routing``).
+        ``routing_threshold``: None = the config's per-exit thresholds; one number overrides the
+        threshold of every exit (a list: one per exit) (``routing.resolve_routing``).
         Under DDP / FSDP2 every rank calls it with the same ``val_batches``: each evaluates its
         share of them (under FSDP2 on a gathered copy of the weights) and the sums are reduced
         across ranks, so every rank returns the metrics of all batches.
         """
         self._check_eval_args(mode, val_batches, compare_exact)
         model, val_batches = distributed.evaluation_model(model), distributed.this_ranks_share(val_batches)
-        threshold, exit_layer = routing.resolve_routing(model, routing_threshold, None, self.config)
+        rule = routing.resolve_routing(model, routing_threshold, None, self.config)
         per_layer = mode == "exact" if per_layer is None else per_layer
-        exact = functools.partial(routing.exact_routed_forward, exit_layer=exit_layer, routing_threshold=threshold)
-        compact = functools.partial(routing.compact_routed_forward, exit_layer=exit_layer, routing_threshold=threshold)
+        rule_kwargs = dict(exit_layer=rule.exit_layers, routing_threshold=rule.routing_thresholds,
+                           confidence=rule.confidence)
+        exact = functools.partial(routing.exact_routed_forward, **rule_kwargs)
+        compact = functools.partial(routing.compact_routed_forward, **rule_kwargs)
         was_training = model.training
         model.eval()
         if mode == "exact":
             stats, = self._routed_stats(model, val_batches, [functools.partial(exact, all_layers=per_layer)],
-                                        ignore_index)
+                                        rule.exit_layers, ignore_index)
         else:
-            stats = self._compact_stats(model, val_batches, compact, exact, compare_exact, ignore_index)
+            stats = self._compact_stats(model, val_batches, compact, exact, compare_exact, rule.exit_layers,
+                                        ignore_index)
             if per_layer:
                 layers, = self._routed_stats(model, val_batches, [functools.partial(exact, all_layers=True)],
-                                             ignore_index)
+                                             rule.exit_layers, ignore_index)
                 stats.update({k: v for k, v in layers.items() if k.startswith(("ppl_L", "acc_L"))})
         model.train(was_training)
-        stats[f"exit_ratio_L{exit_layer}"] = stats["shallow_ratio"]  # one exit: every easy token leaves there
         return stats
 
     @staticmethod
@@ -333,21 +337,23 @@ class UniversalTrainer:
         if compare_exact and mode != "compact":
             raise ValueError("compare_exact=True compares compact mode with exact mode: it needs mode='compact'")
 
-    def _compact_stats(self, model, val_batches, compact, exact, compare_exact, ignore_index) -> Dict[str, float]:
+    def _compact_stats(self, model, val_batches, compact, exact, compare_exact, exits,
+                       ignore_index) -> Dict[str, float]:
         if not compare_exact:
-            return self._routed_stats(model, val_batches, [compact], ignore_index)[0]
+            return self._routed_stats(model, val_batches, [compact], exits, ignore_index)[0]
         for routed_forward in (exact, compact) if val_batches else ():  # untimed: first calls pay for allocator growth
             routed_forward(model, val_batches[0][0].to(self.device), backend=self.backend)
-        ex, stats = self._routed_stats(model, val_batches, [exact, compact], ignore_index)
+        ex, stats = self._routed_stats(model, val_batches, [exact, compact], exits, ignore_index)
         stats.update(ppl_exact=ex["ppl"], ppl_diff_vs_exact=stats["ppl"] - ex["ppl"],
                      speedup_vs_exact=ex["seconds"] / stats["seconds"])
         return stats
 
-    def _routed_stats(self, model, val_batches, forwards, ignore_index) -> List[Dict[str, float]]:
-        """Metrics of each routed forward over the same batches. With several forwards, each
-        batch runs all of them back to back, in alternating order, so that load drift on a
-        shared machine hits their timings alike. One host sync at the end."""
-        acc = [_EvalSums(self.device, model.n_layers) for _ in forwards]
+    def _routed_stats(self, model, val_batches, forwards, exits, ignore_index) -> List[Dict[str, float]]:
+        """Metrics of each routed forward over the same batches (``exits``: the exit layers it
+        routes with). With several forwards, each batch runs all of them back to back, in
+        alternating order, so that load drift on a shared machine hits their timings alike. One
+        host sync at the end."""
+        acc = [_EvalSums(self.device, model.n_layers, exits) for _ in forwards]
         for i, (x, y) in enumerate(val_batches):
             x, y = x.to(self.device), y.to(self.device)
             for j in (range(len(forwards)) if i % 2 == 0 else reversed(range(len(forwards)))):
@@ -361,15 +367,17 @@ class UniversalTrainer:
 class _EvalSums:
     """fp64 sums of one routed forward's metrics over batches, kept on the device."""
 
-    def __init__(self, device, n_layers: int):
-        self.n_layers, self.seconds = n_layers, 0.0
-        self.routed = torch.zeros(5, dtype=torch.float64, device=device)  # nll, correct, easy, layers_run, n
+    def __init__(self, device, n_layers: int, exits: Sequence[int]):
+        self.n_layers, self.exits, self.seconds = n_layers, list(exits), 0.0
+        # nll, correct, easy, layers_run, n, then the tokens leaving at each exit
+        self.routed = torch.zeros(5 + len(self.exits), dtype=torch.float64, device=device)
         self.layers = torch.zeros(n_layers, 2, dtype=torch.float64, device=device)  # (L, [nll, correct])
         self.has_layers = False
 
     def add(self, out: "routing.RoutedOutput", y: torch.Tensor, ignore_index: int) -> None:
         valid, flat_y = y != ignore_index, y.reshape(-1)
-        self.routed += _masked_sums(valid, out.nll, out.pred == y, out.easy, out.layers_run, valid)
+        self.routed += _masked_sums(valid, out.nll, out.pred == y, out.easy, out.layers_run, valid,
+                                    *(out.easy & (out.layers_run == i) for i in self.exits))
         for i, s in (out.layer_stats or {}).items():  # (B*T,) rows per layer
             self.has_layers = True
             self.layers[i - 1] += _masked_sums(valid.reshape(-1), s.nll, s.pred == flat_y)
@@ -379,14 +387,16 @@ class _EvalSums:
         rank's seconds)."""
         sums = torch.cat([self.routed, self.layers.reshape(-1), self.routed.new_tensor([self.has_layers])])
         values = distributed.sum_over_ranks(sums).tolist()  # the sync
-        (nll, correct, easy, layers_run, n), has_layers = values[:5], values[-1] > 0
-        layers = [values[5 + 2 * i:7 + 2 * i] for i in range(self.n_layers)]  # (L, [nll, correct])
+        n_routed = self.routed.numel()
+        (nll, correct, easy, layers_run, n), left, has_layers = values[:5], values[5:n_routed], values[-1] > 0
+        layers = [values[n_routed + 2 * i:n_routed + 2 + 2 * i] for i in range(self.n_layers)]  # (L, [nll, correct])
         seconds = distributed.max_over_ranks(self.seconds, self.routed.device)
         if n == 0:
             raise ValueError("val_batches has no scored tokens (all targets are ignore_index)")
         out = dict(ppl=math.exp(nll / n), nll=nll / n, acc=correct / n, shallow_ratio=easy / n,
                    compute_cost=layers_run / (n * self.n_layers), tokens_per_s=n / seconds,
                    seconds=seconds, n_tokens=int(n))
+        out.update({f"exit_ratio_L{i}": count / n for i, count in zip(self.exits, left)})
         for i, (layer_nll, layer_correct) in enumerate(layers if has_layers else [], start=1):
             out.update({f"ppl_L{i}": math.exp(layer_nll / n), f"acc_L{i}": layer_correct / n})
         return out
