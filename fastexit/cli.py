@@ -1,4 +1,4 @@
-"""The ``fastexit`` command: train, eval, sweep, generate and compare.
+"""The ``fastexit`` command: train, eval, sweep, generate, calibrate and compare.
 
 Parsers and thin ``cmd_*`` functions only: a run folder is a ``fastexit.runs.Run``, tables
 and plots come from ``fastexit.report``, every default from ``fastexit.config``. Flags spell
@@ -121,6 +121,14 @@ def parse_number_list(text: str, flag: str, kind=float) -> list:
     except ValueError:
         example = "'2,4,8'" if kind is int else "'0.9,0.8'"
         raise ValueError(f"{flag}: expected a comma list such as {example}, got {text!r}") from None
+
+
+def parse_fraction(text: str) -> float:
+    """'2%' -> 0.02, '0.02' -> 0.02 (range checks: the consumer's)."""
+    try:
+        return float(text[:-1]) / 100 if text.strip().endswith("%") else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction such as 0.02 or 2%, got {text!r}") from None
 
 
 def parse_seeds(text: str) -> List[int]:
@@ -412,6 +420,29 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    run = Run.load(Path(args.run), **_runtime(args))
+    exits = parse_number_list(args.exit_layers, "--exit-layers", int) if args.exit_layers else None
+    record = run.calibrate(max_ppl_increase=args.max_ppl_increase, min_agreement=args.min_agreement,
+                           delta=args.delta, exits=exits, confidence=args.confidence, eval_batches=args.eval_batches)
+    constraint = (f"ppl at most {record['target']:.2%} above full depth" if record["constraint"] == "max_ppl_increase"
+                  else f"agreement with the final layer at least {record['target']:.2%}")
+    rows = [dict(split=split, **record[split], ppl_increase=f"{record[split]['ppl'] / record[split]['ppl_full'] - 1:+.2%}")
+            for split in ("val", "test")]
+    cols = [("split", "split"), ("ppl", "ppl"), ("full-depth ppl", "ppl_full"), ("ppl increase", "ppl_increase"),
+            ("agreement", "agreement"), ("compute_cost", "compute_cost"), ("shallow_ratio", "shallow_ratio")]
+    cols += [(f"exit_ratio_L{e}", f"exit_ratio_L{e}") for e in record["exits"]]
+    verdict = (f"certified (p = {record['p_value']:.3g} <= delta {record['delta']:g})" if record["certified"] else
+               f"not certified by any threshold: full depth (p = {record['p_value']:.3g} > delta {record['delta']:g})")
+    print(f"{run.path}: {constraint}, with probability >= {1 - record['delta']:g} on new data (Learn-then-Test "
+          f"over {record['n_sequences']} val sequences, {record['n_tested']} thresholds tested)\n\n"
+          f"routing_thresholds {list(record['thresholds'])} at exit_layers {list(record['exits'])}, confidence "
+          f"{record['confidence']}: {verdict}\n\n{report.markdown_table(rows, cols)}\n\n"
+          f"Written to {run.path / 'calibration.json'}: eval, sweep and generate of this run route with them.",
+          flush=True)
+    return 0
+
+
 def cmd_generate(args) -> int:
     from .generate import generate
     run = Run.load(Path(args.run), need_data=False, **_runtime(args))
@@ -605,6 +636,27 @@ def _inference_parsers(sub) -> None:
     p.set_defaults(func=cmd_generate)
 
 
+def _calibrate_parser(sub) -> None:
+    p = sub.add_parser("calibrate", help="choose routing thresholds for a quality target",
+                       description="Choose the routing thresholds of least compute that meet one constraint on new "
+                                   "data with probability >= 1 - delta (Learn-then-Test on the val split, one "
+                                   "threshold shared by the exits), report the held-out test split, and write them to "
+                                   "RUN/calibration.json: eval, sweep and generate of the run then route with them.")
+    p.add_argument("--run", required=True, help="run folder")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--max-ppl-increase", type=parse_fraction, metavar="X",
+                        help="ppl at most X above full depth: 2%% or 0.02")
+    target.add_argument("--min-agreement", type=parse_fraction, metavar="A",
+                        help="share of tokens predicting what the final layer predicts: 99%% or 0.99")
+    p.add_argument("--delta", type=float, default=0.1, help="allowed probability that the constraint fails on new "
+                                                            "data (default 0.1)")
+    p.add_argument("--exit-layers", metavar="L,...", help="exits to route at (default: the run's)")
+    p.add_argument("--confidence", choices=CONFIDENCE_KINDS, help="exit score (default: the run's)")
+    p.add_argument("--eval-batches", type=int, help="use only the first N batches of each split (default: all)")
+    _add_runtime_flags(p)
+    p.set_defaults(func=cmd_calibrate)
+
+
 def _compare_parser(sub) -> None:
     p = sub.add_parser("compare", help="train and compare presets (and the seed's layer-wise LR runs)",
                        description="Train every chosen preset with the same data and steps, once per seed (and "
@@ -632,6 +684,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     _train_parser(sub)
     _inference_parsers(sub)
+    _calibrate_parser(sub)
     _compare_parser(sub)
     return parser
 

@@ -26,9 +26,13 @@ def markdown_table(rows: Sequence[Dict[str, Any]], columns: Columns) -> str:
     return "\n".join(lines)
 
 
-def eval_columns(n_layers: int, per_layer: bool, compare_exact: bool) -> List[Tuple[str, str]]:
+def eval_columns(n_layers: int, per_layer: bool, compare_exact: bool,
+                 exit_ratios: Sequence[str] = ()) -> List[Tuple[str, str]]:
+    """Columns of an evaluation table; exit_ratios: the exit_ratio_L{i} keys to show (one per
+    exit, worth showing with several exits)."""
     cols = [("split", "split"), ("tokens", "n_tokens"), ("ppl", "ppl"), ("bits/byte", "bpb"), ("acc", "acc"),
             ("shallow_ratio", "shallow_ratio"), ("compute_cost", "compute_cost")]
+    cols += [(key, key) for key in exit_ratios]
     if per_layer:
         cols += [(f"ppl_L{i}", f"ppl_L{i}") for i in range(1, n_layers + 1)]
     if compare_exact:
@@ -38,7 +42,8 @@ def eval_columns(n_layers: int, per_layer: bool, compare_exact: bool) -> List[Tu
 
 
 def eval_table(title: str, stats: Dict[str, Any], n_layers: int) -> str:
-    cols = eval_columns(n_layers, "ppl_L1" in stats, "speedup_vs_exact" in stats)
+    ratios = [key for key in stats if key.startswith("exit_ratio_L")]
+    cols = eval_columns(n_layers, "ppl_L1" in stats, "speedup_vs_exact" in stats, ratios if len(ratios) > 1 else ())
     return f"{title}\n\n{markdown_table([stats], cols)}"
 
 

@@ -165,6 +165,27 @@ def steps_for_budget(n_train_tokens: int, batch_size: int, seq_len: int, *, epoc
 
 
 # ------------------------------------------------------------------------- run files
+CALIBRATION = "calibration.json"  # thresholds `fastexit calibrate` chose for the checkpoint of its step
+
+
+def with_calibration(config: RunConfig, path: Path, step: int) -> RunConfig:
+    """``config`` routing as ``path/calibration.json`` says (exits, one threshold per exit,
+    confidence) when that file was written for checkpoint ``step``; else unchanged (a
+    calibration of an earlier step is reported and ignored)."""
+    file = Path(path) / CALIBRATION
+    if not file.exists():
+        return config
+    record = json.loads(file.read_text(encoding="utf-8"))
+    if record.get("step") != step:
+        log(f"{file} was chosen for step {record.get('step')}, the checkpoint is at step {step}: ignored "
+            f"(run fastexit calibrate again)")
+        return config
+    d = config.to_dict()
+    d["method"] = dict(d["method"], exit_layer=record["exits"][0], exit_layers=list(record["exits"]),
+                       routing_thresholds=list(record["thresholds"]), confidence=record["confidence"])
+    return RunConfig.from_dict(d)
+
+
 def read_config(path: Path) -> RunConfig:
     """The RunConfig of a run folder; the checkpoint's copy wins over config.json (it is the
     one the weights belong to)."""
@@ -239,6 +260,7 @@ class Run:
         self.parallel, self.param_dtype = parallel, param_dtype
         self.corpus, self.model, self.trainer, self.payload, self.ckpt_path = None, None, None, None, None
         self.trained = False  # train() ran on this object: its in-memory state may be mid-run
+        self.step: Optional[int] = None  # Run.load: the step of the checkpoint loaded
         self.early_stop: Optional[Dict[str, Any]] = None  # dict(step, best_step, best_val_ppl) once it stopped early
 
     # ---------------------------------------------------------------- opening a run
@@ -269,6 +291,8 @@ class Run:
             ckpt.check_matches(payload, ckpt_path, data=data_key(corpus_identity(run.corpus)))
         model = hf.load(ckpt_path, dtype=torch.float32)[0] if run.config.hf_model else ckpt.restore_model(payload, ckpt_path)
         run.model = model.to(run.device)
+        run.step = payload["step"]  # of the checkpoint loaded
+        run.config = with_calibration(run.config, run.path, run.step)
         run.trainer = run._new_trainer()
         return run
 
@@ -440,6 +464,28 @@ class Run:
                                       per_layer=per_layer, compare_exact=compare_exact)
         return dict(with_bpb(stats, n_bytes), split=split, mode=mode)
 
+
+    def calibrate(self, *, max_ppl_increase: Optional[float] = None, min_agreement: Optional[float] = None,
+                  delta: float = 0.1, exits: Optional[Sequence[int]] = None, confidence: Optional[str] = None,
+                  eval_batches: Optional[int] = None) -> Dict[str, Any]:
+        """Thresholds chosen on val (``calibrate.calibrate``: Learn-then-Test, one constraint),
+        their held-out routing metrics on test, written to ``calibration.json``; from then on
+        ``Run.load`` routes with them (the run's exits and confidence unless given). A run from
+        ``Run.load``; the calibration holds for its checkpoint's step."""
+        from . import calibrate
+        m, t = self.config.method, self.config.train
+        exits, confidence = list(exits or m.exits), confidence or m.confidence
+        tables = {split: calibrate.exit_table(self.model, split_batches(self.corpus, split, t.batch_size, t.seq_len,
+                                                                        eval_batches, self.device)[0],
+                                              exits, confidence, backend=self.backend) for split in ("val", "test")}
+        result = calibrate.calibrate(tables["val"], max_ppl_increase=max_ppl_increase, min_agreement=min_agreement,
+                                     delta=delta)
+        record = dict(result.to_dict(), confidence=confidence, step=self.step, eval_batches=eval_batches,
+                      val=result.metrics, test=calibrate.route_metrics(tables["test"], result.thresholds))
+        write_json(self.path / CALIBRATION, record)
+        self.config = with_calibration(self.config, self.path, self.step)
+        self.trainer = self._new_trainer()
+        return record
 
     def sweep(self, split: str, mode: str, thresholds: Sequence[float], *, eval_batches: Optional[int] = None,
               compare_exact: bool = False) -> List[Dict[str, Any]]:

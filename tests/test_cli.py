@@ -352,6 +352,46 @@ def test_sweep_table_and_plot(run, capsys):
     assert (run / "sweep-exact.png").read_bytes().startswith(PNG_MAGIC)
 
 
+def test_calibrate_writes_thresholds_the_run_then_routes_with(run, data, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    capsys.readouterr()
+    assert main(["calibrate", "--run", str(copy), "--min-agreement", "60%", "--exit-layers", "1,2"]) == 0
+    out = capsys.readouterr().out
+    record = json.loads((copy / "calibration.json").read_text())
+    assert record["exits"] == [1, 2] and record["target"] == 0.6 and record["step"] == STEPS
+    assert f"routing_thresholds {record['thresholds']}" in out
+    test = {r["split"]: r for r in table_rows(out, "split")}["test"]
+    # The held-out row is the routing outcome of the chosen thresholds; eval now routes with them (its own pass).
+    assert main(["eval", "--run", str(copy), "--split", "test"]) == 0
+    (row,) = table_rows(capsys.readouterr().out, "split")
+    for key in ("ppl", "compute_cost", "shallow_ratio", "exit_ratio_L1", "exit_ratio_L2"):
+        assert float(row[key]) == pytest.approx(float(test[key]), abs=1e-3), key
+        assert record["test"][key] == pytest.approx(float(test[key]), abs=1e-3), key
+    if record["certified"]:
+        assert record["test"]["agreement"] >= 0.6 - 0.1  # a held-out split scatters around the guarantee
+    # Trained further, the run's calibration no longer holds: it is ignored with a note.
+    assert main(["train", "--out", str(copy), "--resume", "--steps", str(STEPS + 2), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--run", str(copy), "--split", "test"]) == 0
+    captured = capsys.readouterr()
+    assert "calibration.json was chosen for step" in captured.err and "exit_layer 1" in captured.out
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--min-agreement", "0.9", "--max-ppl-increase", "2%"], "not allowed with"),
+    (["--min-agreement", "lots"], "--min-agreement"),
+    (["--min-agreement", "0.9", "--delta", "1.5"], "delta"),
+    (["--max-ppl-increase=-1%"], "max_ppl_increase"),
+    (["--min-agreement", "0.9", "--exit-layers", "2,1"], "exit"),
+])
+def test_calibrate_bad_input_is_one_error_line(run, flags, needle, capsys):
+    capsys.readouterr()
+    assert main(["calibrate", "--run", str(run), *flags]) == 2
+    assert needle in error_line(capsys)
+    assert not (run / "calibration.json").exists()
+
+
 def test_pareto_flags():
     rows = [dict(ppl=10, compute_cost=1.0), dict(ppl=12, compute_cost=0.5), dict(ppl=13, compute_cost=0.6),
             dict(ppl=10, compute_cost=1.0)]
