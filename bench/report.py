@@ -10,6 +10,8 @@ reported the same way. Speed-ups (baseline median / median) are given against ev
 provider present in a group (default: naive, linear_ce, fastexit; else the group's first row); peak
 memory is compared with the first of them. Groups named in GROUP_COLUMNS show those columns
 instead, in that order, and no median speed-ups: they record their own, from interleaved timings.
+There a key ending in "*" stands for every key with that prefix (per-exit metrics such as
+exit_ratio_L3, exit_ratio_L6), in the order of the number after it.
 """
 import argparse
 import json
@@ -34,7 +36,8 @@ def _speedup_columns(suffix: str, baseline: str) -> list:
 
 # Group-name prefix -> (key, title) columns: evaluate() compact vs exact, against two exact baselines.
 GROUP_COLUMNS = {
-    "evaluate compact vs exact": [("shallow_ratio", "shallow_ratio"), ("routing_threshold", "threshold"),
+    "evaluate compact vs exact": [("shallow_ratio", "shallow_ratio"), ("exit_ratio_L*", "share L*"),
+                                  ("routing_threshold", "threshold"), ("routing_threshold_L*", "threshold L*"),
                                   ("peak_mem_mb", "peak MB"), *_speedup_columns("", "exact"),
                                   *_speedup_columns(_VS_EXIT_FINAL, "exact exit+final"), ("load_1m", "load_1m")],
 }
@@ -84,13 +87,28 @@ def fixed_columns(group: str):
     return next((cols for prefix, cols in GROUP_COLUMNS.items() if group.startswith(prefix)), None)
 
 
+def expand_wildcards(columns: list, keys: set) -> list:
+    """columns with each ("prefix*", "title*") replaced by one column per key with that prefix,
+    ordered by the number after it, "*" in the title becoming that suffix."""
+    out = []
+    for key, title in columns:
+        if not key.endswith("*"):
+            out.append((key, title))
+            continue
+        prefix = key[:-1]
+        suffixes = sorted((k[len(prefix):] for k in keys if k.startswith(prefix)),
+                          key=lambda x: (int(x) if x.isdigit() else float("inf"), x))
+        out += [(prefix + x, title.replace("*", x)) for x in suffixes]
+    return out
+
+
 def extra_columns(group: str, rows: list) -> list:
     """(key, title) of the group's GROUP_COLUMNS, else the known metrics, then any other
     numeric extra_info keys; only keys some row has a number for."""
     keys = {k for r in rows for k, v in r["extra_info"].items() if numeric(v)}
     fixed = fixed_columns(group)
     if fixed is not None:
-        return [(k, t) for k, t in fixed if k in keys]
+        return [(k, t) for k, t in expand_wildcards(fixed, keys) if k in keys]
     known = [(k, t) for k, t in KNOWN_COLUMNS if k in keys]
     other = sorted(keys - {k for k, _ in KNOWN_COLUMNS} - SKIPPED_KEYS)
     return known + [(k, k) for k in other]

@@ -1,17 +1,23 @@
 """Routed inference: exact vs compact evaluation (routed forwards, and whole
 `UniversalTrainer.evaluate()` calls with default arguments), full-depth vs early-exit generation.
 
-Random-weight models with a scaled-up head (so the exit confidence spreads over (0, 1));
-thresholds are quantiles of the measured exit-layer confidence, aiming at shallow ratios of
-0.25 / 0.5 / 0.75. Each routed benchmark records the ideal speedup (the ratio of the two
-modes' matmul FLOPs: block projections, attention scores and values, heads) and the measured
-speedup from interleaved timings of both modes in the same process (the median of per-round
-ratios, and the ratio of the fastest rounds, which other jobs on a shared box disturb least).
+Random-weight models with a scaled-up head (so the exit confidence spreads over (0, 1)), with
+one exit or several (the 12-layer shape also with exits 3, 6, 9: evenly spaced, so every exit
+saves the same three blocks for the tokens leaving there). Shallow ratios of 0.25 / 0.5 / 0.75
+are split evenly over the exits (with 3 exits, s~0.75 is 25% leaving at each); each exit's
+threshold is a quantile of the confidence of the tokens still running there, measured on the
+benchmark's own input with the earlier exits' thresholds in place (cascade_thresholds).
+Each routed benchmark records the ideal speedup (the ratio of the two modes' matmul FLOPs:
+block projections, attention scores and values, heads) and the measured speedup from
+interleaved timings of both modes in the same process (the median of per-round ratios, and the
+ratio of the fastest rounds, which other jobs on a shared box disturb least), the shallow ratio
+and, with several exits, the share leaving at each exit (exit_ratio_L{i}) and its threshold.
 """
+import functools
 import statistics
 import time
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Tuple
 
 import pytest
 import torch
@@ -36,7 +42,7 @@ class Shape:
     n_layers: int
     d_model: int
     n_heads: int
-    exit_layer: int
+    exit_layers: Tuple[int, ...]
     vocab: int = 8192
     batch: int = 4          # evaluation batch (B, T)
     seq_len: int = 256
@@ -46,43 +52,87 @@ class Shape:
 
     @property
     def label(self) -> str:
-        return f"L{self.n_layers}-d{self.d_model}-exit{self.exit_layer}-V{self.vocab}"
+        exits = f"exit{self.exit_layers[0]}" if len(self.exit_layers) == 1 else \
+            "exits" + "_".join(map(str, self.exit_layers))
+        return f"L{self.n_layers}-d{self.d_model}-{exits}-V{self.vocab}"
+
+    def exit_shares(self, level: int) -> Tuple[float, ...]:
+        """Target share of all tokens leaving at each exit: SHALLOW_TARGETS[level] split evenly."""
+        return (SHALLOW_TARGETS[level] / len(self.exit_layers),) * len(self.exit_layers)
 
 
-SHAPES = [Shape(12, 512, 8, 4), Shape(3, 256, 4, 1)]
+SHAPES = [Shape(12, 512, 8, (4,)), Shape(3, 256, 4, (1,)), Shape(12, 512, 8, (3, 6, 9))]
 
 
 # ----------------------------------------------------------------------------- FLOP model
-def eval_flops(cfg, exit_layer, hard):
-    """Matmul FLOPs of a routed forward; hard: (B, T) bool (all True = exact mode)."""
-    B, T = hard.shape
+def eval_flops(cfg, exits, layers_run):
+    """Matmul FLOPs of a routed forward; layers_run: (B, T) int64, each token's exit layer,
+    n_layers for tokens that run to the end (all n_layers: exact mode, which also scores every
+    exit). Between exits, the tokens still running run q/out/MLP and every token's K/V is
+    computed; the head runs at every exit for the tokens reaching it and at the end for the
+    rest. Once every token has left, compact mode stops: no deeper block runs."""
+    B, T = layers_run.shape
     keys = torch.arange(1, T + 1).expand(B, T)  # causal keys per query
-    n_hard = int(hard.sum())
-    deep = block_flops(cfg, n_hard, B * T, int(keys[hard].sum()))
-    blocks = exit_layer * causal_block_flops(cfg, B, T) + (cfg.n_layers - exit_layer) * deep
-    return blocks + head_flops(cfg, B * T + n_hard)
-
-
-def generation_flops(cfg, exit_layer, prompt_len, hard, with_exit_head):
-    """Matmul FLOPs of generate(): full-depth prefill, then per step s >= 1 exit_layer dense
-    blocks over B rows and deeper blocks with q/out/MLP for hard rows; hard: (B, S) bool."""
-    (B, S), L = hard.shape, cfg.n_layers
-    flops = L * causal_block_flops(cfg, B, prompt_len)
-    for s in range(S):
-        n_hard, keys = int(hard[:, s].sum()), prompt_len + s  # step s attends over positions 0..T0+s-1
-        if s:
-            flops += exit_layer * block_flops(cfg, B, B, B * keys)
-            flops += (L - exit_layer) * block_flops(cfg, n_hard, B, n_hard * keys)
-        flops += head_flops(cfg, n_hard + (B if with_exit_head else 0))
+    flops, start = 0, 0
+    for end in [*exits, cfg.n_layers]:
+        running = layers_run > start  # (B, T): tokens that run blocks start+1..end
+        n_run = int(running.sum())
+        if n_run == 0:
+            break
+        flops += (end - start) * block_flops(cfg, n_run, B * T, int(keys[running].sum())) + head_flops(cfg, n_run)
+        start = end
     return flops
 
 
-def evaluate_flops(cfg, exit_layer, hards, per_layer):
-    """Matmul FLOPs of one trainer.evaluate() over batches with these (B, T) hard masks (all
-    True in exact mode): each batch's routed forward (eval_flops), plus, with per_layer, the
-    head at the n_layers - 2 other layers, which exact mode scores in that same forward."""
-    other_heads = cfg.n_layers - 2 if per_layer else 0
-    return sum(eval_flops(cfg, exit_layer, hard) + other_heads * head_flops(cfg, hard.numel()) for hard in hards)
+def generation_flops(cfg, exits, prompt_len, layers_run, exit_heads):
+    """Matmul FLOPs of generate(): full-depth prefill, then per step s >= 1 the blocks up to
+    the first exit dense over B rows, deeper ones with K/V for every row (their caches) and
+    q/out/MLP for the rows still running; per step the final head for rows reaching the end and,
+    with exit_heads (routing on: confidences), the head at each exit for the rows reaching it.
+    layers_run: (B, S) int64, each step's exit layer (n_layers: the end)."""
+    (B, S), L = layers_run.shape, cfg.n_layers
+    flops = L * causal_block_flops(cfg, B, prompt_len)
+    for s in range(S):
+        keys, start = prompt_len + s, 0  # step s attends over positions 0..T0+s-1
+        for end in [*exits, L]:
+            n_run = int((layers_run[:, s] > start).sum())  # rows that run blocks start+1..end
+            if s:
+                flops += (end - start) * block_flops(cfg, n_run, B, n_run * keys)
+            if exit_heads or end == L:
+                flops += head_flops(cfg, n_run)
+            start = end
+    return flops
+
+
+def evaluate_flops(cfg, exits, layers_runs, per_layer):
+    """Matmul FLOPs of one trainer.evaluate() over batches with these (B, T) layers_run (all
+    n_layers in exact mode): each batch's routed forward (eval_flops), plus, with per_layer, the
+    head at every other layer, which exact mode scores in that same forward."""
+    other_heads = cfg.n_layers - len(exits) - 1 if per_layer else 0
+    return sum(eval_flops(cfg, exits, run) + other_heads * head_flops(cfg, run.numel()) for run in layers_runs)
+
+
+def cascade_thresholds(running_conf, shares, n_tokens):
+    """One threshold per exit so that about shares[i] of the n_tokens leave at exit i: the
+    quantile of the confidence at exit i of the tokens still running there, running_conf(the
+    thresholds of the exits before) -> (n,) fp32, that leaves shares[i] * n_tokens of them."""
+    thresholds = []
+    for share in shares:
+        conf = running_conf(tuple(thresholds))
+        thresholds.append(conf.quantile(max(0.0, 1 - share * n_tokens / conf.numel())).item())
+    return thresholds
+
+
+def routing_info(exits, thresholds, layers_run, n_layers) -> dict:
+    """extra_info of a routed run: shallow_ratio, and its threshold, or with several exits
+    each exit's threshold and the share of tokens leaving there (exit_ratio_L{i})."""
+    info = dict(shallow_ratio=(layers_run < n_layers).float().mean().item())
+    if len(exits) == 1:
+        return dict(info, routing_threshold=thresholds[0])
+    for layer, threshold in zip(exits, thresholds):
+        info.update({f"routing_threshold_L{layer}": threshold,
+                     f"exit_ratio_L{layer}": (layers_run == layer).float().mean().item()})
+    return info
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -101,6 +151,26 @@ def random_batch(shape: Shape, device):
     return tuple(torch.randint(0, shape.vocab, (2, shape.batch, shape.seq_len), device=device))
 
 
+def _eval_running_conf(model, idx, exits):
+    """running_conf of compact_routed_forward on idx: confidence at exit len(before) of the
+    tokens that left at none of the exits before it, under their thresholds `before` (a tuple)."""
+    @functools.lru_cache(maxsize=None)  # the levels share the first exit's pass
+    def running_conf(before):
+        out = compact_routed_forward(model, idx, list(exits[:len(before) + 1]), [*before, 0.0])
+        return out.conf[~out.easy].float()
+    return running_conf
+
+
+def _gen_running_conf(model, prompt, new_tokens, exits):
+    """running_conf of generate (greedy, so the tokens depend on the earlier thresholds)."""
+    @functools.lru_cache(maxsize=None)
+    def running_conf(before):
+        _, layers_run, conf = generate(model, prompt, new_tokens, [*before, 0.0], list(exits[:len(before) + 1]),
+                                       return_conf=True)
+        return conf[layers_run == model.n_layers]
+    return running_conf
+
+
 @pytest.fixture(scope="module", params=SHAPES, ids=lambda s: s.label)
 def setup(request):
     shape, device = request.param, bench_device()
@@ -108,13 +178,14 @@ def setup(request):
     idx = torch.randint(0, shape.vocab, (shape.batch, shape.seq_len), device=device)
     targets = torch.randint(0, shape.vocab, (shape.batch, shape.seq_len), device=device)
     prompt = torch.randint(0, shape.vocab, (shape.gen_batch, shape.prompt_len), device=device)
-    eval_conf = exact_routed_forward(model, idx, shape.exit_layer, 0.0).conf.flatten().float()
-    gen_conf = generate(model, prompt, shape.new_tokens, 0.0, shape.exit_layer, return_conf=True)[2].flatten()
-    quantiles = torch.tensor([1 - s for s in SHALLOW_TARGETS], device=device)
     batches = [(idx, targets)] + [random_batch(shape, device) for _ in range(EVAL_BATCHES - 1)]
+    levels = [shape.exit_shares(level) for level in range(len(SHALLOW_TARGETS))]
+    eval_conf = _eval_running_conf(model, idx, shape.exit_layers)
+    gen_conf = _gen_running_conf(model, prompt, shape.new_tokens, shape.exit_layers)
     return dict(shape=shape, model=model, idx=idx, targets=targets, batches=batches, prompt=prompt, device=device,
-                eval_thresholds=eval_conf.quantile(quantiles).tolist(),
-                gen_thresholds=gen_conf.quantile(quantiles).tolist())
+                eval_thresholds=[cascade_thresholds(eval_conf, shares, idx.numel()) for shares in levels],
+                gen_thresholds=[cascade_thresholds(gen_conf, shares, shape.gen_batch * shape.new_tokens)
+                                for shares in levels])
 
 
 def _seconds(fn, device) -> float:
@@ -159,17 +230,27 @@ def speedup_info(measured: Speedup, ideal, suffix="") -> dict:
             f"min_time_fraction_of_ideal{suffix}": measured.min_time / ideal}
 
 
-def _record_routed(benchmark, setup, *, provider, target, threshold, hard, seconds, measured, flops, base_flops, step):
-    record(benchmark, provider=provider, shape=setup["shape"].label, seconds=seconds, tokens=hard.numel(),
-           peak_mem_mb=_peak(step, setup["device"]), flops=flops, target_shallow=target,
-           routing_threshold=threshold, shallow_ratio=1 - hard.float().mean().item(),
-           **speedup_info(measured, base_flops / flops))
+def _record_routed(benchmark, setup, *, mode, level, thresholds, layers_run, seconds, measured, flops, base_flops,
+                   step):
+    shape = setup["shape"]
+    info = routing_info(shape.exit_layers, thresholds, layers_run, shape.n_layers)
+    record(benchmark, provider=f"{mode} s~{SHALLOW_TARGETS[level]}", shape=shape.label, seconds=seconds,
+           tokens=layers_run.numel(), peak_mem_mb=_peak(step, setup["device"]), flops=flops,
+           target_shallow=SHALLOW_TARGETS[level], **info, **speedup_info(measured, base_flops / flops))
+
+
+def _exits(setup):
+    return list(setup["shape"].exit_layers)
+
+
+def _full_depth(setup, shape):
+    """layers_run (int64, of this shape) of exact mode or full-depth generation: n_layers everywhere."""
+    return torch.full(shape, setup["shape"].n_layers, dtype=torch.int64)
 
 
 # ----------------------------------------------------------------------------- evaluation
 def _exact_step(setup):
-    s = setup["shape"]
-    return lambda: exact_routed_forward(setup["model"], setup["idx"], s.exit_layer, 0.0, setup["targets"])
+    return lambda: exact_routed_forward(setup["model"], setup["idx"], _exits(setup), 0.0, setup["targets"])
 
 
 def test_eval_exact(benchmark, setup):
@@ -177,104 +258,110 @@ def test_eval_exact(benchmark, setup):
     benchmark.group = f"routing-eval {shape.label}"
     step = _exact_step(setup)
     seconds = run_timed(benchmark, step, setup["device"], rounds=PAIRED_ROUNDS)
-    flops = eval_flops(model.cfg, shape.exit_layer, torch.ones_like(setup["idx"], dtype=torch.bool).cpu())
+    flops = eval_flops(model.cfg, _exits(setup), _full_depth(setup, setup["idx"].shape))
     record(benchmark, provider="exact", shape=shape.label, seconds=seconds, tokens=setup["idx"].numel(),
            peak_mem_mb=_peak(step, setup["device"]), flops=flops, shallow_ratio=0.0)
 
 
 @pytest.mark.parametrize("level", range(len(SHALLOW_TARGETS)))
 def test_eval_compact(benchmark, setup, level):
-    shape, model, idx = setup["shape"], setup["model"], setup["idx"]
-    threshold, outputs = setup["eval_thresholds"][level], []
+    shape, model, idx, exits = setup["shape"], setup["model"], setup["idx"], _exits(setup)
+    thresholds, outputs = setup["eval_thresholds"][level], []
     benchmark.group = f"routing-eval {shape.label}"
 
     def step():
-        outputs.append(compact_routed_forward(model, idx, shape.exit_layer, threshold, setup["targets"]))
+        outputs.append(compact_routed_forward(model, idx, exits, thresholds, setup["targets"]))
 
     seconds, (measured,) = timed_against(benchmark, [_exact_step(setup)], step, setup["device"])
-    compact, exact = outputs[-1], exact_routed_forward(model, idx, shape.exit_layer, threshold, setup["targets"])
-    hard = ~compact.easy.cpu()  # (B, T)
+    compact, exact = outputs[-1], exact_routed_forward(model, idx, exits, thresholds, setup["targets"])
+    layers_run = compact.layers_run.cpu()  # (B, T)
     benchmark.extra_info.update(  # state propagation vs all layers on all tokens (random weights)
         nll_rel_diff_vs_exact=((compact.nll.mean() - exact.nll.mean()) / exact.nll.mean()).item(),
         pred_agreement_vs_exact=(compact.pred == exact.pred).float().mean().item())
-    _record_routed(benchmark, setup, provider=f"compact s~{SHALLOW_TARGETS[level]}", target=SHALLOW_TARGETS[level],
-                   threshold=threshold, hard=hard, seconds=seconds, measured=measured,
-                   flops=eval_flops(model.cfg, shape.exit_layer, hard),
-                   base_flops=eval_flops(model.cfg, shape.exit_layer, torch.ones_like(hard)), step=step)
+    _record_routed(benchmark, setup, mode="compact", level=level, thresholds=thresholds, layers_run=layers_run,
+                   seconds=seconds, measured=measured, flops=eval_flops(model.cfg, exits, layers_run),
+                   base_flops=eval_flops(model.cfg, exits, _full_depth(setup, layers_run.shape)), step=step)
 
 
 # ----------------------------------------------------------------------------- evaluate()
-def _evaluate(setup, threshold, mode, **kwargs):
-    """trainer.evaluate(model, batches, mode) of a trainer routing at the shape's exit layer
-    with this threshold; kwargs only where a benchmark departs from the defaults."""
+def _evaluate(setup, thresholds, mode, **kwargs):
+    """trainer.evaluate(model, batches, mode) of a trainer routing at the shape's exits with
+    these thresholds (one per exit); kwargs only where a benchmark departs from the defaults."""
     shape = setup["shape"]
-    config = UniversalConfig({shape.n_layers: 1.0}, exit_layer=shape.exit_layer, routing_threshold=threshold)
+    config = UniversalConfig({shape.n_layers: 1.0}, exit_layers=_exits(setup), routing_thresholds=list(thresholds))
     trainer = UniversalTrainer(config, shape.vocab, device=setup["device"])
     return lambda: trainer.evaluate(setup["model"], setup["batches"], mode, **kwargs)
 
 
-def _all_hard(setup):
-    return [torch.ones(x.shape, dtype=torch.bool) for x, _ in setup["batches"]]  # (B, T) each
+def _all_full_depth(setup):
+    return [_full_depth(setup, x.shape) for x, _ in setup["batches"]]  # (B, T) each
 
 
-def _compact_hard(setup, threshold):
-    """(B, T) hard mask of each batch under compact_routed_forward (what the FLOP count needs)."""
-    s = setup["shape"]
-    return [~compact_routed_forward(setup["model"], x, s.exit_layer, threshold).easy.cpu() for x, _ in setup["batches"]]
+def _compact_layers_run(setup, thresholds):
+    """(B, T) layers_run of each batch under compact_routed_forward (what the FLOP count needs)."""
+    return [compact_routed_forward(setup["model"], x, _exits(setup), thresholds).layers_run.cpu()
+            for x, _ in setup["batches"]]
 
 
-def _evaluate_flops(setup, hards, per_layer):
-    return evaluate_flops(setup["model"].cfg, setup["shape"].exit_layer, hards, per_layer)
+def _evaluate_flops(setup, layers_runs, per_layer):
+    return evaluate_flops(setup["model"].cfg, _exits(setup), layers_runs, per_layer)
 
 
 def _evaluate_group(benchmark, setup):
     benchmark.group = f"evaluate compact vs exact {setup['shape'].label}"
 
 
+def _routing_off(setup):
+    return [ROUTING_OFF] * len(setup["shape"].exit_layers)
+
+
 def test_evaluate_exact(benchmark, setup):
     """Default exact mode (per_layer on: one forward, the head at every layer): the baseline."""
     _evaluate_group(benchmark, setup)
-    step, hards = _evaluate(setup, ROUTING_OFF, "exact"), _all_hard(setup)
+    step, runs = _evaluate(setup, _routing_off(setup), "exact"), _all_full_depth(setup)
     seconds = run_timed(benchmark, step, setup["device"], rounds=PAIRED_ROUNDS)
-    record(benchmark, provider="exact", shape=setup["shape"].label, seconds=seconds, tokens=torch.cat(hards).numel(),
-           peak_mem_mb=_peak(step, setup["device"]), flops=_evaluate_flops(setup, hards, True), shallow_ratio=0.0)
+    record(benchmark, provider="exact", shape=setup["shape"].label, seconds=seconds, tokens=torch.cat(runs).numel(),
+           peak_mem_mb=_peak(step, setup["device"]), flops=_evaluate_flops(setup, runs, True), shallow_ratio=0.0)
 
 
 def test_evaluate_exact_exit_final(benchmark, setup):
-    """Exact mode with per_layer=False (heads at the exit and final layers only) vs the default."""
+    """Exact mode with per_layer=False (heads at the exits and the final layer only) vs the default."""
     _evaluate_group(benchmark, setup)
-    step, hards = _evaluate(setup, ROUTING_OFF, "exact", per_layer=False), _all_hard(setup)
-    seconds, (measured,) = timed_against(benchmark, [_evaluate(setup, ROUTING_OFF, "exact")], step, setup["device"])
-    flops = _evaluate_flops(setup, hards, False)
+    off = _routing_off(setup)
+    step, runs = _evaluate(setup, off, "exact", per_layer=False), _all_full_depth(setup)
+    seconds, (measured,) = timed_against(benchmark, [_evaluate(setup, off, "exact")], step, setup["device"])
+    flops = _evaluate_flops(setup, runs, False)
     record(benchmark, provider="exact per_layer=False", shape=setup["shape"].label, seconds=seconds,
-           tokens=torch.cat(hards).numel(), peak_mem_mb=_peak(step, setup["device"]), flops=flops, shallow_ratio=0.0,
-           **speedup_info(measured, _evaluate_flops(setup, hards, True) / flops))
+           tokens=torch.cat(runs).numel(), peak_mem_mb=_peak(step, setup["device"]), flops=flops, shallow_ratio=0.0,
+           **speedup_info(measured, _evaluate_flops(setup, runs, True) / flops))
 
 
 @pytest.mark.parametrize("level", range(len(SHALLOW_TARGETS)))
 def test_evaluate_compact(benchmark, setup, level):
     """Default compact mode vs default exact mode, and vs exact mode with per_layer=False."""
-    threshold, outputs = setup["eval_thresholds"][level], []
+    thresholds, outputs, n_layers = setup["eval_thresholds"][level], [], setup["shape"].n_layers
     _evaluate_group(benchmark, setup)
-    compact = _evaluate(setup, threshold, "compact")
-    baselines = [_evaluate(setup, threshold, "exact"), _evaluate(setup, threshold, "exact", per_layer=False)]
+    compact = _evaluate(setup, thresholds, "compact")
+    baselines = [_evaluate(setup, thresholds, "exact"), _evaluate(setup, thresholds, "exact", per_layer=False)]
     seconds, (measured, measured_exit_final) = timed_against(benchmark, baselines, lambda: outputs.append(compact()),
                                                              setup["device"])
-    hards, dense = _compact_hard(setup, threshold), _all_hard(setup)
-    hard = torch.cat(hards)  # (EVAL_BATCHES * B, T)
-    assert outputs[-1]["shallow_ratio"] == pytest.approx(1 - hard.float().mean().item()), "FLOPs miscounted"
-    flops = _evaluate_flops(setup, hards, False)
+    runs, dense = _compact_layers_run(setup, thresholds), _all_full_depth(setup)
+    layers_run = torch.cat(runs)  # (EVAL_BATCHES * B, T)
+    info = routing_info(_exits(setup), thresholds, layers_run, n_layers)
+    for key in [k for k in info if k.startswith(("shallow_ratio", "exit_ratio_L"))]:
+        assert outputs[-1][key] == pytest.approx(info[key]), f"FLOPs miscounted: {key}"
+    flops = _evaluate_flops(setup, runs, False)
     benchmark.extra_info.update(speedup_info(measured_exit_final, _evaluate_flops(setup, dense, False) / flops,
                                              VS_EXIT_FINAL))
-    _record_routed(benchmark, setup, provider=f"compact s~{SHALLOW_TARGETS[level]}", target=SHALLOW_TARGETS[level],
-                   threshold=threshold, hard=hard, seconds=seconds, measured=measured, flops=flops,
-                   base_flops=_evaluate_flops(setup, dense, True), step=compact)
+    _record_routed(benchmark, setup, mode="compact", level=level, thresholds=thresholds, layers_run=layers_run,
+                   seconds=seconds, measured=measured, flops=flops, base_flops=_evaluate_flops(setup, dense, True),
+                   step=compact)
 
 
 # ----------------------------------------------------------------------------- generation
 def _full_depth_step(setup):
     s = setup["shape"]
-    return lambda: generate(setup["model"], setup["prompt"], s.new_tokens, 0.0, s.exit_layer)
+    return lambda: generate(setup["model"], setup["prompt"], s.new_tokens, 0.0, _exits(setup))
 
 
 def test_generate_full_depth(benchmark, setup):
@@ -282,25 +369,24 @@ def test_generate_full_depth(benchmark, setup):
     benchmark.group = f"routing-generate {shape.label}"
     step = _full_depth_step(setup)
     seconds = run_timed(benchmark, step, setup["device"], rounds=PAIRED_ROUNDS)
-    hard = torch.ones(shape.gen_batch, shape.new_tokens, dtype=torch.bool)
+    layers_run = _full_depth(setup, (shape.gen_batch, shape.new_tokens))
     record(benchmark, provider="full-depth", shape=shape.label, seconds=seconds,
            tokens=shape.gen_batch * shape.new_tokens, peak_mem_mb=_peak(step, setup["device"]),
-           flops=generation_flops(model.cfg, shape.exit_layer, shape.prompt_len, hard, False), shallow_ratio=0.0)
+           flops=generation_flops(model.cfg, _exits(setup), shape.prompt_len, layers_run, False), shallow_ratio=0.0)
 
 
 @pytest.mark.parametrize("level", range(len(SHALLOW_TARGETS)))
 def test_generate_early_exit(benchmark, setup, level):
-    shape, model = setup["shape"], setup["model"]
-    threshold, outputs = setup["gen_thresholds"][level], []
+    shape, model, exits = setup["shape"], setup["model"], _exits(setup)
+    thresholds, outputs = setup["gen_thresholds"][level], []
     benchmark.group = f"routing-generate {shape.label}"
 
     def step():
-        outputs.append(generate(model, setup["prompt"], shape.new_tokens, threshold, shape.exit_layer))
+        outputs.append(generate(model, setup["prompt"], shape.new_tokens, thresholds, exits))
 
     seconds, (measured,) = timed_against(benchmark, [_full_depth_step(setup)], step, setup["device"])
-    hard = (outputs[-1][1] == shape.n_layers).cpu()  # (B, S)
-    flops = generation_flops(model.cfg, shape.exit_layer, shape.prompt_len, hard, True)
-    base_flops = generation_flops(model.cfg, shape.exit_layer, shape.prompt_len, torch.ones_like(hard), False)
-    _record_routed(benchmark, setup, provider=f"early-exit s~{SHALLOW_TARGETS[level]}", target=SHALLOW_TARGETS[level],
-                   threshold=threshold, hard=hard, seconds=seconds, measured=measured,
-                   flops=flops, base_flops=base_flops, step=step)
+    layers_run = outputs[-1][1].cpu()  # (B, S)
+    flops = generation_flops(model.cfg, exits, shape.prompt_len, layers_run, True)
+    base_flops = generation_flops(model.cfg, exits, shape.prompt_len, _full_depth(setup, layers_run.shape), False)
+    _record_routed(benchmark, setup, mode="early-exit", level=level, thresholds=thresholds, layers_run=layers_run,
+                   seconds=seconds, measured=measured, flops=flops, base_flops=base_flops, step=step)
