@@ -8,7 +8,8 @@ prediction and NLL are those of the layer it left at.
 1. ``exit_table``: one exact pass over every layer per batch records, per scored token, the
    confidence at each exit and the prediction and NLL at each exit and at the final layer.
    The confidence is an input of the core (``ExitTable.conf``): max probability and margin
-   come from ``exit_confidence``; learned confidences can fill the same table.
+   come from ``exit_confidence``, a learned one from the model's confidence heads
+   (``routing.exit_score``, as routing scores it).
 2. ``route`` / ``route_metrics``: the routing outcome of given thresholds on a table.
 3. ``calibrate``: Learn-then-Test (Angelopoulos et al. 2021; CALM, Schuster et al. 2022).
 
@@ -44,9 +45,10 @@ from typing import Dict, Iterable, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
+from .config import CONFIDENCE_KINDS
 from .kernels import exit_confidence
+from .routing import check_confidence_heads, exit_score
 
-CONFIDENCES = ("max_prob", "margin")
 DEFAULT_GRID = tuple(round(1 - k / 200, 3) for k in range(200))  # shared thresholds 1.0, 0.995, ..., 0.005
 
 
@@ -113,23 +115,28 @@ def exit_table(model, batches: Iterable, exits: Sequence[int], confidence: str =
     """One exact pass per batch through every layer; the result on the CPU.
 
     batches: (x, y) int64 (B, T) pairs; exits: ascending exit layers < n_layers; confidence:
-    'max_prob' (max softmax probability) or 'margin' (top-1 minus top-2 probability). Every
-    exit and the final layer go through ``exit_confidence`` on the exit-normed states: no
-    [N, V] logits. Sequence ids count the rows of all batches in order.
+    'max_prob' (max softmax probability), 'margin' (top-1 minus top-2 probability) or
+    'learned' (the model's confidence heads, one at every exit). Every exit and the final
+    layer go through ``exit_confidence`` on the exit-normed states: no [N, V] logits.
+    Sequence ids count the rows of all batches in order.
     """
-    if confidence not in CONFIDENCES:
-        raise ValueError(f"confidence must be one of {CONFIDENCES}, got {confidence!r}")
+    if confidence not in CONFIDENCE_KINDS:
+        raise ValueError(f"confidence must be one of {CONFIDENCE_KINDS}, got {confidence!r}")
     exits = _check_exits(exits, model.n_layers)
+    if confidence == "learned":
+        check_confidence_heads(model, exits)
     layers, weight = [*exits, model.n_layers], model.lm_head.weight
     was_training, rows = model.training, 0
     model.eval()
     parts = []
     for x, y in batches:
         tgt = y.reshape(-1)
-        stats = [exit_confidence(h.reshape(-1, h.shape[-1]), weight, tgt, ignore_index=ignore_index,
+        hidden = [h.reshape(-1, h.shape[-1]) for h in model.exit_hidden_states(x, layers)]  # (B*T, d) each
+        stats = [exit_confidence(h, weight, tgt, ignore_index=ignore_index,
                                  want_margin=confidence == "margin" and i < len(exits), backend=backend)
-                 for i, h in enumerate(model.exit_hidden_states(x, layers))]  # (B*T,) rows each
-        conf = torch.stack([s.conf if confidence == "max_prob" else s.margin for s in stats[:-1]])  # (E, B*T)
+                 for i, h in enumerate(hidden)]
+        conf = torch.stack([exit_score(s, confidence, model, e, h)
+                            for s, e, h in zip(stats, exits, hidden)])  # (E, B*T)
         seq = torch.arange(rows, rows + x.shape[0]).repeat_interleave(x.shape[1])  # (B*T,)
         parts.append([t.cpu() for t in (conf, torch.stack([s.pred for s in stats]),
                                         torch.stack([s.nll for s in stats]), seq, tgt != ignore_index)])

@@ -259,8 +259,12 @@ def check_matches(payload: Dict[str, Any], path: PathLike, *, model_config: Opti
 
 
 def restore_model(payload: Dict[str, Any], path: PathLike = "checkpoint") -> EarlyExitTransformer:
-    """Build an ``EarlyExitTransformer`` from a loaded checkpoint and load its weights."""
-    model = EarlyExitTransformer(payload["run_config"].model)
+    """Build an ``EarlyExitTransformer`` from a loaded checkpoint and load its weights (with
+    the confidence heads of a method whose confidence is "learned")."""
+    run = payload["run_config"]
+    model = EarlyExitTransformer(run.model)
+    if run.method.confidence_head_layers:
+        model.add_confidence_heads(run.method.confidence_head_layers)
     load_weights(model, payload, path)
     return model
 

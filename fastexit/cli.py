@@ -16,15 +16,15 @@ import argparse
 import math
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
 from . import distributed, report
-from .config import (CONFIDENCE_KINDS, DEFAULT_PRESET, EVAL_MODES, GENERATE_DEFAULTS, MAX_PPL_INCREASE,
-                     MIN_VOCAB_SIZE, PRESETS, RUN_MODEL_DEFAULTS,
+from .config import (CONFIDENCE_KINDS, CONFIDENCE_LABELS, DEFAULT_PRESET, EVAL_MODES, GENERATE_DEFAULTS,
+                     MAX_PPL_INCREASE, MIN_VOCAB_SIZE, PRESETS, RUN_MODEL_DEFAULTS,
                      SWEEP_THRESHOLDS, TRAIN_SWEEP_THRESHOLDS, AlphaSchedule, DataConfig, ModelConfig, RunConfig,
                      LayerDropout, TrainConfig, make_method)
 from .runs import Run, load_corpus, log, resolve_device, steps_for_budget
@@ -209,6 +209,9 @@ def _method_from_flags(args, n_layers: int, overrides: Dict[str, Any], default_e
                            parse_layer_map(weights, "--layer-weights") if weights is not None else None,
                            n_layers=n_layers, exit_layer=get("exit_layer", None if exits else default_exit_layer),
                            exit_layers=exits, routing_thresholds=thresholds, confidence=get("confidence", "max_prob"),
+                           confidence_loss_weight=get("confidence_loss_weight", 0.0),
+                           confidence_label=get("confidence_label", "consistency"),
+                           confidence_backbone_grad=get("confidence_backbone_grad", False),
                            routing_threshold=get("routing_threshold"),
                            alpha_schedule=parse_alpha_schedule(schedule) if schedule else None,
                            layer_lr_scales=parse_layer_map(scales, "--layer-lr-scales") if scales else None,
@@ -304,7 +307,8 @@ def resume_changes(args) -> Dict[str, Any]:
 def _method_changes(args) -> Dict[str, Any]:
     """The method flags given on --resume, in RunConfig.to_dict form."""
     out = {name: getattr(args, name) for name in ("exit_layer", "routing_threshold", "distill_weight",
-                                                  "distill_temperature", "confidence")
+                                                  "distill_temperature", "confidence", "confidence_loss_weight",
+                                                  "confidence_label", "confidence_backbone_grad")
            if getattr(args, name, None) is not None}
     if getattr(args, "exit_layers", None) is not None:
         out["exit_layers"] = parse_number_list(args.exit_layers, "--exit-layers", int)
@@ -390,14 +394,19 @@ def _threshold_table(run: Run, split: str, thresholds: Sequence[float], eval_bat
     return text if full is None else text + "\n\n" + report.within_line(rows, full, MAX_PPL_INCREASE)
 
 
+def _routed_method(run: Run, confidence: Optional[str]):
+    """The run's method as `eval` / `sweep` route with it: --confidence replaces its own."""
+    return run.config.method if confidence is None else replace(run.config.method, confidence=confidence)
+
+
 def cmd_eval(args) -> int:
     run = Run.load(Path(args.run), **_runtime(args))
     stats = run.evaluate(args.split, args.mode, eval_batches=args.eval_batches,
                          routing_threshold=args.routing_threshold, per_layer=True if args.per_layer else None,
-                         compare_exact=args.compare_exact)
-    print(report.eval_table(f"{run.config.name} ({run.path}): {args.split} split, {args.mode} mode, "
-                            f"{routing_text(run.config.method, args.routing_threshold)}", stats, run.model.n_layers),
-          flush=True)
+                         compare_exact=args.compare_exact, confidence=args.confidence)
+    rule = routing_text(_routed_method(run, args.confidence), args.routing_threshold)
+    print(report.eval_table(f"{run.config.name} ({run.path}): {args.split} split, {args.mode} mode, {rule}", stats,
+                            run.model.n_layers), flush=True)
     return 0
 
 
@@ -407,13 +416,15 @@ def cmd_sweep(args) -> int:
     if run.model.n_layers <= run.config.method.exits[-1] and any(thresholds):
         raise ValueError(f"--routing-thresholds: routing needs every exit layer < n_layers={run.model.n_layers}")
     compare = args.compare_exact and args.mode == "compact"
-    rows = run.sweep(args.split, args.mode, thresholds, eval_batches=args.eval_batches, compare_exact=compare)
+    rows = run.sweep(args.split, args.mode, thresholds, eval_batches=args.eval_batches, compare_exact=compare,
+                     confidence=args.confidence)
     text = (f"{run.config.name} ({run.path}): routing_threshold sweep, {args.split} split, {args.mode} mode, "
-            f"{exits_text(run.config.method)} (each threshold at every exit); * = Pareto-optimal (no threshold "
-            f"has both lower ppl and lower compute_cost)\n\n{report.sweep_table(rows, compare)}")
+            f"{exits_text(_routed_method(run, args.confidence))} (each threshold at every exit); * = Pareto-optimal "
+            f"(no threshold has both lower ppl and lower compute_cost)\n\n{report.sweep_table(rows, compare)}")
     print(text, flush=True)
-    (run.path / f"sweep-{args.mode}.md").write_text(text + "\n", encoding="utf-8")
-    report.save_plot(run.path / f"sweep-{args.mode}.png",
+    name = f"sweep-{args.mode}" + (f"-{args.confidence}" if args.confidence else "")
+    (run.path / f"{name}.md").write_text(text + "\n", encoding="utf-8")
+    report.save_plot(run.path / f"{name}.png",
                      [(r["routing_threshold"], r["compute_cost"], r["ppl"]) for r in rows],
                      f"{run.config.name}: routing_threshold sweep ({args.split}, {args.mode})", "compute_cost",
                      "ppl", line=True)
@@ -524,6 +535,13 @@ def _add_method_flags(p) -> None:
                    help="one threshold per exit of --exit-layers, e.g. 0.9,0.8,0.7 (0 turns an exit off)")
     m.add_argument("--confidence", choices=CONFIDENCE_KINDS,
                    help="exit confidence: max_prob (default), margin (top-1 minus top-2 probability) or learned")
+    m.add_argument("--confidence-loss-weight", type=float,
+                   help="with --confidence learned: weight of the heads' BCE loss (default 0: heads do not learn)")
+    m.add_argument("--confidence-label", choices=CONFIDENCE_LABELS,
+                   help="learned heads' target: consistency (exit predicts what the final layer does; default) or "
+                        "correct (exit predicts the target)")
+    m.add_argument("--confidence-backbone-grad", action="store_true", default=None,
+                   help="let the heads' loss train the backbone too (default: heads see detached states)")
     m.add_argument("--alpha-schedule", metavar="KIND:START[:END]", help="e.g. linear:0.9:0.5 (exit-layer weight)")
     m.add_argument("--layer-lr-scales", metavar="L=S,...", help="per-block LR scales, e.g. 1=1,2=0.5,3=0.1")
     _alias(m, "--layer-lr", "--layer-lr-scales")
@@ -568,6 +586,7 @@ def _add_eval_flags(p, plural: bool = False) -> None:
     p.add_argument("--eval-batches", type=int, help="evaluate only the first N batches (default: all)")
     p.add_argument("--compare-exact", action="store_true",
                    help="compact mode: also time an exact pass (ppl_exact, ppl_diff_vs_exact, speedup_vs_exact)")
+    p.add_argument("--confidence", choices=CONFIDENCE_KINDS, help="exit score to route with (default: the run's)")
     if plural:
         p.add_argument("--routing-thresholds", default=",".join(f"{t:g}" for t in SWEEP_THRESHOLDS),
                        help="comma list in [0, 1]")

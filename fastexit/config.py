@@ -23,6 +23,8 @@ LAYER_DROPOUT_SHAPES = ("constant", "linear", "exponential")
 EVAL_MODES = ("exact", "compact")
 # How sure an exit is: max softmax probability, top-1 minus top-2 probability, or a learned head.
 CONFIDENCE_KINDS = ("max_prob", "margin", "learned")
+# What a learned confidence head predicts: the exit agrees with the final layer, or with the target.
+CONFIDENCE_LABELS = ("consistency", "correct")
 
 # The defaults of `fastexit train`: sized so that the main job ends within ~5 minutes on 2 CPU cores.
 DEFAULT_PRESET = "asymmetric_best"
@@ -144,7 +146,10 @@ class UniversalConfig:
     ``exit_thresholds`` are the effective lists. ``confidence`` is the exit's score:
     "max_prob" (max softmax probability), "margin" (top-1 minus top-2 probability) or
     "learned" (a model's confidence heads); ``confidence_loss_weight`` (>= 0) weighs the
-    learned heads' training loss.
+    learned heads' training loss, a binary cross-entropy whose label is ``confidence_label``:
+    "consistency" (the exit predicts what the final layer predicts, CALM) or "correct" (the
+    exit predicts the target); ``confidence_backbone_grad`` lets that loss's gradient reach the
+    backbone (default: the heads see detached states).
 
     ``distill_weight`` > 0 adds self-distillation: each weighted layer i below the final one
     also pays ``distill_weight * w_i * T**2 * KL(softmax(z_L / T) || softmax(z_i / T))``, the
@@ -164,6 +169,8 @@ class UniversalConfig:
     routing_thresholds: Optional[List[float]] = None
     confidence: str = "max_prob"
     confidence_loss_weight: float = 0.0
+    confidence_label: str = "consistency"
+    confidence_backbone_grad: bool = False
 
     def __post_init__(self):
         self._check_layer_weights()
@@ -175,6 +182,10 @@ class UniversalConfig:
         if self.confidence not in CONFIDENCE_KINDS:
             raise ValueError(f"confidence must be one of {CONFIDENCE_KINDS}, got {self.confidence!r}")
         _check_positive("confidence_loss_weight", self.confidence_loss_weight, allow_zero=True)
+        if self.confidence_label not in CONFIDENCE_LABELS:
+            raise ValueError(f"confidence_label must be one of {CONFIDENCE_LABELS}, got {self.confidence_label!r}")
+        if not isinstance(self.confidence_backbone_grad, bool):
+            raise ValueError(f"confidence_backbone_grad must be a bool, got {self.confidence_backbone_grad!r}")
         if self.alpha_schedule is not None and not isinstance(self.alpha_schedule, AlphaSchedule):
             raise TypeError(f"alpha_schedule must be an AlphaSchedule, got {type(self.alpha_schedule).__name__}")
         self._check_lr_scales()
@@ -225,6 +236,11 @@ class UniversalConfig:
                 raise ValueError(f"layer_lr_scales[{layer}] must be a finite number > 0, got {s!r}")
 
     @property
+    def confidence_head_layers(self) -> List[int]:
+        """The layers that need a confidence head: every exit with confidence "learned", else none."""
+        return self.exits if self.confidence == "learned" else []
+
+    @property
     def routing(self) -> bool:
         return any(t > 0 for t in self.exit_thresholds)
 
@@ -265,7 +281,8 @@ class UniversalConfig:
                     layer_dropout=None if self.layer_dropout is None else asdict(self.layer_dropout),
                     exit_layers=None if self.exit_layers is None else list(self.exit_layers),
                     routing_thresholds=None if self.routing_thresholds is None else list(self.routing_thresholds),
-                    confidence=self.confidence, confidence_loss_weight=float(self.confidence_loss_weight))
+                    confidence=self.confidence, confidence_loss_weight=float(self.confidence_loss_weight),
+                    confidence_label=self.confidence_label, confidence_backbone_grad=self.confidence_backbone_grad)
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "UniversalConfig":
@@ -279,7 +296,9 @@ class UniversalConfig:
                    layer_dropout=None if dropout is None else LayerDropout(**dropout),
                    exit_layers=d.get("exit_layers"), routing_thresholds=d.get("routing_thresholds"),
                    confidence=d.get("confidence", "max_prob"),
-                   confidence_loss_weight=float(d.get("confidence_loss_weight", 0.0)))
+                   confidence_loss_weight=float(d.get("confidence_loss_weight", 0.0)),
+                   confidence_label=d.get("confidence_label", "consistency"),
+                   confidence_backbone_grad=d.get("confidence_backbone_grad", False))
 
 
 def _str_keys(layer_map: Dict[int, float]) -> Dict[str, float]:
@@ -353,7 +372,8 @@ def make_method(preset: Optional[str] = None, layer_weights: Optional[Dict[int, 
                 layer_lr_scales: Optional[Dict[int, float]] = None, distill_weight: float = 0.0,
                 distill_temperature: float = 1.0, layer_dropout: Optional[LayerDropout] = None,
                 exit_layers: Optional[List[int]] = None, routing_thresholds: Optional[List[float]] = None,
-                confidence: str = "max_prob", confidence_loss_weight: float = 0.0) -> UniversalConfig:
+                confidence: str = "max_prob", confidence_loss_weight: float = 0.0,
+                confidence_label: str = "consistency", confidence_backbone_grad: bool = False) -> UniversalConfig:
     """A method from a preset name (default ``DEFAULT_PRESET``) or custom ``layer_weights``,
     with the other fields overriding the preset's; checked against ``n_layers``. With several
     ``exit_layers`` a preset's exit-layer weight goes to the first exit (``get_preset``)."""
@@ -367,7 +387,8 @@ def make_method(preset: Optional[str] = None, layer_weights: Optional[Dict[int, 
     cfg = UniversalConfig(dict(base.layer_weights), exit_layer,
                           base.routing_threshold if routing_threshold is None else routing_threshold,
                           alpha_schedule, layer_lr_scales, distill_weight, distill_temperature, layer_dropout,
-                          exit_layers, routing_thresholds, confidence, confidence_loss_weight)
+                          exit_layers, routing_thresholds, confidence, confidence_loss_weight, confidence_label,
+                          confidence_backbone_grad)
     cfg.validate_for(n_layers)
     return cfg
 

@@ -198,6 +198,8 @@ def evaluation_model(model: nn.Module) -> nn.Module:
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     with torch.device("meta"):
         copy = type(model)(model.cfg)
+        if hasattr(model, "confidence_heads"):  # learned confidence: the copy needs its heads' slots
+            copy.add_confidence_heads([int(layer) for layer in model.confidence_heads])
     copy.load_state_dict(state, assign=True)
     if model.cfg.tie_embeddings:
         copy.lm_head.weight = copy.tok_emb.weight

@@ -178,14 +178,16 @@ class _Decoder:
                 continue
             h, final = model.exit_norms[layer - 1](xh), i == len(bounds) - 1  # (n, d)
             # the final head scores only greedy picks; an exit's also its confidence, when asked for
-            margin = self.rule.confidence == "margin" and not final
-            score = greedy if final else self.want_conf
+            # (a learned confidence comes from the exit's confidence head: its LM head only picks)
+            kind = self.rule.confidence
+            score = greedy if final else self.want_conf and (greedy or kind != "learned")
+            margin = kind == "margin" and not final
             stats = exit_confidence(h, model.lm_head.weight, want_margin=margin, backend=backend) if score else None
             h_out = _put(h_out, rows, h, backend) if not greedy else None
             pred = _put(pred, rows, stats.pred, backend) if greedy and stats is not None else pred
-            if final or stats is None:
+            if final or not self.want_conf:
                 continue
-            c = exit_score(stats, self.rule.confidence)
+            c = exit_score(stats, kind, model, layer, h)
             conf, leave = _put(conf, rows, c, backend), easy_mask(c, self.rule.routing_thresholds[i])
             at = scatter_rows(at, rows, torch.where(leave, layer, L), backend=backend)
             stay = compact_indices(~leave, backend=backend)  # (n',) of the running rows

@@ -30,12 +30,13 @@ import torch.nn.functional as F
 
 from .atomic import write_json
 from .config import UniversalConfig
-from .model import KVCache, QueryGrid, check_token_ids, padding_layout
+from .model import KVCache, QueryGrid, add_confidence_heads, check_token_ids, padding_layout
 
 __all__ = ["FAMILIES", "Family", "HFEarlyExit", "RotaryKVCache", "from_folder", "from_hf", "load", "read_config",
            "save"]
 
 METADATA = "fastexit.json"
+HEADS_FILE = "confidence_heads.safetensors"  # learned confidence heads, beside the transformers files
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 FORMAT = "fastexit-hf/1"
 # rope types whose frequencies grow with the sequence (inv_freq changes at run time): a cached
@@ -335,6 +336,11 @@ class HFEarlyExit(nn.Module):
     def lm_head(self) -> nn.Module:
         return self.hf.get_output_embeddings()
 
+    def add_confidence_heads(self, layers: Sequence[int]) -> None:
+        """``confidence_heads`` at each of ``layers`` that lacks one (``model.ConfidenceHeads``);
+        ``save`` writes them beside the transformers files and ``load`` restores them."""
+        add_confidence_heads(self, layers)
+
     def check_idx(self, idx: torch.Tensor) -> None:
         check_token_ids(idx, self.cfg.max_seq_len)
 
@@ -425,11 +431,16 @@ def save(model: nn.Module, directory, config: Optional[UniversalConfig] = None, 
         config.validate_for(model.n_layers)
     directory = Path(directory)
     model.hf.save_pretrained(directory, **save_pretrained_kwargs)
+    heads = getattr(model, "confidence_heads", None)
+    if heads is not None:
+        from safetensors.torch import save_file
+        save_file({k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()}, directory / HEADS_FILE)
     write_json(directory / METADATA, dict(
         format=FORMAT, model_type=model.cfg.model_type, n_layers=model.n_layers, vocab_size=model.cfg.vocab_size,
         method=None if config is None else config.to_dict(),
         exit_layers=None if config is None else config.exits,
-        routing_thresholds=None if config is None else config.exit_thresholds))
+        routing_thresholds=None if config is None else config.exit_thresholds,
+        confidence_heads=None if heads is None else sorted(int(k) for k in heads)))
     return directory
 
 
@@ -447,12 +458,25 @@ def load(directory, **from_pretrained_kwargs):
     for key, value in found.items():
         if meta.get(key) != value:
             raise ValueError(f"{directory / METADATA}: {key}={meta.get(key)!r} does not match the model's {value!r}")
+    if meta.get("confidence_heads"):
+        _load_confidence_heads(model, meta["confidence_heads"], directory / HEADS_FILE)
     config = None if meta.get("method") is None else UniversalConfig.from_dict(meta["method"])
     if config is not None:
         config.validate_for(model.n_layers)
         if meta.get("exit_layers") != config.exits or meta.get("routing_thresholds") != config.exit_thresholds:
             raise ValueError(f"{directory / METADATA}: exit_layers/routing_thresholds disagree with the method")
     return model, config
+
+
+def _load_confidence_heads(model: HFEarlyExit, layers, path: Path) -> None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    model.add_confidence_heads(layers)
+    try:
+        model.confidence_heads.load_state_dict(load_file(path, device=str(model.lm_head.weight.device)))
+    except (OSError, RuntimeError, SafetensorError) as err:
+        raise ValueError(f"{path}: confidence heads at layers {layers} do not load ({str(err).splitlines()[0]})") \
+            from None
 
 
 def _read_metadata(path: Path) -> Optional[dict]:

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from .config import ModelConfig
 from .kernels import gemm, replace_rows, select_rows
 
-__all__ = ["Attention", "Block", "EarlyExitTransformer", "KVCache", "ModelConfig", "QueryGrid"]
+__all__ = ["Attention", "Block", "ConfidenceHeads", "EarlyExitTransformer", "KVCache", "ModelConfig", "QueryGrid",
+           "add_confidence_heads", "confidence_head_flops"]
 
 
 class Linear(nn.Linear):
@@ -187,6 +188,45 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+class ConfidenceHeads(nn.ModuleDict):
+    """Learned exit confidence (docs/design.md §6): one linear map per exit layer, keyed by
+    str(layer), of the exit-normed state to one logit; the confidence is its sigmoid.
+    Zero-initialised (confidence 0.5 everywhere until trained), so adding heads draws no random
+    numbers and leaves the rest of a seeded run unchanged."""
+
+    def add(self, layers: Sequence[int], like: torch.Tensor) -> None:
+        """A head (d -> 1, with bias) for each of ``layers`` that has none, on like's device and dtype."""
+        for layer in layers:
+            if str(layer) not in self:
+                head = nn.utils.skip_init(nn.Linear, like.shape[1], 1, device=like.device, dtype=like.dtype)
+                with torch.no_grad():
+                    head.weight.zero_()
+                    head.bias.zero_()
+                self[str(layer)] = head
+
+    def logit(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """Confidence logits (...) fp32 of exit-normed states h (..., d) at ``layer``."""
+        return self[str(layer)](h).squeeze(-1).float()
+
+
+def confidence_head_flops(d_model: int, exits_reached: float = 1.0) -> float:
+    """Forward FLOPs of learned confidence per token: 2 * d_model per exit the token reaches
+    (the exit it leaves at and every exit before it; the sigmoid and bias are not counted).
+    ``compute_cost`` (mean layers run / n_layers) leaves them out; add them to a FLOP count."""
+    return 2 * d_model * exits_reached
+
+
+def add_confidence_heads(model: nn.Module, layers: Sequence[int]) -> None:
+    """Give ``model`` (``EarlyExitTransformer`` or ``HFEarlyExit``) a confidence head at each
+    of ``layers`` (1-indexed) that lacks one, as ``model.confidence_heads``."""
+    layers = list(layers)
+    if not layers or any(isinstance(i, bool) or not isinstance(i, int) or not 1 <= i <= model.n_layers for i in layers):
+        raise ValueError(f"layers must be a non-empty list of ints in 1..{model.n_layers}, got {layers!r}")
+    if not hasattr(model, "confidence_heads"):
+        model.confidence_heads = ConfidenceHeads()
+    model.confidence_heads.add(layers, model.lm_head.weight)
+
+
 def check_token_ids(idx, max_seq_len: int) -> None:
     """idx must be a non-empty int64 (B, T) tensor with T <= max_seq_len."""
     if not isinstance(idx, torch.Tensor) or idx.dtype != torch.long or idx.dim() != 2:
@@ -244,6 +284,11 @@ class EarlyExitTransformer(nn.Module):
 
     def check_idx(self, idx: torch.Tensor) -> None:
         check_token_ids(idx, self.cfg.max_seq_len)
+
+    def add_confidence_heads(self, layers: Sequence[int]) -> None:
+        """``confidence_heads`` at each of ``layers`` that lacks one (``ConfidenceHeads``); a
+        model without them has neither the attribute nor its state-dict keys."""
+        add_confidence_heads(self, layers)
 
     def embed(self, idx: torch.Tensor, start_pos: int = 0,
               positions: Optional[torch.Tensor] = None) -> torch.Tensor:  # (B, T) -> (B, T, d)

@@ -7,8 +7,9 @@ and predicts from the exit layer; every other token is hard and predicts from th
 Several exits (``exit_layer`` a list of ascending layers, ``routing_threshold`` one number per
 exit or one for all): a token leaves at the first exit whose confidence reaches that exit's
 threshold (0 turns an exit off); a token that leaves nowhere runs to the final layer. The
-confidence is the max softmax probability, or with ``confidence="margin"`` the top-1 minus
-top-2 probability (``confidence="learned"`` needs a model with ``confidence_heads``).
+confidence is the max softmax probability, with ``confidence="margin"`` the top-1 minus
+top-2 probability, or with ``confidence="learned"`` sigmoid(head(h)) of the exit's learned
+head on its exit-normed state (a model with ``confidence_heads`` at every exit).
 
 - ``exact_routed_forward``: every layer runs on every token and each token's prediction is
   selected (the seed's measurement).
@@ -96,10 +97,20 @@ def check_routing(model, exit_layer: Layers, routing_threshold: Thresholds, conf
                          f"with routing_threshold={routing_threshold}, got {exit_layer!r}")
     if confidence not in CONFIDENCE_KINDS:
         raise ValueError(f"confidence must be one of {CONFIDENCE_KINDS}, got {confidence!r}")
-    if confidence == "learned" and not hasattr(model, "confidence_heads"):
-        raise ValueError(f"confidence='learned' needs a model with confidence heads (confidence_heads); "
-                         f"{type(model).__name__} has none: use 'max_prob' or 'margin'")
+    if confidence == "learned":
+        check_confidence_heads(model, rule.exit_layers)
     return rule
+
+
+def check_confidence_heads(model, layers: Sequence[int]) -> None:
+    """ValueError naming ``confidence`` unless the model has a learned confidence head at every
+    one of ``layers``."""
+    heads = getattr(model, "confidence_heads", None)
+    missing = [i for i in layers if heads is None or str(i) not in heads]
+    if missing:
+        raise ValueError(f"confidence='learned' needs a confidence head at every exit; {type(model).__name__} has "
+                         f"none at layer(s) {missing} (train it with confidence='learned', which adds them, or "
+                         f"use confidence 'max_prob' or 'margin')")
 
 
 def _flat_targets(targets, idx):
@@ -116,10 +127,13 @@ def easy_mask(conf: torch.Tensor, routing_threshold: float) -> torch.Tensor:
     return conf >= routing_threshold if routing_threshold > 0 else torch.zeros_like(conf, dtype=torch.bool)
 
 
-def exit_score(stats: ExitStats, confidence: str) -> torch.Tensor:
-    """(N,) fp32 confidence of one exit's ``exit_confidence`` stats (margin: want_margin=True)."""
+def exit_score(stats: Optional[ExitStats], confidence: str, model=None, layer: Optional[int] = None,
+               h: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(N,) fp32 confidence of one exit: from its ``exit_confidence`` stats (margin:
+    want_margin=True), or for "learned" sigmoid(model.confidence_heads[layer](h)) of its
+    exit-normed states h (..., d) with N rows (stats unused)."""
     if confidence == "learned":
-        raise NotImplementedError("confidence='learned': routing with confidence heads is not implemented yet")
+        return torch.sigmoid(model.confidence_heads.logit(layer, h.reshape(-1, h.shape[-1])))
     return stats.margin if confidence == "margin" else stats.conf
 
 
@@ -163,11 +177,11 @@ def exact_routed_forward(model, idx: torch.Tensor, exit_layer: Layers, routing_t
     model.check_idx(idx)
     tgt, weight, L, exits = _flat_targets(targets, idx), model.lm_head.weight, model.n_layers, rule.exit_layers
     layers = list(range(1, L + 1)) if all_layers else sorted({*exits, L})
-    hidden = model.exit_hidden_states(idx, layers, attention_mask=attention_mask)
+    hidden = dict(zip(layers, model.exit_hidden_states(idx, layers, attention_mask=attention_mask)))
     stats = {i: exit_confidence(h.reshape(-1, h.shape[-1]), weight, tgt, ignore_index=ignore_index,
                                 want_margin=confidence == "margin" and i in exits, backend=backend)
-             for i, h in zip(layers, hidden)}  # (B*T,) rows each
-    confs = [exit_score(stats[i], confidence) for i in exits]
+             for i, h in hidden.items()}  # (B*T,) rows each
+    confs = [exit_score(stats[i], confidence, model, i, hidden[i]) for i in exits]
     return _select(idx, rule, [stats[i] for i in exits], confs, stats[L], L, stats if all_layers else None)
 
 
@@ -229,9 +243,9 @@ def compact_routed_forward(model, idx: torch.Tensor, exit_layer: Layers, routing
     # at the flat rows (n,); x: (B*T, d) states of every token once some have left
     xh, rows, stats, confs = x, None, [], []
     for layer, threshold, end in zip(exits, rule.routing_thresholds, exits[1:] + [L]):
-        part = _exit_stats(model, layer, xh, tgt, rows, rule, ignore_index, backend)
+        h, part = _exit_stats(model, layer, xh, tgt, rows, rule, ignore_index, backend)
         stats.append(part if rows is None else _merge(stats[-1], part, rows, backend))
-        conf = exit_score(part, confidence)
+        conf = exit_score(part, confidence, model, layer, h)
         confs.append(conf if rows is None else scatter_rows(confs[-1].clone(), rows, conf, backend=backend))
         stay = compact_indices(~easy_mask(conf, threshold), backend=backend)  # (n',) of the running tokens
         if stay.numel() == 0:  # every token has left
@@ -245,17 +259,18 @@ def compact_routed_forward(model, idx: torch.Tensor, exit_layer: Layers, routing
         rows = stay if rows is None else gather_rows(rows, stay, backend=backend)
         xh = _run_rows(model.blocks[layer:end], x, gather_rows(flat, stay, backend=backend), rows,
                        _padded_layout(rows, idx.shape, real), backend)
-    final = _exit_stats(model, L, xh, tgt, rows, rule, ignore_index, backend)
+    final = _exit_stats(model, L, xh, tgt, rows, rule, ignore_index, backend)[1]
     return _select(idx, rule, stats, confs, final if rows is None else _merge(stats[-1], final, rows, backend), L)
 
 
-def _exit_stats(model, layer, h, targets, rows, rule, ignore_index, backend) -> ExitStats:
-    """exit_confidence at ``layer`` of the states h (B, T, d) of every token (rows None) or
-    (n, d) of the flat rows (n,); targets: (B*T,) or None."""
+def _exit_stats(model, layer, h, targets, rows, rule, ignore_index, backend):
+    """(exit-normed states (N, d), exit_confidence at ``layer``) of the states h (B, T, d) of
+    every token (rows None) or (n, d) of the flat rows (n,); targets: (B*T,) or None."""
     h = model.exit_norms[layer - 1](h)
+    h = h.reshape(-1, h.shape[-1])
     tgt = targets if targets is None or rows is None else gather_rows(targets, rows, backend=backend)
-    return exit_confidence(h.reshape(-1, h.shape[-1]), model.lm_head.weight, tgt, ignore_index=ignore_index,
-                           want_margin=rule.confidence == "margin" and layer in rule.exit_layers, backend=backend)
+    return h, exit_confidence(h, model.lm_head.weight, tgt, ignore_index=ignore_index,
+                              want_margin=rule.confidence == "margin" and layer in rule.exit_layers, backend=backend)
 
 
 def _run_rows(blocks, x, xh, rows, grid, backend) -> torch.Tensor:

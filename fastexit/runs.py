@@ -333,14 +333,15 @@ class Run:
                 raise ValueError(f"steps {cfg.train.steps} is below the checkpoint's step {self.payload['step']} "
                                  f"({self.ckpt_path})")
         seed_everything(cfg.train.seed)
+        self.trainer = self._new_trainer()
         if cfg.hf_model is not None:  # the checkpoint's transformers folder, or the one the run starts from
             self.model = hf.load(self.ckpt_path, dtype=torch.float32)[0] if self.payload is not None else hf.from_folder(cfg.hf_model)
+            self.trainer.add_confidence_heads(self.model)  # a new run's (a saved folder has its own)
         else:
-            self.model = EarlyExitTransformer(cfg.model)
+            self.model = self.trainer.add_confidence_heads(EarlyExitTransformer(cfg.model))  # before the weights load
             if self.payload is not None:
                 ckpt.load_weights(self.model, self.payload, self.ckpt_path)
         self.model.to(self.device)
-        self.trainer = self._new_trainer()
 
     # ---------------------------------------------------------------------- training
     def train(self, *, progress: bool = True, stop_at: Optional[int] = None) -> int:
@@ -454,14 +455,15 @@ class Run:
     # -------------------------------------------------------------------- evaluation
     def evaluate(self, split: str = "val", mode: str = "exact", *, eval_batches: Optional[int] = None,
                  routing_threshold: Optional[float] = None, per_layer: Optional[bool] = None,
-                 compare_exact: bool = False) -> Dict[str, Any]:
+                 compare_exact: bool = False, confidence: Optional[str] = None) -> Dict[str, Any]:
         """``UniversalTrainer.evaluate`` on the first ``eval_batches`` batches (None: all) of a
-        split, with bits per byte; ``routing_threshold`` None = the run's."""
+        split, with bits per byte; ``routing_threshold`` and ``confidence`` None = the run's
+        ("learned" needs a run trained with it: its checkpoint holds the confidence heads)."""
         t = self.config.train
         check_corpus(self.corpus, t.batch_size, t.seq_len, splits=(split,))
         batches, n_bytes = split_batches(self.corpus, split, t.batch_size, t.seq_len, eval_batches, self.device)
         stats = self.trainer.evaluate(self.model, batches, mode=mode, routing_threshold=routing_threshold,
-                                      per_layer=per_layer, compare_exact=compare_exact)
+                                      per_layer=per_layer, compare_exact=compare_exact, confidence=confidence)
         return dict(with_bpb(stats, n_bytes), split=split, mode=mode)
 
 
@@ -488,13 +490,14 @@ class Run:
         return record
 
     def sweep(self, split: str, mode: str, thresholds: Sequence[float], *, eval_batches: Optional[int] = None,
-              compare_exact: bool = False) -> List[Dict[str, Any]]:
+              compare_exact: bool = False, confidence: Optional[str] = None) -> List[Dict[str, Any]]:
         """One evaluation per routing threshold (no per-layer pass), each row with its
-        ``routing_threshold`` as text; compare_exact applies in compact mode only."""
+        ``routing_threshold`` as text; compare_exact applies in compact mode only; confidence
+        as in ``evaluate``."""
         rows = []
         for th in thresholds:
             stats = self.evaluate(split, mode, eval_batches=eval_batches, routing_threshold=th, per_layer=False,
-                                  compare_exact=compare_exact and mode == "compact")
+                                  compare_exact=compare_exact and mode == "compact", confidence=confidence)
             rows.append(dict(stats, routing_threshold=f"{th:g}"))
             log(f"routing_threshold {th:g}: ppl {stats['ppl']:.3f}, compute_cost {stats['compute_cost']:.3f}")
         return rows

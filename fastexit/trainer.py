@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from . import distributed, routing
 from .config import EVAL_MODES, TrainConfig, UniversalConfig
-from .kernels import resolve_backend, weighted_linear_cross_entropy
+from .kernels import exit_confidence, resolve_backend, weighted_linear_cross_entropy
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
 
@@ -86,7 +86,9 @@ class UniversalTrainer:
     def compute_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                      drops: Optional[Sequence[Sequence[bool]]] = None) -> torch.Tensor:
         """sum over layers with weight > 0 of weight * mean CE(layer logits, y), plus the
-        self-distillation terms when the config's ``distill_weight`` > 0.
+        self-distillation terms when the config's ``distill_weight`` > 0, plus with
+        confidence "learned" and ``confidence_loss_weight`` > 0 the confidence heads' loss
+        (``confidence_loss``).
 
         x, y: (B, T) int64. An ``EarlyExitTransformer`` goes through the fused kernel and runs
         no block above the deepest weighted layer; any other model whose forward returns a list
@@ -119,6 +121,7 @@ class UniversalTrainer:
         """The weighted loss of one batch: its token mean, or with ``across_ranks`` this rank's
         summed loss turned into its share of the global token mean."""
         reduction = "sum" if across_ranks else "mean"
+        learned = self._confidence_layers(model)  # exits with a confidence head to train (and their labels' layers)
         if not hasattr(model, "exit_hidden_states"):
             loss = self._loss_from_logits(model(x), y, reduction)
         else:
@@ -127,13 +130,55 @@ class UniversalTrainer:
             weights = self.layer_weights(model.n_layers)
             layers = [i for i, w in weights.items() if w > 0]
             distill = self._distill_options(model.n_layers, layers)
-            hiddens = [h.reshape(-1, h.shape[-1]) for h in model.exit_hidden_states(x, distill.pop("layers"), drops=drops)]
+            scored = distill.pop("layers")
+            run = scored + [i for i in learned if i not in scored]  # one pass for the CE and the heads' inputs
+            states = [h.reshape(-1, h.shape[-1]) for h in model.exit_hidden_states(x, run, drops=drops)]
+            hiddens = states[:len(scored)]
             if "teacher" not in distill and "distill_weight" in distill:  # the final layer is not weighted
                 distill["teacher"] = hiddens.pop().detach()
             loss = weighted_linear_cross_entropy(hiddens, model.lm_head.weight, y.reshape(-1),
                                                  [weights[i] for i in layers], reduction=reduction,
                                                  backend=self.backend, **distill)
+            if learned:
+                loss = loss + self.confidence_loss(model, dict(zip(run, states)), y, reduction)
         return distributed.global_token_mean(loss, y) if across_ranks else loss
+
+    def _confidence_layers(self, model: nn.Module) -> List[int]:
+        """The layers whose states the confidence loss needs: every exit, and with the
+        consistency label the final layer; none unless confidence is "learned" with
+        confidence_loss_weight > 0. Checks that the model has the heads."""
+        cfg = self.config
+        if cfg.confidence != "learned" or not cfg.confidence_loss_weight:
+            return []
+        routing.check_confidence_heads(model, cfg.exits)
+        n_layers = model.n_layers
+        return cfg.exits + ([n_layers] if cfg.confidence_label == "consistency" and n_layers not in cfg.exits else [])
+
+    def confidence_loss(self, model: nn.Module, states: Dict[int, torch.Tensor], y: torch.Tensor,
+                        reduction: str = "mean", ignore_index: int = -100) -> torch.Tensor:
+        """``confidence_loss_weight`` * the binary cross-entropy of every exit's confidence
+        logit (``model.confidence_heads``) against its label, averaged over the exits and (with
+        reduction 'mean'; 'sum' sums) over the scored tokens.
+
+        states: {layer: exit-normed states (N, d)} of every exit and, for the "consistency"
+        label, of the final layer; y: (B, T) or (N,) int64 targets. The label of a token at
+        exit e is 1 where e's argmax equals the final layer's ("consistency") or the target
+        ("correct"), from ``exit_confidence`` under no_grad: no [N, V] logits. Without
+        ``confidence_backbone_grad`` the heads see detached states, so this loss trains them alone.
+        """
+        cfg, weight, y = self.config, model.lm_head.weight.detach(), y.reshape(-1)
+        valid = y != ignore_index
+        pred = lambda layer: exit_confidence(states[layer].detach(), weight, backend=self.backend).pred  # noqa: E731
+        agree_with = y if cfg.confidence_label == "correct" else pred(model.n_layers)
+        total = 0.0
+        for layer in cfg.exits:
+            h = states[layer] if cfg.confidence_backbone_grad else states[layer].detach()
+            label = (pred(layer) == agree_with).to(torch.float32)
+            bce = F.binary_cross_entropy_with_logits(model.confidence_heads.logit(layer, h), label, reduction="none")
+            total = total + torch.where(valid, bce, 0.0).sum()
+        if reduction == "mean":
+            total = total / valid.sum().clamp(min=1)
+        return cfg.confidence_loss_weight / len(cfg.exits) * total
 
     def _distill_options(self, n_layers: int, layers: List[int]) -> dict:
         """The exits to compute and the fused loss's distillation arguments: the final layer
@@ -163,12 +208,15 @@ class UniversalTrainer:
     def create_optimizer(self, model: nn.Module, base_lr: float, **adamw_kwargs) -> torch.optim.AdamW:
         """AdamW whose param groups carry ``base_lr * layer_lr_scales[i]`` for block i.
 
-        Parameters outside the blocks (embeddings, exit norms, head) keep ``base_lr``. Matrices
-        get weight decay, vectors (norm gains) do not. Each group records ``initial_lr`` so a
-        scheduler multiplying every group by one factor keeps the layer ratios. Given what
-        ``distributed.wrap`` returned, the groups hold the parameters of the model inside it
-        (FSDP2 shards: build the optimizer after wrapping).
+        Parameters outside the blocks (embeddings, exit norms, head, confidence heads) keep
+        ``base_lr``. Matrices get weight decay, vectors (norm gains, biases) do not. Each group
+        records ``initial_lr`` so a scheduler multiplying every group by one factor keeps the
+        layer ratios. Given what ``distributed.wrap`` returned, the groups hold the parameters
+        of the model inside it (FSDP2 shards: build the optimizer after wrapping). With
+        confidence "learned" the model first gets its confidence heads
+        (``add_confidence_heads``), so that the optimizer holds them.
         """
+        self.add_confidence_heads(model)
         model = distributed.unwrap(model)
         if not isinstance(base_lr, (int, float)) or not math.isfinite(base_lr) or base_lr <= 0:
             raise ValueError(f"base_lr must be a finite number > 0, got {base_lr!r}")
@@ -189,6 +237,23 @@ class UniversalTrainer:
             adamw_kwargs["fused"] = all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
                                         for g in groups for p in g["params"])
         return torch.optim.AdamW(groups, lr=base_lr, **adamw_kwargs)
+
+    def add_confidence_heads(self, model: nn.Module) -> nn.Module:
+        """With confidence "learned": give ``model`` a confidence head at every exit that lacks
+        one (``model.add_confidence_heads``, zero-initialised); otherwise leave it unchanged.
+        Call it before building an optimizer (``create_optimizer`` does), before loading a
+        checkpoint of such a run, and before ``distributed.wrap``. Returns ``model``."""
+        layers = self.config.confidence_head_layers
+        inner = distributed.unwrap(model)
+        heads = getattr(inner, "confidence_heads", {})
+        if not layers or all(str(i) in heads for i in layers):
+            return model
+        if inner is not model or not hasattr(inner, "add_confidence_heads"):
+            raise ValueError(f"confidence='learned' needs confidence heads at the exits {layers}: add them before "
+                             f"distributed.wrap, on a model with add_confidence_heads (EarlyExitTransformer, "
+                             f"from_hf), got {type(inner).__name__}")
+        inner.add_confidence_heads(layers)
+        return model
 
     @staticmethod
     def _param_groups(module: nn.Module, layer: int, lr: float, weight_decay: float, seen: set) -> List[dict]:
@@ -285,7 +350,8 @@ class UniversalTrainer:
     @torch.no_grad()
     def evaluate(self, model: nn.Module, val_batches: Sequence[Batch], mode: str = "exact", *,
                  routing_threshold: Optional[routing.Thresholds] = None, per_layer: Optional[bool] = None,
-                 compare_exact: bool = False, ignore_index: int = -100) -> Dict[str, float]:
+                 compare_exact: bool = False, ignore_index: int = -100,
+                 confidence: Optional[str] = None) -> Dict[str, float]:
         """Routed metrics over ``val_batches`` ((x, y) int64 (B, T) pairs), docs/design.md §3.
 
         Returns ``ppl``, ``acc``, ``nll``, ``shallow_ratio`` (the share of tokens leaving at any
@@ -300,14 +366,15 @@ class UniversalTrainer:
           routed pass batch by batch, interleaved, and adds ``ppl_exact``, ``ppl_diff_vs_exact``
           and ``speedup_vs_exact``.
         ``routing_threshold``: None = the config's per-exit thresholds; one number overrides the
-        threshold of every exit (a list: one per exit) (``routing.resolve_routing``).
+        threshold of every exit (a list: one per exit) (``routing.resolve_routing``);
+        ``confidence`` None = the config's (learned: the model needs confidence heads).
         Under DDP / FSDP2 every rank calls it with the same ``val_batches``: each evaluates its
         share of them (under FSDP2 on a gathered copy of the weights) and the sums are reduced
         across ranks, so every rank returns the metrics of all batches.
         """
         self._check_eval_args(mode, val_batches, compare_exact)
         model, val_batches = distributed.evaluation_model(model), distributed.this_ranks_share(val_batches)
-        rule = routing.resolve_routing(model, routing_threshold, None, self.config)
+        rule = routing.resolve_routing(model, routing_threshold, None, self.config, confidence)
         per_layer = mode == "exact" if per_layer is None else per_layer
         rule_kwargs = dict(exit_layer=rule.exit_layers, routing_threshold=rule.routing_thresholds,
                            confidence=rule.confidence)

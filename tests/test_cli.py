@@ -392,6 +392,33 @@ def test_calibrate_bad_input_is_one_error_line(run, flags, needle, capsys):
     assert not (run / "calibration.json").exists()
 
 
+def test_learned_confidence_trains_evaluates_and_resumes(data, tmp_path, capsys):
+    out = tmp_path / "learned"
+    flags = ["--confidence", "learned", "--confidence-loss-weight", "1", "--exit-layers", "1,2",
+             "--routing-thresholds", "0.5,0.5"]
+    assert main(["train", *tiny(data, out, "--stop-at", "3"), *flags]) == 0
+    method = json.loads((out / "config.json").read_text())["method"]
+    assert (method["confidence"], method["confidence_loss_weight"], method["exit_layers"]) == ("learned", 1.0, [1, 2])
+    assert any(k.startswith("confidence_heads.") for k in state(out)["model"])
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "--confidence-loss-weight", "2", "--no-progress"]) == 2
+    assert "--confidence-loss-weight 2" in error_line(capsys)
+    assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--run", str(out), "--split", "test"]) == 0
+    text = capsys.readouterr().out
+    (row,) = table_rows(text, "split")
+    assert "confidence learned" in text and {"exit_ratio_L1", "exit_ratio_L2"} <= set(row)
+    assert main(["sweep", "--run", str(out), "--confidence", "margin", "--routing-thresholds", "0,0.5"]) == 0
+    assert "confidence margin" in capsys.readouterr().out and (out / "sweep-exact-margin.md").exists()
+
+
+def test_learned_confidence_on_a_run_without_heads_names_it(run, capsys):
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run), "--confidence", "learned"]) == 2
+    assert "confidence" in error_line(capsys)
+
+
 def test_pareto_flags():
     rows = [dict(ppl=10, compute_cost=1.0), dict(ppl=12, compute_cost=0.5), dict(ppl=13, compute_cost=0.6),
             dict(ppl=10, compute_cost=1.0)]

@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from fastexit import (PRESETS, AlphaSchedule, EarlyExitTransformer, ModelConfig,
 from fastexit import checkpoint as ckpt
 from fastexit.cli import main
 from fastexit.config import DataConfig, LayerDropout, RunConfig, TrainConfig, make_method
+from fastexit.routing import exact_routed_forward
 from fastexit.runs import Run
 from test_cli import error_line, tiny, write_play
 
@@ -34,7 +36,10 @@ METHODS = dict(PRESETS, alpha_schedule=UniversalConfig({1: 0.9, 2: 0.0, 3: 0.1},
                distill_extra_teacher=UniversalConfig({1: 0.7, 2: 0.3}, routing_threshold=0, distill_weight=0.5,
                                                      distill_temperature=2.0),
                layer_dropout_and_distill=UniversalConfig({1: 0.5, 3: 0.5}, routing_threshold=0, distill_weight=1.0,
-                                                         layer_dropout=LayerDropout(0.5, "linear")))
+                                                         layer_dropout=LayerDropout(0.5, "linear")),
+               # learned confidence heads at two exits: their BCE is a global token mean too
+               learned_heads=UniversalConfig({1: 0.5, 3: 0.5}, exit_layers=[1, 2], routing_thresholds=[0.5, 0.5],
+                                             confidence="learned", confidence_loss_weight=1.0))
 
 
 # ------------------------------------------------------------------------ harness
@@ -84,11 +89,12 @@ def new_model(tie=True):
 def one_step(method, parallel, tie=True):
     """One fit step (at progress 1/2, which moves the alpha schedule) on the global batch, or
     under ``parallel`` on this rank's rows: (record, model, {name: full gradient})."""
-    model, (x, y) = new_model(tie), global_batch()
+    model, (x, y), trainer = new_model(tie), global_batch(), UniversalTrainer(method, V)
+    trainer.add_confidence_heads(model)  # before wrapping; nothing unless the confidence is learned
     module = distributed.wrap(model, parallel)
     rows = distributed.rank_rows(B) if parallel else slice(None)
-    record, = UniversalTrainer(method, V).fit(module, iter([(x[rows], y[rows])]), steps=2, start_step=1,
-                                              base_lr=1e-2, progress_bar=False)
+    record, = trainer.fit(module, iter([(x[rows], y[rows])]), steps=2, start_step=1, base_lr=1e-2,
+                          progress_bar=False)
     return record, model, {n: full(p.grad) for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -158,14 +164,19 @@ def test_fsdp_bf16_param_dtype_keeps_fp32_weights_and_gradients():
 
 
 # --------------------------------------------------------------------- evaluation
-def _evaluate(parallel):
+def _evaluate(parallel, confidence):
     model = new_model()
+    method = replace(PRESETS["asymmetric_best"], confidence=confidence)
+    trainer = UniversalTrainer(method, V)
+    trainer.add_confidence_heads(model)
     with torch.no_grad():
         model.lm_head.weight.mul_(25)  # confident exits: routing sends some tokens out early
+        for head in getattr(model, "confidence_heads", {}).values():
+            head.weight.normal_(generator=torch.Generator().manual_seed(0))
     batches = [global_batch(seed) for seed in range(3)]  # 3 batches on 2 ranks
-    with torch.no_grad():  # about half of the tokens leave at layer 1
-        threshold = model.exit_logits(batches[0][0], [1])[0].softmax(-1).amax(-1).median().item()
-    trainer = UniversalTrainer(PRESETS["asymmetric_best"], V)
+    # about half of the tokens leave at layer 1
+    conf = exact_routed_forward(model, batches[0][0], 1, 1e-9, confidence=confidence).conf
+    threshold = conf.median().item()
     want = {mode: trainer.evaluate(model, batches, mode, routing_threshold=threshold, per_layer=True)
             for mode in ("exact", "compact")}
     module = distributed.wrap(model, parallel)
@@ -178,9 +189,10 @@ def _evaluate(parallel):
                 assert got[key] == pytest.approx(value, rel=1e-9), (mode, key)
 
 
+@pytest.mark.parametrize("confidence", ["max_prob", "learned"])
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_evaluate_sums_every_ranks_share_exact_and_compact(parallel):
-    spawn(_evaluate, parallel)
+def test_evaluate_sums_every_ranks_share_exact_and_compact(parallel, confidence):
+    spawn(_evaluate, parallel, confidence)
 
 
 # ------------------------------------------------------------------ runs: resume
