@@ -131,6 +131,14 @@ def parse_fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a fraction such as 0.02 or 2%, got {text!r}") from None
 
 
+def parse_confidences(text: str) -> List[str]:
+    """'max_prob,margin' -> ['max_prob', 'margin'] (distinct, known kinds, in the order given)."""
+    kinds = list(dict.fromkeys(k.strip() for k in text.split(",") if k.strip()))
+    if not kinds or any(k not in CONFIDENCE_KINDS for k in kinds):
+        raise ValueError(f"--confidence: expected a comma list of {', '.join(CONFIDENCE_KINDS)}, got {text!r}")
+    return kinds
+
+
 def parse_seeds(text: str) -> List[int]:
     """'0,1,2' -> [0, 1, 2] (distinct ints >= 0, in the order given)."""
     try:
@@ -413,21 +421,27 @@ def cmd_eval(args) -> int:
 def cmd_sweep(args) -> int:
     thresholds = parse_thresholds(args.routing_thresholds)
     run = Run.load(Path(args.run), **_runtime(args))
-    if run.model.n_layers <= run.config.method.exits[-1] and any(thresholds):
+    method = run.config.method
+    exit_sets = [parse_number_list(e, "--exit-layers", int) for e in args.exit_layers or []] or [method.exits]
+    confidences = parse_confidences(args.confidence) if args.confidence else [method.confidence]
+    if run.model.n_layers <= max(exits[-1] for exits in exit_sets) and any(thresholds):
         raise ValueError(f"--routing-thresholds: routing needs every exit layer < n_layers={run.model.n_layers}")
     compare = args.compare_exact and args.mode == "compact"
-    rows = run.sweep(args.split, args.mode, thresholds, eval_batches=args.eval_batches, compare_exact=compare,
-                     confidence=args.confidence)
+    variants = [(exits, confidence) for exits in exit_sets for confidence in confidences]
+    rows, curves = [], []
+    for exits, confidence in variants:
+        part = run.sweep(args.split, args.mode, thresholds, eval_batches=args.eval_batches, compare_exact=compare,
+                         confidence=confidence, exit_layers=exits)
+        name = f"exit_layers {exits}, confidence {confidence}"
+        rows += [dict(r, variant=name) for r in part] if len(variants) > 1 else part
+        curves.append((name, [(r["routing_threshold"], r["compute_cost"], r["ppl"]) for r in part]))
     text = (f"{run.config.name} ({run.path}): routing_threshold sweep, {args.split} split, {args.mode} mode, "
-            f"{exits_text(_routed_method(run, args.confidence))} (each threshold at every exit); * = Pareto-optimal "
-            f"(no threshold has both lower ppl and lower compute_cost)\n\n{report.sweep_table(rows, compare)}")
+            f"{'; '.join(name for name, _ in curves)} (each threshold at every exit); * = Pareto-optimal (no row "
+            f"has both lower ppl and lower compute_cost)\n\n{report.sweep_table(rows, compare)}")
     print(text, flush=True)
-    name = f"sweep-{args.mode}" + (f"-{args.confidence}" if args.confidence else "")
-    (run.path / f"{name}.md").write_text(text + "\n", encoding="utf-8")
-    report.save_plot(run.path / f"{name}.png",
-                     [(r["routing_threshold"], r["compute_cost"], r["ppl"]) for r in rows],
-                     f"{run.config.name}: routing_threshold sweep ({args.split}, {args.mode})", "compute_cost",
-                     "ppl", line=True)
+    (run.path / f"sweep-{args.mode}.md").write_text(text + "\n", encoding="utf-8")
+    report.save_curves(run.path / f"sweep-{args.mode}.png", curves if len(curves) > 1 else [("", curves[0][1])],
+                       f"{run.config.name}: routing_threshold sweep ({args.split}, {args.mode})", "compute_cost", "ppl")
     return 0
 
 
@@ -586,14 +600,18 @@ def _add_eval_flags(p, plural: bool = False) -> None:
     p.add_argument("--eval-batches", type=int, help="evaluate only the first N batches (default: all)")
     p.add_argument("--compare-exact", action="store_true",
                    help="compact mode: also time an exact pass (ppl_exact, ppl_diff_vs_exact, speedup_vs_exact)")
-    p.add_argument("--confidence", choices=CONFIDENCE_KINDS, help="exit score to route with (default: the run's)")
     if plural:
+        p.add_argument("--confidence", metavar="KIND,...", help=f"exit scores to sweep, a curve each, from "
+                                                               f"{', '.join(CONFIDENCE_KINDS)} (default: the run's)")
+        p.add_argument("--exit-layers", action="append", metavar="L,...",
+                       help="exits to route at (default: the run's); repeat for a curve per set")
         p.add_argument("--routing-thresholds", default=",".join(f"{t:g}" for t in SWEEP_THRESHOLDS),
                        help="comma list in [0, 1]")
         _alias(p, "--thresholds", "--routing-thresholds")
     else:
         p.add_argument("--routing-threshold", type=float, help="routing_threshold (default: the run's)")
         _alias(p, "--threshold", "--routing-threshold", type=float)
+        p.add_argument("--confidence", choices=CONFIDENCE_KINDS, help="exit score to route with (default: the run's)")
 
 
 def _add_runtime_flags(p, progress: bool = False) -> None:

@@ -54,19 +54,21 @@ def pareto_flags(rows: Sequence[Dict[str, Any]], x: str = "compute_cost", y: str
     return [not dominated(r) for r in rows]
 
 
-def sweep_columns(compare_exact: bool) -> List[Tuple[str, str]]:
-    cols = [("routing_threshold", "routing_threshold"), ("ppl", "ppl"), ("bits/byte", "bpb"), ("acc", "acc"),
-            ("shallow_ratio", "shallow_ratio"), ("compute_cost", "compute_cost")]
+def sweep_columns(compare_exact: bool, variants: bool = False) -> List[Tuple[str, str]]:
+    cols = [("routing", "variant")] if variants else []
+    cols += [("routing_threshold", "routing_threshold"), ("ppl", "ppl"), ("bits/byte", "bpb"), ("acc", "acc"),
+             ("shallow_ratio", "shallow_ratio"), ("compute_cost", "compute_cost")]
     if compare_exact:
         cols.append(("speedup_vs_exact", "speedup_vs_exact"))
     return cols + [("pareto", "pareto")]
 
 
 def sweep_table(rows: List[Dict[str, Any]], compare_exact: bool) -> str:
-    """The threshold sweep's table; marks Pareto-optimal rows (``pareto``: "*") in place."""
+    """The threshold sweep's table; marks Pareto-optimal rows (``pareto``: "*", over every
+    row, whatever its routing ``variant``) in place."""
     for row, best in zip(rows, pareto_flags(rows)):
         row["pareto"] = "*" if best else ""
-    return markdown_table(rows, sweep_columns(compare_exact))
+    return markdown_table(rows, sweep_columns(compare_exact, any("variant" in r for r in rows)))
 
 
 def cheapest_within(rows: Sequence[Dict[str, Any]], full_depth_ppl: float, max_increase: float) -> Optional[dict]:
@@ -209,13 +211,23 @@ def save_spread_plot(path: Path, series: Sequence[Tuple[str, Sequence[float], Se
 def save_plot(path: Path, points: Sequence[Tuple[str, float, float]], title: str, xlabel: str, ylabel: str,
               line: bool = False) -> Optional[Path]:
     """Labelled scatter (optionally joined) of (label, x, y) as a PNG; None without matplotlib."""
+    return save_curves(path, [("", points)], title, xlabel, ylabel, line)
+
+
+def save_curves(path: Path, curves: Sequence[Tuple[str, Sequence[Tuple[str, float, float]]]], title: str,
+                xlabel: str, ylabel: str, line: bool = True) -> Optional[Path]:
+    """One labelled series of annotated (label, x, y) points per (name, points), joined when
+    ``line``, with a legend when the series have names; None without matplotlib."""
     plt = _pyplot(path)
     if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(7, 5))
-    ax.plot([p[1] for p in points], [p[2] for p in points], "o-" if line else "o")
-    for label, x, y in points:
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    for name, points in curves:
+        ax.plot([p[1] for p in points], [p[2] for p in points], "o-" if line else "o", label=name or None)
+        for label, x, y in points:
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    if any(name for name, _ in curves):
+        ax.legend(fontsize=8)
     _finish(plt, fig, ax, path, title, xlabel, ylabel)
     return path
 

@@ -455,15 +455,18 @@ class Run:
     # -------------------------------------------------------------------- evaluation
     def evaluate(self, split: str = "val", mode: str = "exact", *, eval_batches: Optional[int] = None,
                  routing_threshold: Optional[float] = None, per_layer: Optional[bool] = None,
-                 compare_exact: bool = False, confidence: Optional[str] = None) -> Dict[str, Any]:
+                 compare_exact: bool = False, confidence: Optional[str] = None,
+                 exit_layers: Optional[Sequence[int]] = None) -> Dict[str, Any]:
         """``UniversalTrainer.evaluate`` on the first ``eval_batches`` batches (None: all) of a
-        split, with bits per byte; ``routing_threshold`` and ``confidence`` None = the run's
-        ("learned" needs a run trained with it: its checkpoint holds the confidence heads)."""
+        split, with bits per byte; ``routing_threshold``, ``confidence`` and ``exit_layers``
+        None = the run's ("learned" needs a run trained with it: its checkpoint holds the
+        confidence heads)."""
         t = self.config.train
         check_corpus(self.corpus, t.batch_size, t.seq_len, splits=(split,))
         batches, n_bytes = split_batches(self.corpus, split, t.batch_size, t.seq_len, eval_batches, self.device)
         stats = self.trainer.evaluate(self.model, batches, mode=mode, routing_threshold=routing_threshold,
-                                      per_layer=per_layer, compare_exact=compare_exact, confidence=confidence)
+                                      per_layer=per_layer, compare_exact=compare_exact, confidence=confidence,
+                                      exit_layers=exit_layers)
         return dict(with_bpb(stats, n_bytes), split=split, mode=mode)
 
 
@@ -490,14 +493,16 @@ class Run:
         return record
 
     def sweep(self, split: str, mode: str, thresholds: Sequence[float], *, eval_batches: Optional[int] = None,
-              compare_exact: bool = False, confidence: Optional[str] = None) -> List[Dict[str, Any]]:
+              compare_exact: bool = False, confidence: Optional[str] = None,
+              exit_layers: Optional[Sequence[int]] = None) -> List[Dict[str, Any]]:
         """One evaluation per routing threshold (no per-layer pass), each row with its
         ``routing_threshold`` as text; compare_exact applies in compact mode only; confidence
-        as in ``evaluate``."""
+        and exit_layers as in ``evaluate``."""
         rows = []
         for th in thresholds:
             stats = self.evaluate(split, mode, eval_batches=eval_batches, routing_threshold=th, per_layer=False,
-                                  compare_exact=compare_exact and mode == "compact", confidence=confidence)
+                                  compare_exact=compare_exact and mode == "compact", confidence=confidence,
+                                  exit_layers=exit_layers)
             rows.append(dict(stats, routing_threshold=f"{th:g}"))
             log(f"routing_threshold {th:g}: ppl {stats['ppl']:.3f}, compute_cost {stats['compute_cost']:.3f}")
         return rows

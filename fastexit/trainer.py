@@ -351,7 +351,7 @@ class UniversalTrainer:
     def evaluate(self, model: nn.Module, val_batches: Sequence[Batch], mode: str = "exact", *,
                  routing_threshold: Optional[routing.Thresholds] = None, per_layer: Optional[bool] = None,
                  compare_exact: bool = False, ignore_index: int = -100,
-                 confidence: Optional[str] = None) -> Dict[str, float]:
+                 confidence: Optional[str] = None, exit_layers: Optional[Sequence[int]] = None) -> Dict[str, float]:
         """Routed metrics over ``val_batches`` ((x, y) int64 (B, T) pairs), docs/design.md §3.
 
         Returns ``ppl``, ``acc``, ``nll``, ``shallow_ratio`` (the share of tokens leaving at any
@@ -367,14 +367,15 @@ class UniversalTrainer:
           and ``speedup_vs_exact``.
         ``routing_threshold``: None = the config's per-exit thresholds; one number overrides the
         threshold of every exit (a list: one per exit) (``routing.resolve_routing``);
-        ``confidence`` None = the config's (learned: the model needs confidence heads).
+        ``confidence`` None = the config's (learned: the model needs confidence heads);
+        ``exit_layers`` None = the config's exits.
         Under DDP / FSDP2 every rank calls it with the same ``val_batches``: each evaluates its
         share of them (under FSDP2 on a gathered copy of the weights) and the sums are reduced
         across ranks, so every rank returns the metrics of all batches.
         """
         self._check_eval_args(mode, val_batches, compare_exact)
         model, val_batches = distributed.evaluation_model(model), distributed.this_ranks_share(val_batches)
-        rule = routing.resolve_routing(model, routing_threshold, None, self.config, confidence)
+        rule = routing.resolve_routing(model, routing_threshold, exit_layers, self.config, confidence)
         per_layer = mode == "exact" if per_layer is None else per_layer
         rule_kwargs = dict(exit_layer=rule.exit_layers, routing_threshold=rule.routing_thresholds,
                            confidence=rule.confidence)

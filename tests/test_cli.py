@@ -409,8 +409,13 @@ def test_learned_confidence_trains_evaluates_and_resumes(data, tmp_path, capsys)
     text = capsys.readouterr().out
     (row,) = table_rows(text, "split")
     assert "confidence learned" in text and {"exit_ratio_L1", "exit_ratio_L2"} <= set(row)
-    assert main(["sweep", "--run", str(out), "--confidence", "margin", "--routing-thresholds", "0,0.5"]) == 0
-    assert "confidence margin" in capsys.readouterr().out and (out / "sweep-exact-margin.md").exists()
+    assert main(["sweep", "--run", str(out), "--confidence", "max_prob,margin,learned", "--exit-layers", "1",
+                 "--exit-layers", "1,2", "--routing-thresholds", "0,0.5"]) == 0
+    rows = table_rows(capsys.readouterr().out, "routing")
+    variants = [f"exit_layers {e}, confidence {c}" for e in ([1], [1, 2]) for c in ("max_prob", "margin", "learned")]
+    assert [r["routing"] for r in rows] == [v for v in variants for _ in range(2)]
+    assert all(float(r["compute_cost"]) == 1 for r in rows[::2])  # threshold 0: full depth in every variant
+    assert (out / "sweep-exact.png").read_bytes().startswith(PNG_MAGIC)
 
 
 def test_learned_confidence_on_a_run_without_heads_names_it(run, capsys):
