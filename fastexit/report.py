@@ -31,7 +31,7 @@ def eval_columns(n_layers: int, per_layer: bool, compare_exact: bool,
     """Columns of an evaluation table; exit_ratios: the exit_ratio_L{i} keys to show (one per
     exit, worth showing with several exits)."""
     cols = [("split", "split"), ("tokens", "n_tokens"), ("ppl", "ppl"), ("bits/byte", "bpb"), ("acc", "acc"),
-            ("shallow_ratio", "shallow_ratio"), ("compute_cost", "compute_cost")]
+            ("shallow_ratio", "shallow_ratio"), ("compute_cost", "compute_cost"), ("flop_cost", "flop_cost")]
     cols += [(key, key) for key in exit_ratios]
     if per_layer:
         cols += [(f"ppl_L{i}", f"ppl_L{i}") for i in range(1, n_layers + 1)]
@@ -57,7 +57,7 @@ def pareto_flags(rows: Sequence[Dict[str, Any]], x: str = "compute_cost", y: str
 def sweep_columns(compare_exact: bool, variants: bool = False) -> List[Tuple[str, str]]:
     cols = [("routing", "variant")] if variants else []
     cols += [("routing_threshold", "routing_threshold"), ("ppl", "ppl"), ("bits/byte", "bpb"), ("acc", "acc"),
-             ("shallow_ratio", "shallow_ratio"), ("compute_cost", "compute_cost")]
+             ("shallow_ratio", "shallow_ratio"), ("compute_cost", "compute_cost"), ("flop_cost", "flop_cost")]
     if compare_exact:
         cols.append(("speedup_vs_exact", "speedup_vs_exact"))
     return cols + [("pareto", "pareto")]

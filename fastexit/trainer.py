@@ -3,7 +3,7 @@ it with max-softmax routing (docs/design.md §2–3)."""
 import functools
 import math
 import time
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -385,13 +385,12 @@ class UniversalTrainer:
         model.eval()
         if mode == "exact":
             stats, = self._routed_stats(model, val_batches, [functools.partial(exact, all_layers=per_layer)],
-                                        rule.exit_layers, ignore_index)
+                                        rule, ignore_index)
         else:
-            stats = self._compact_stats(model, val_batches, compact, exact, compare_exact, rule.exit_layers,
-                                        ignore_index)
+            stats = self._compact_stats(model, val_batches, compact, exact, compare_exact, rule, ignore_index)
             if per_layer:
                 layers, = self._routed_stats(model, val_batches, [functools.partial(exact, all_layers=True)],
-                                             rule.exit_layers, ignore_index)
+                                             rule, ignore_index)
                 stats.update({k: v for k, v in layers.items() if k.startswith(("ppl_L", "acc_L"))})
         model.train(was_training)
         return stats
@@ -405,23 +404,23 @@ class UniversalTrainer:
         if compare_exact and mode != "compact":
             raise ValueError("compare_exact=True compares compact mode with exact mode: it needs mode='compact'")
 
-    def _compact_stats(self, model, val_batches, compact, exact, compare_exact, exits,
+    def _compact_stats(self, model, val_batches, compact, exact, compare_exact, rule,
                        ignore_index) -> Dict[str, float]:
         if not compare_exact:
-            return self._routed_stats(model, val_batches, [compact], exits, ignore_index)[0]
+            return self._routed_stats(model, val_batches, [compact], rule, ignore_index)[0]
         for routed_forward in (exact, compact) if val_batches else ():  # untimed: first calls pay for allocator growth
             routed_forward(model, val_batches[0][0].to(self.device), backend=self.backend)
-        ex, stats = self._routed_stats(model, val_batches, [exact, compact], exits, ignore_index)
+        ex, stats = self._routed_stats(model, val_batches, [exact, compact], rule, ignore_index)
         stats.update(ppl_exact=ex["ppl"], ppl_diff_vs_exact=stats["ppl"] - ex["ppl"],
                      speedup_vs_exact=ex["seconds"] / stats["seconds"])
         return stats
 
-    def _routed_stats(self, model, val_batches, forwards, exits, ignore_index) -> List[Dict[str, float]]:
-        """Metrics of each routed forward over the same batches (``exits``: the exit layers it
-        routes with). With several forwards, each batch runs all of them back to back, in
+    def _routed_stats(self, model, val_batches, forwards, rule, ignore_index) -> List[Dict[str, float]]:
+        """Metrics of each routed forward over the same batches (``rule``: the routing.Routing
+        it routes with). With several forwards, each batch runs all of them back to back, in
         alternating order, so that load drift on a shared machine hits their timings alike. One
         host sync at the end."""
-        acc = [_EvalSums(self.device, model.n_layers, exits) for _ in forwards]
+        acc = [_EvalSums(self.device, model, rule) for _ in forwards]
         for i, (x, y) in enumerate(val_batches):
             x, y = x.to(self.device), y.to(self.device)
             for j in (range(len(forwards)) if i % 2 == 0 else reversed(range(len(forwards)))):
@@ -435,16 +434,19 @@ class UniversalTrainer:
 class _EvalSums:
     """fp64 sums of one routed forward's metrics over batches, kept on the device."""
 
-    def __init__(self, device, n_layers: int, exits: Sequence[int]):
-        self.n_layers, self.exits, self.seconds = n_layers, list(exits), 0.0
-        # nll, correct, easy, layers_run, n, then the tokens leaving at each exit
-        self.routed = torch.zeros(5 + len(self.exits), dtype=torch.float64, device=device)
-        self.layers = torch.zeros(n_layers, 2, dtype=torch.float64, device=device)  # (L, [nll, correct])
+    def __init__(self, device, model: nn.Module, rule: "routing.Routing"):
+        self.n_layers, self.exits, self.seconds = model.n_layers, list(rule.exit_layers), 0.0
+        self.flops = _TokenFlops.of(model, rule.confidence)
+        self.scored_exits = [e for e, t in zip(rule.exit_layers, rule.routing_thresholds) if t > 0]  # exits that are on
+        # nll, correct, easy, layers_run, n, routed FLOPs, full-depth FLOPs, then the tokens leaving at each exit
+        self.routed = torch.zeros(7 + len(self.exits), dtype=torch.float64, device=device)
+        self.layers = torch.zeros(self.n_layers, 2, dtype=torch.float64, device=device)  # (L, [nll, correct])
         self.has_layers = False
 
     def add(self, out: "routing.RoutedOutput", y: torch.Tensor, ignore_index: int) -> None:
         valid, flat_y = y != ignore_index, y.reshape(-1)
         self.routed += _masked_sums(valid, out.nll, out.pred == y, out.easy, out.layers_run, valid,
+                                    *self.flops.routed_and_full(out.layers_run, self.scored_exits, self.n_layers),
                                     *(out.easy & (out.layers_run == i) for i in self.exits))
         for i, s in (out.layer_stats or {}).items():  # (B*T,) rows per layer
             self.has_layers = True
@@ -456,18 +458,49 @@ class _EvalSums:
         sums = torch.cat([self.routed, self.layers.reshape(-1), self.routed.new_tensor([self.has_layers])])
         values = distributed.sum_over_ranks(sums).tolist()  # the sync
         n_routed = self.routed.numel()
-        (nll, correct, easy, layers_run, n), left, has_layers = values[:5], values[5:n_routed], values[-1] > 0
+        (nll, correct, easy, layers_run, n, flops, full_flops), left = values[:7], values[7:n_routed]
+        has_layers = values[-1] > 0
         layers = [values[n_routed + 2 * i:n_routed + 2 + 2 * i] for i in range(self.n_layers)]  # (L, [nll, correct])
         seconds = distributed.max_over_ranks(self.seconds, self.routed.device)
         if n == 0:
             raise ValueError("val_batches has no scored tokens (all targets are ignore_index)")
         out = dict(ppl=math.exp(nll / n), nll=nll / n, acc=correct / n, shallow_ratio=easy / n,
-                   compute_cost=layers_run / (n * self.n_layers), tokens_per_s=n / seconds,
+                   compute_cost=layers_run / (n * self.n_layers), flop_cost=flops / full_flops,
+                   tokens_per_s=n / seconds,
                    seconds=seconds, n_tokens=int(n))
         out.update({f"exit_ratio_L{i}": count / n for i, count in zip(self.exits, left)})
         for i, (layer_nll, layer_correct) in enumerate(layers if has_layers else [], start=1):
             out.update({f"ppl_L{i}": math.exp(layer_nll / n), f"acc_L{i}": layer_correct / n})
         return out
+
+
+class _TokenFlops(NamedTuple):
+    """Forward matmul FLOPs per token of a model's parts, for ``flop_cost``: a block's weight
+    GEMMs (2 x its matrices' parameters), attention per key attended (4 d: scores and values),
+    the shared head (2 d V) and a learned confidence head (2 d; 0 for max_prob and margin, whose
+    score comes from the head pass the exit runs anyway)."""
+    block: float
+    attention_per_key: float
+    head: float
+    confidence_head: float
+
+    @classmethod
+    def of(cls, model: nn.Module, confidence: str) -> "_TokenFlops":
+        vocab, d = model.lm_head.weight.shape
+        block = 2 * sum(p.numel() for p in model.blocks[0].parameters() if p.dim() == 2)
+        return cls(float(block), 4.0 * d, 2.0 * d * vocab, 2.0 * d if confidence == "learned" else 0.0)
+
+    def routed_and_full(self, layers_run: torch.Tensor, exits: Sequence[int], n_layers: int):
+        """(B, T) FLOPs of each token as routed (the blocks up to its exit layer; at each of
+        ``exits``, the exits that are on, it reaches, the head pass and the confidence head; the
+        final head if it runs to the end) and at full depth (every block, the final head); the
+        token at position t attends to t + 1 keys."""
+        keys = torch.arange(1, layers_run.shape[-1] + 1, device=layers_run.device, dtype=torch.float64)
+        per_block = self.block + self.attention_per_key * keys  # (T,)
+        reached = sum(((layers_run >= e) & (e < n_layers)).double() for e in exits)  # up to the one it left at
+        routed = layers_run.double() * per_block + reached * (self.head + self.confidence_head) \
+            + (layers_run == n_layers).double() * self.head
+        return routed, (n_layers * per_block + self.head).expand(layers_run.shape)
 
 
 def _masked_sums(valid: torch.Tensor, *values: torch.Tensor) -> torch.Tensor:

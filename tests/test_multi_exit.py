@@ -226,6 +226,43 @@ def test_evaluate_exit_ratios_and_cost_count_each_scored_token_once():
     assert stats["n_tokens"] == at.numel()
 
 
+def hand_flops(cfg, layers_run, exits_on, learned=False):
+    """Forward matmul FLOPs of (B, T) tokens routed to ``layers_run`` and at full depth, from
+    the config: a block is q, k, v, o (4 d^2) and the MLP (2 d d_ff) per token, plus 4 d per key
+    attended; each exit on that a token reaches runs the head (2 d V) and a learned head (2 d)."""
+    d, V, L = cfg.d_model, cfg.vocab_size, cfg.n_layers
+    routed = full = 0.0
+    for row in layers_run.tolist():
+        for t, layers in enumerate(row):
+            block = 2 * (4 * d * d + 2 * d * cfg.d_ff) + 4 * d * (t + 1)
+            reached = sum(e <= layers for e in exits_on if e < L)
+            routed += layers * block + reached * (2 * d * V + (2 * d if learned else 0)) + (layers == L) * 2 * d * V
+            full += L * block + 2 * d * V
+    return routed / full
+
+
+@pytest.mark.parametrize("confidence", ["max_prob", "learned"])
+def test_flop_cost_counts_blocks_exit_heads_and_confidence_heads(confidence):
+    model, batches = make_model(5, block_scale=4.0), [batch(3, 16)]
+    if confidence == "learned":
+        model.add_confidence_heads([1, 2, 4])
+        with torch.no_grad():
+            for head in model.confidence_heads.values():
+                head.weight.normal_(generator=torch.Generator().manual_seed(1))
+    thresholds = [0.6, 0.0, 0.4]  # exit 2 off: it costs nothing
+    stats = trainer_for(5, exit_layers=[1, 2, 4], routing_thresholds=thresholds,
+                        confidence=confidence).evaluate(model, batches, "exact")
+    at = exact_routed_forward(model, batches[0][0], [1, 2, 4], thresholds, confidence=confidence).layers_run
+    assert len(set(at.flatten().tolist())) > 1  # tokens leave at several depths
+    assert stats["flop_cost"] == pytest.approx(hand_flops(model.cfg, at, [1, 4], confidence == "learned"), rel=1e-9)
+
+
+def test_flop_cost_is_one_without_routing():
+    model, batches = make_model(4), [batch(2, 16)]
+    assert trainer_for(4, exit_layers=[1, 3], routing_thresholds=[0.0, 0.0]).evaluate(
+        model, batches)["flop_cost"] == pytest.approx(1.0)
+
+
 def test_evaluate_routing_threshold_override_applies_to_every_exit():
     model, batches = make_model(4), [batch(2, 16)]
     trainer = trainer_for(4, exit_layers=[2, 3], routing_thresholds=[0.0, 0.0])
