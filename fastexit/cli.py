@@ -452,8 +452,8 @@ def cmd_calibrate(args) -> int:
                            delta=args.delta, exits=exits, confidence=args.confidence, eval_batches=args.eval_batches)
     constraint = (f"ppl at most {record['target']:.2%} above full depth" if record["constraint"] == "max_ppl_increase"
                   else f"agreement with the final layer at least {record['target']:.2%}")
-    rows = [dict(split=split, **record[split], ppl_increase=f"{record[split]['ppl'] / record[split]['ppl_full'] - 1:+.2%}")
-            for split in ("val", "test")]
+    rows = [dict(split=split, **m, ppl_increase=f"{m['ppl'] / m['ppl_full'] - 1:+.2%}")
+            for split, m in (("val", record["val"]), ("test", record["test"]))]
     cols = [("split", "split"), ("ppl", "ppl"), ("full-depth ppl", "ppl_full"), ("ppl increase", "ppl_increase"),
             ("agreement", "agreement"), ("compute_cost", "compute_cost"), ("shallow_ratio", "shallow_ratio")]
     cols += [(f"exit_ratio_L{e}", f"exit_ratio_L{e}") for e in record["exits"]]
