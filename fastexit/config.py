@@ -182,6 +182,9 @@ class UniversalConfig:
         if self.confidence not in CONFIDENCE_KINDS:
             raise ValueError(f"confidence must be one of {CONFIDENCE_KINDS}, got {self.confidence!r}")
         _check_positive("confidence_loss_weight", self.confidence_loss_weight, allow_zero=True)
+        if self.confidence_loss_weight and self.confidence != "learned":
+            raise ValueError(f"confidence_loss_weight={self.confidence_loss_weight} trains learned confidence heads: "
+                             f"it needs confidence='learned', got {self.confidence!r}")
         if self.confidence_label not in CONFIDENCE_LABELS:
             raise ValueError(f"confidence_label must be one of {CONFIDENCE_LABELS}, got {self.confidence_label!r}")
         if not isinstance(self.confidence_backbone_grad, bool):
@@ -287,7 +290,7 @@ class UniversalConfig:
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "UniversalConfig":
         schedule, scales, dropout = d.get("alpha_schedule"), d.get("layer_lr_scales"), d.get("layer_dropout")
-        return cls(layer_weights=_int_keys(d["layer_weights"]), exit_layer=int(d.get("exit_layer", 1)),
+        return cls(layer_weights=_int_keys(d["layer_weights"]), exit_layer=None if d.get("exit_layer") is None else int(d["exit_layer"]),
                    routing_threshold=float(d.get("routing_threshold", 0.95)),
                    alpha_schedule=None if schedule is None else AlphaSchedule(**schedule),
                    layer_lr_scales=None if scales is None else _int_keys(scales),

@@ -74,7 +74,14 @@ def resolve_routing(model, routing_threshold: Optional[Thresholds], exit_layer: 
     and in ``generate``.
     """
     exits = exit_layer if exit_layer is not None else config.exits if config is not None else 1
-    if routing_threshold is None:
+    if routing_threshold is None and config is not None and exit_layer is not None:
+        # exits of the caller's: the method's one threshold at each; its per-exit ones fit only its own exits
+        asked = [exit_layer] if isinstance(exit_layer, int) else list(exit_layer)
+        if config.routing_thresholds is not None and asked != config.exits:
+            raise ValueError(f"exit_layer={exit_layer!r} is not the method's exits {config.exits}, whose "
+                             f"routing_thresholds are one per exit: give routing_threshold too")
+        routing_threshold = config.routing_thresholds or config.routing_threshold
+    elif routing_threshold is None:
         routing_threshold = config.exit_thresholds if config is not None else 0.0
     if confidence is None:
         confidence = config.confidence if config is not None else "max_prob"

@@ -175,14 +175,19 @@ def with_calibration(config: RunConfig, path: Path, step: int) -> RunConfig:
     file = Path(path) / CALIBRATION
     if not file.exists():
         return config
-    record = json.loads(file.read_text(encoding="utf-8"))
+    try:
+        record = json.loads(file.read_text(encoding="utf-8"))
+        exits, thresholds, confidence = list(record["exits"]), list(record["thresholds"]), record["confidence"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{file}: not a calibration written by fastexit calibrate ({err!r}); delete it or "
+                         f"calibrate again") from None
     if record.get("step") != step:
         log(f"{file} was chosen for step {record.get('step')}, the checkpoint is at step {step}: ignored "
             f"(run fastexit calibrate again)")
         return config
     d = config.to_dict()
-    d["method"] = dict(d["method"], exit_layer=record["exits"][0], exit_layers=list(record["exits"]),
-                       routing_thresholds=list(record["thresholds"]), confidence=record["confidence"])
+    d["method"] = dict(d["method"], exit_layer=exits[0], exit_layers=exits, routing_thresholds=thresholds,
+                       confidence=confidence)
     return RunConfig.from_dict(d)
 
 
@@ -478,6 +483,9 @@ class Run:
         ``Run.load`` routes with them (the run's exits and confidence unless given). A run from
         ``Run.load``; the calibration holds for its checkpoint's step."""
         from . import calibrate
+        if self.step is None or self.corpus is None:
+            raise ValueError(f"{self.path}: calibrate a run opened with Run.load (with its data): the calibration "
+                             f"belongs to the checkpoint's step")
         m, t = self.config.method, self.config.train
         exits, confidence = list(exits or m.exits), confidence or m.confidence
         tables = {split: calibrate.exit_table(self.model, split_batches(self.corpus, split, t.batch_size, t.seq_len,

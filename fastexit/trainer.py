@@ -231,7 +231,7 @@ class UniversalTrainer:
         for layer, module in [(i + 1, b) for i, b in enumerate(blocks or [])] + [(0, model)]:
             lr = base_lr * (self.config.lr_scale(layer) if layer else 1.0)
             groups += self._param_groups(module, layer, lr, weight_decay, seen)
-        if "fused" not in adamw_kwargs and "foreach" not in adamw_kwargs:
+        if not {"fused", "foreach", "differentiable"} & adamw_kwargs.keys():
             # One kernel per parameter tensor instead of a dozen foreach passes: AdamW's update
             # is a fixed cost of every step (a third of layer dropout's saving on the CPU bench).
             adamw_kwargs["fused"] = all(p.is_floating_point() and p.device.type in ("cpu", "cuda")

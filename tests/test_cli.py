@@ -14,6 +14,7 @@ from fastexit.cli import main
 from fastexit.compare import LAYER_LR_CONFIGS
 from fastexit.config import RunConfig
 from fastexit.trainer import UniversalTrainer
+from fastexit.runs import Run, read_config
 
 STEPS = 8
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -376,6 +377,17 @@ def test_calibrate_writes_thresholds_the_run_then_routes_with(run, data, tmp_pat
     assert main(["eval", "--run", str(copy), "--split", "test"]) == 0
     captured = capsys.readouterr()
     assert "calibration.json was chosen for step" in captured.err and "exit_layer 1" in captured.out
+
+
+def test_a_damaged_calibration_is_one_error_naming_it_and_calibrate_needs_a_loaded_run(run, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    (copy / "calibration.json").write_text('{"exits": [1]}')
+    capsys.readouterr()
+    assert main(["eval", "--run", str(copy)]) == 2
+    assert "calibration.json" in error_line(capsys)
+    with pytest.raises(ValueError, match="Run.load"):
+        Run(copy, read_config(copy)).calibrate(min_agreement=0.9)
 
 
 @pytest.mark.parametrize("flags, needle", [

@@ -263,6 +263,27 @@ def test_flop_cost_is_one_without_routing():
         model, batches)["flop_cost"] == pytest.approx(1.0)
 
 
+def test_other_exits_than_the_methods_take_its_single_threshold_or_name_the_mismatch():
+    model = make_model(4)
+    one = UniversalConfig({4: 1.0}, exit_layer=1, routing_threshold=0.3)
+    assert resolve_routing(model, None, [1, 2], one).routing_thresholds == [0.3, 0.3]
+    per_exit = UniversalConfig({4: 1.0}, exit_layers=[1, 2], routing_thresholds=[0.3, 0.4])
+    assert resolve_routing(model, None, [1, 2], per_exit).routing_thresholds == [0.3, 0.4]
+    with pytest.raises(ValueError, match="exit_layer=.*give routing_threshold"):
+        resolve_routing(model, None, [1, 3], per_exit)
+
+
+def test_a_dict_without_exit_layer_takes_the_first_exit():
+    cfg = UniversalConfig.from_dict({"layer_weights": {"4": 1.0}, "exit_layers": [2, 3]})
+    assert cfg.exit_layer == 2 and cfg.exits == [2, 3]
+    assert UniversalConfig.from_dict({"layer_weights": {"4": 1.0}, "exit_layer": None}).exit_layer == 1
+
+
+def test_a_confidence_loss_without_learned_confidence_is_an_error_naming_it():
+    with pytest.raises(ValueError, match="confidence_loss_weight=0.5.*confidence='learned'"):
+        UniversalConfig({3: 1.0}, confidence_loss_weight=0.5)
+
+
 def test_evaluate_routing_threshold_override_applies_to_every_exit():
     model, batches = make_model(4), [batch(2, 16)]
     trainer = trainer_for(4, exit_layers=[2, 3], routing_thresholds=[0.0, 0.0])
@@ -402,7 +423,7 @@ def test_exits_out_of_range_for_the_model_are_refused():
 # ----------------------------------------------------------------------------- config and CLI
 def test_config_defaults_round_trip_and_old_dicts():
     config = UniversalConfig({2: 0.5, 4: 0.5}, exit_layers=[1, 3], routing_thresholds=[0.9, 0.7],
-                             confidence="margin", confidence_loss_weight=0.25)
+                             confidence="learned", confidence_loss_weight=0.25)
     assert config.exit_layer == 1 and config.exits == [1, 3] and config.exit_thresholds == [0.9, 0.7]
     assert UniversalConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     plain = UniversalConfig({1: 1.0}, exit_layer=2, routing_threshold=0.8)

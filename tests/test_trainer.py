@@ -138,6 +138,10 @@ def test_create_optimizer_groups():
         assert owner[id(p)]["lr"] == pytest.approx(1e-3)
     assert opt.defaults["betas"] == (0.9, 0.95)
     assert all(g["weight_decay"] == 0 for g in opt.param_groups if g["params"][0].dim() == 1)
+    assert opt.defaults["fused"] is True  # the default where every parameter is a float on CPU/CUDA
+    assert not UniversalTrainer(cfg, V).create_optimizer(model, base_lr=1e-3, foreach=True).defaults["fused"]
+    differentiable = UniversalTrainer(cfg, V).create_optimizer(model, base_lr=1e-3, differentiable=True)
+    assert differentiable.defaults["differentiable"] and not differentiable.defaults["fused"]
 
 
 def test_fit_lr_schedule_keeps_layer_ratios():
