@@ -477,8 +477,9 @@ class _EvalSums:
 class _TokenFlops(NamedTuple):
     """Forward matmul FLOPs per token of a model's parts, for ``flop_cost``: a block's weight
     GEMMs (2 x its matrices' parameters), attention per key attended (4 d: scores and values),
-    the shared head (2 d V) and a learned confidence head (2 d; 0 for max_prob and margin, whose
-    score comes from the head pass the exit runs anyway)."""
+    the shared head (2 d V) and a learned confidence head (2 d), or 0 for max_prob and margin,
+    which score with a head pass at every exit reached; a learned score needs the head pass
+    only where the token leaves."""
     block: float
     attention_per_key: float
     head: float
@@ -491,16 +492,17 @@ class _TokenFlops(NamedTuple):
         return cls(float(block), 4.0 * d, 2.0 * d * vocab, 2.0 * d if confidence == "learned" else 0.0)
 
     def routed_and_full(self, layers_run: torch.Tensor, exits: Sequence[int], n_layers: int):
-        """(B, T) FLOPs of each token as routed (the blocks up to its exit layer; at each of
-        ``exits``, the exits that are on, it reaches, the head pass and the confidence head; the
-        final head if it runs to the end) and at full depth (every block, the final head); the
-        token at position t attends to t + 1 keys."""
+        """(B, T) FLOPs of each token as routed (the blocks up to its exit layer, the scores at
+        each of ``exits``, the exits that are on, that it reaches, and its head passes) and at
+        full depth (every block, the final head); the token at position t attends to t + 1 keys."""
         keys = torch.arange(1, layers_run.shape[-1] + 1, device=layers_run.device, dtype=torch.float64)
         per_block = self.block + self.attention_per_key * keys  # (T,)
         reached = sum(((layers_run >= e) & (e < n_layers)).double() for e in exits)  # up to the one it left at
-        routed = layers_run.double() * per_block + reached * (self.head + self.confidence_head) \
-            + (layers_run == n_layers).double() * self.head
-        return routed, (n_layers * per_block + self.head).expand(layers_run.shape)
+        if self.confidence_head:  # a learned score at each exit reached, one head pass where the token stops
+            heads = reached * self.confidence_head + self.head
+        else:  # a head pass to score each exit reached, and the final head for tokens that run to the end
+            heads = reached * self.head + (layers_run == n_layers).double() * self.head
+        return layers_run.double() * per_block + heads, (n_layers * per_block + self.head).expand(layers_run.shape)
 
 
 def _masked_sums(valid: torch.Tensor, *values: torch.Tensor) -> torch.Tensor:

@@ -229,14 +229,16 @@ def test_evaluate_exit_ratios_and_cost_count_each_scored_token_once():
 def hand_flops(cfg, layers_run, exits_on, learned=False):
     """Forward matmul FLOPs of (B, T) tokens routed to ``layers_run`` and at full depth, from
     the config: a block is q, k, v, o (4 d^2) and the MLP (2 d d_ff) per token, plus 4 d per key
-    attended; each exit on that a token reaches runs the head (2 d V) and a learned head (2 d)."""
+    attended; max_prob scores each exit on that a token reaches with a head pass (2 d V), a
+    learned head with 2 d and needs one head pass, where the token stops."""
     d, V, L = cfg.d_model, cfg.vocab_size, cfg.n_layers
     routed = full = 0.0
     for row in layers_run.tolist():
         for t, layers in enumerate(row):
             block = 2 * (4 * d * d + 2 * d * cfg.d_ff) + 4 * d * (t + 1)
             reached = sum(e <= layers for e in exits_on if e < L)
-            routed += layers * block + reached * (2 * d * V + (2 * d if learned else 0)) + (layers == L) * 2 * d * V
+            heads = reached * 2 * d + 2 * d * V if learned else reached * 2 * d * V + (layers == L) * 2 * d * V
+            routed += layers * block + heads
             full += L * block + 2 * d * V
     return routed / full
 
