@@ -102,25 +102,32 @@ def parse_layer_dropout(text: str) -> LayerDropout:
                          f"got {text!r}") from None
 
 
-def parse_thresholds(text: str) -> List[float]:
+def parse_number_list(text: str, flag: str, kind=float, example: str = "") -> list:
+    """'2,4,8' -> [2, 4, 8] (kind=int) or '0.9,0.8' -> [0.9, 0.8], in the order given; the
+    caller (or the config) checks the values."""
     try:
-        values = [float(v) for v in text.split(",")]
+        return [kind(v) for v in text.split(",")]
     except ValueError:
-        raise ValueError(f"--routing-thresholds: expected numbers such as '0,0.5,0.9', got {text!r}") from None
+        example = example or ("'2,4,8'" if kind is int else "'0.9,0.8'")
+        raise ValueError(f"{flag}: expected a comma list such as {example}, got {text!r}") from None
+
+
+def parse_distinct(text: str, flag: str, kind, ok, what: str, example: str) -> list:
+    """A comma list of distinct values of ``kind`` for which ``ok`` holds (``what`` says which),
+    in the order given."""
+    values = parse_number_list(text, flag, kind, example)
+    if not all(ok(v) for v in values) or len(set(values)) != len(values):
+        raise ValueError(f"{flag}: every value must be {what}, each given once, got {text!r}")
+    return values
+
+
+def parse_thresholds(text: str) -> List[float]:
+    """'0.5,0,0.9' -> [0, 0.5, 0.9] (each in [0, 1], sorted, duplicates dropped)."""
+    values = parse_number_list(text, "--routing-thresholds", float, "'0,0.5,0.9'")
     bad = [v for v in values if not 0 <= v <= 1]
     if bad:
         raise ValueError(f"--routing-thresholds: every threshold must be in [0, 1], got {bad}")
     return sorted(set(values))
-
-
-def parse_number_list(text: str, flag: str, kind=float) -> list:
-    """'2,4,8' -> [2, 4, 8] (kind=int) or '0.9,0.8' -> [0.9, 0.8], in the order given; the
-    config checks the values."""
-    try:
-        return [kind(v) for v in text.split(",")]
-    except ValueError:
-        example = "'2,4,8'" if kind is int else "'0.9,0.8'"
-        raise ValueError(f"{flag}: expected a comma list such as {example}, got {text!r}") from None
 
 
 def parse_fraction(text: str) -> float:
@@ -141,24 +148,13 @@ def parse_confidences(text: str) -> List[str]:
 
 def parse_seeds(text: str) -> List[int]:
     """'0,1,2' -> [0, 1, 2] (distinct ints >= 0, in the order given)."""
-    try:
-        seeds = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise ValueError(f"--seeds: expected a comma list of ints >= 0 such as '0,1,2', got {text!r}") from None
-    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
-        raise ValueError(f"--seeds: every seed must be an int >= 0, each given once, got {text!r}")
-    return seeds
+    return parse_distinct(text, "--seeds", int, lambda s: s >= 0, "an int >= 0", "'0,1,2'")
 
 
 def parse_lrs(text: str) -> List[float]:
     """'1e-3,3e-3' -> [0.001, 0.003] (distinct finite numbers > 0, in the order given)."""
-    try:
-        lrs = [float(v) for v in text.split(",")]
-    except ValueError:
-        raise ValueError(f"--lrs: expected a comma list of learning rates such as '1e-3,3e-3', got {text!r}") from None
-    if not all(math.isfinite(v) and v > 0 for v in lrs) or len(set(lrs)) != len(lrs):
-        raise ValueError(f"--lrs: every learning rate must be a finite number > 0, each given once, got {text!r}")
-    return lrs
+    return parse_distinct(text, "--lrs", float, lambda v: math.isfinite(v) and v > 0, "a learning rate (a finite "
+                          "number > 0)", "'1e-3,3e-3'")
 
 
 def check_budget_flags(args) -> None:
