@@ -56,6 +56,22 @@ def pytest_benchmark_update_machine_info(config, machine_info):
                         loadavg=list(os.getloadavg()), cpu_count=os.cpu_count())
 
 
+_SKIPPED = []  # (test id, reason) of every benchmark that did not run
+
+
+def pytest_runtest_logreport(report):
+    """Remember why a benchmark was skipped, so its provider is listed in the report with the
+    reason (a peer not installed, no CUDA) instead of silently missing from its table."""
+    if report.skipped and isinstance(report.longrepr, tuple):
+        reason = report.longrepr[2].removeprefix("Skipped: ")
+        if not reason.startswith("Skipping non-benchmark"):  # --benchmark-only's own skips
+            _SKIPPED.append(dict(test=report.nodeid.split("::")[-1], reason=reason))
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    output_json["skipped"] = list(_SKIPPED)
+
+
 def _version(package: str) -> str:
     try:
         return importlib.metadata.version(package)

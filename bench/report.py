@@ -10,6 +10,7 @@ reported the same way. Speed-ups (baseline median / median) are given against ev
 provider present in a group (default: naive, linear_ce, fastexit; else the group's first row); peak
 memory is compared with the first of them. Groups named in GROUP_COLUMNS show those columns
 instead, in that order, and no median speed-ups: they record their own, from interleaved timings.
+Benchmarks that were skipped (a peer not installed, no CUDA) are listed last with the reason.
 There a key ending in "*" stands for every key with that prefix (per-exit metrics such as
 exit_ratio_L3, exit_ratio_L6), in the order of the number after it.
 """
@@ -148,7 +149,15 @@ def render(data: dict, baselines: list) -> str:
     lines = header(data)
     for group, rows in groups.items():
         lines += group_table(group, rows, baselines)
-    return "\n".join(lines)
+    return "\n".join(lines + skipped_table(data.get("skipped", [])))
+
+
+def skipped_table(skipped: list) -> list:
+    """The benchmarks that did not run (a provider this machine cannot run), with the reason."""
+    if not skipped:
+        return []
+    return (["## Not run", "", "| benchmark | reason |", "|---|---|"]
+            + [f"| {s['test']} | {s['reason']} |" for s in skipped] + [""])
 
 
 def default_out(data: dict) -> Path:

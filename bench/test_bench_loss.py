@@ -2,11 +2,13 @@
 
 Providers: naive (full logits per weighted head + F.cross_entropy), torch.compile of naive,
 F.linear_cross_entropy with LinearCrossEntropyOptions() per weighted head, ours (torch and
-Triton), Liger-Kernel per head when installed, and matmul-only floors: the three GEMMs of
+Triton), Liger-Kernel and Apple's cut-cross-entropy (CCE) per head when installed (CUDA only;
+on a machine without them, carry their wheels: bench/gpu_session.md), and matmul-only floors: the three GEMMs of
 fwd+bwd (logits, dH, dW) per weighted head and nothing else, through torch.mm (MKL on CPU)
 and, on CPU, through oneDNN (what ours_torch uses there). test_loss_distill: ours with and
 without self-distillation (teacher head, teacher tensor).
 """
+import importlib.util
 import math
 from dataclasses import dataclass
 
@@ -42,7 +44,8 @@ class LossShape:
 
 CPU_SHAPES = [LossShape(4096, 256, 32000, (0.7, 0.0, 0.3), torch.float32)]
 GPU_SHAPES = [LossShape(16384, 2048, 128256, (0.7, 0.0, 0.3), torch.bfloat16),
-              LossShape(16384, 2048, 128256, (0.25, 0.25, 0.25, 0.25), torch.bfloat16)]
+              LossShape(16384, 2048, 128256, (0.25, 0.25, 0.25, 0.25), torch.bfloat16),
+              LossShape(8192, 4096, 128256, (0.7, 0.0, 0.3), torch.bfloat16)]  # Llama-3-8B's head
 SHAPES = GPU_SHAPES if torch.cuda.is_available() else CPU_SHAPES
 
 
@@ -78,6 +81,12 @@ def liger(hs, weight, targets, head_weights):
     return sum(w * loss_fn(weight, h, targets) for h, w in zip(hs, head_weights) if w > 0)
 
 
+def cce(hs, weight, targets, head_weights):
+    """cut-cross-entropy's default: its Triton kernel with gradient filtering (filter_eps "high")."""
+    from cut_cross_entropy import linear_cross_entropy
+    return sum(w * linear_cross_entropy(h, weight, targets) for h, w in zip(hs, head_weights) if w > 0)
+
+
 def matmul_floor(hs, weight, targets, head_weights):
     """Not a loss: the fwd+bwd GEMMs alone (torch.mm), for reading off how close the others get."""
     for h, w in zip(hs, head_weights):
@@ -99,20 +108,22 @@ def matmul_floor_onednn(hs, weight, targets, head_weights):
 
 
 PROVIDERS = {"naive": naive, "compiled_naive": compiled_naive, "linear_ce": linear_ce,
-             "ours_torch": ours_torch, "ours_triton": ours_triton, "liger": liger,
+             "ours_torch": ours_torch, "ours_triton": ours_triton, "liger": liger, "cce": cce,
              "matmul_floor": matmul_floor, "matmul_floor_onednn": matmul_floor_onednn}
+
+
+PEER_PACKAGES = {"liger": "liger_kernel", "cce": "cut_cross_entropy"}
 
 
 def skip_reason(provider: str, device: torch.device):
     if provider == "ours_triton" and not (HAS_TRITON and device.type == "cuda"):
         return "ours_triton benchmarks need CUDA and triton"
-    if provider == "liger":
-        try:
-            import liger_kernel  # noqa: F401
-        except ImportError:
-            return "liger_kernel not installed"
+    if provider in PEER_PACKAGES:
+        package = PEER_PACKAGES[provider]
+        if importlib.util.find_spec(package) is None:
+            return f"{package} not installed"
         if device.type != "cuda":
-            return "liger_kernel runs on CUDA only"
+            return f"{package} runs on CUDA only"
     if provider == "matmul_floor_onednn" and not (device.type == "cpu" and torch.backends.mkldnn.is_available()):
         return "the oneDNN floor is for CPUs with mkldnn"
     if provider == "linear_ce" and not hasattr(F, "linear_cross_entropy"):

@@ -49,19 +49,25 @@ class Shape:
     gen_batch: int = 64     # generation rows (CPU GEMMs of a few rows run far below peak), prompt, new tokens
     prompt_len: int = 8
     new_tokens: int = 48
+    dtype: torch.dtype = torch.float32  # of the model's weights
 
     @property
     def label(self) -> str:
         exits = f"exit{self.exit_layers[0]}" if len(self.exit_layers) == 1 else \
             "exits" + "_".join(map(str, self.exit_layers))
-        return f"L{self.n_layers}-d{self.d_model}-{exits}-V{self.vocab}"
+        dtype = "" if self.dtype == torch.float32 else "-" + str(self.dtype).removeprefix("torch.")
+        return f"L{self.n_layers}-d{self.d_model}-{exits}-V{self.vocab}{dtype}"
 
     def exit_shares(self, level: int) -> Tuple[float, ...]:
         """Target share of all tokens leaving at each exit: SHALLOW_TARGETS[level] split evenly."""
         return (SHALLOW_TARGETS[level] / len(self.exit_layers),) * len(self.exit_layers)
 
 
-SHAPES = [Shape(12, 512, 8, (4,)), Shape(3, 256, 4, (1,)), Shape(12, 512, 8, (3, 6, 9))]
+CPU_SHAPES = [Shape(12, 512, 8, (4,)), Shape(3, 256, 4, (1,)), Shape(12, 512, 8, (3, 6, 9))]
+# The CPU tables' exits on a 12-layer d=2048 bf16 model; eval 8x1024 tokens, decoding 64 rows.
+GPU_SHAPES = [Shape(12, 2048, 16, exits, vocab=32000, batch=8, seq_len=1024, prompt_len=128, new_tokens=128,
+                    dtype=torch.bfloat16) for exits in ((4,), (3, 6, 9))]
+SHAPES = GPU_SHAPES if torch.cuda.is_available() else CPU_SHAPES
 
 
 # ----------------------------------------------------------------------------- FLOP model
@@ -140,7 +146,7 @@ def make_model(shape: Shape, device) -> EarlyExitTransformer:
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=shape.vocab, n_layers=shape.n_layers, d_model=shape.d_model,
                       n_heads=shape.n_heads, max_seq_len=shape.seq_len, tie_embeddings=False)
-    model = EarlyExitTransformer(cfg).to(device).eval()
+    model = EarlyExitTransformer(cfg).to(device, shape.dtype).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(HEAD_SCALE)
     return model

@@ -5,8 +5,9 @@
 The rest of tests/ checks every Triton kernel through the interpreter on CPU tensors (CI has
 no GPU). This file runs both backends on CUDA tensors at shapes where the GPU tile sizes and
 the bf16/fp16 tensor-core paths are used, against fp64 references, and checks that the
-training loss never synchronises with the host. Without CUDA (or under the interpreter) it
-is skipped as a whole.
+training loss, a whole training step and routed evaluation never synchronise with the host
+beyond what docs/design.md allows. Without CUDA (or under the interpreter) it is skipped as a
+whole.
 """
 import math
 
@@ -14,9 +15,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastexit import EarlyExitTransformer, ModelConfig, UniversalConfig, UniversalTrainer, distributed
+from fastexit.config import LayerDropout
 from fastexit.kernels import HAS_TRITON, compact_indices, exit_confidence, gather_rows, scatter_rows
 from fastexit.kernels.backend import dot_precision, interpreting
 from fastexit.kernels.weighted_ce import weighted_linear_cross_entropy
+from fastexit.routing import compact_routed_forward, exact_routed_forward
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or interpreting(),
                                 reason="compiled GPU kernels: needs CUDA and TRITON_INTERPRET=0")
@@ -285,3 +289,113 @@ def test_compaction_on_gpu():
     out = torch.zeros_like(x)
     scatter_rows(out, idx, x[idx] * 2, backend="triton")
     assert torch.equal(out[idx], x[idx] * 2) and not out[~mask].any()
+
+
+# ----------------------------------------------------------------------------- N * V > 2**31
+BIG_N, BIG_D, BIG_V = 17000, 64, 128256  # 2.18e9 logits: flat offsets past row 16743 need int64
+REF_CHUNK = 2048
+
+
+def chunked_rows_and_grads(h, weight, targets, g, dtype):
+    """Per-row NLL (N,) and the grads of sum(g * nll) to (h, weight), as fp64: the logits in
+    ``dtype`` (16-bit: cross_entropy in fp32, as autocast runs it), REF_CHUNK rows at a time."""
+    h, weight = (t.detach().to(dtype).requires_grad_() for t in (h, weight))
+    rows = []
+    for i in range(0, h.shape[0], REF_CHUNK):
+        logits = (h[i:i + REF_CHUNK] @ weight.T).to(torch.promote_types(dtype, torch.float32))
+        nll = F.cross_entropy(logits, targets[i:i + REF_CHUNK], ignore_index=IGNORE, reduction="none")
+        (nll * g[i:i + REF_CHUNK]).sum().backward()
+        rows.append(nll.detach())
+    return [torch.cat(rows).double(), h.grad.double(), weight.grad.double()]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weighted_ce_past_int32_offsets(backend):
+    """N * V > 2**31 in bf16: per-row losses and both gradients against fp64, at most 2x as
+    wrong as PyTorch's own bf16 (an int32 offset wraps or faults on the rows past the boundary)."""
+    hs, weight, targets = inputs(torch.bfloat16, n=BIG_N, d=BIG_D, v=BIG_V)
+    assert BIG_N * BIG_V > 2**31
+    targets[-1] = BIG_V - 1  # the very last logit is a target
+    g = torch.linspace(0.5, 3.0, BIG_N, device="cuda")
+    leaves = [t.detach().clone().requires_grad_() for t in (hs[0], weight)]
+    rows = weighted_linear_cross_entropy([leaves[0]], leaves[1], targets, (1.0,), reduction="none",
+                                         backend=backend).reshape(-1)
+    ours = [rows.detach().double(), *(x.double() for x in torch.autograd.grad((rows * g).sum(), leaves))]
+    exact = chunked_rows_and_grads(hs[0], weight, targets, g, torch.float64)
+    same_dtype = chunked_rows_and_grads(hs[0], weight, targets, g, torch.bfloat16)
+    for name, a, r, p in zip(("rows", "dh", "dW"), ours, exact, same_dtype):
+        bound = 2 * rel_err(p, r) + 1e-3
+        assert torch.isfinite(a).all() and rel_err(a, r) <= bound, f"{name}: {rel_err(a, r):.3g} > {bound:.3g}"
+    past = (torch.arange(BIG_N, device="cuda") * BIG_V >= 2**31) & (targets != IGNORE)
+    assert past.sum() > 100 and (ours[0][past] > 0).all()  # the rows past the boundary were scored
+
+
+# ----------------------------------------------------------------------------- host syncs in training
+SYNC_VOCAB, SYNC_LAYERS = 5003, 4
+SYNC_METHODS = {
+    "asymmetric": dict(weights={2: 0.7, 4: 0.3}),
+    "distill": dict(weights={2: 0.5, 4: 0.5}, distill_weight=0.5),
+    "layer_dropout": dict(weights={2: 0.5, 4: 0.5}, layer_dropout=LayerDropout(0.5, "linear")),
+    "learned_confidence": dict(weights={2: 0.5, 4: 0.5}, exit_layers=[2], routing_thresholds=[0.9],
+                               confidence="learned", confidence_loss_weight=1.0),
+}
+
+
+def tiny_model(dtype=torch.float32, **kw) -> EarlyExitTransformer:
+    torch.manual_seed(0)
+    cfg = ModelConfig(SYNC_VOCAB, n_layers=SYNC_LAYERS, d_model=256, n_heads=4, max_seq_len=128, **kw)
+    return EarlyExitTransformer(cfg).to("cuda", dtype)
+
+
+@NEEDS_TRITON
+@pytest.mark.parametrize("method", list(SYNC_METHODS))
+def test_training_step_never_syncs_with_the_host(method):
+    """What fit() runs per step between its log line's one sync: loss, backward, clipping,
+    fused AdamW. A first step outside the check builds the optimizer state and compiles."""
+    kw = dict(SYNC_METHODS[method])
+    model, weights = tiny_model(), kw.pop("weights")
+    trainer = UniversalTrainer(UniversalConfig(weights, **kw), SYNC_VOCAB, device="cuda", backend="triton")
+    optimizer = trainer.create_optimizer(model, 1e-3)
+    x, y = torch.randint(0, SYNC_VOCAB, (2, 8, 128), device="cuda")
+    drops = trainer.layer_drops(SYNC_LAYERS, x.shape[0]) if kw.get("layer_dropout") else None
+
+    def step():
+        loss = trainer.compute_loss(model, x, y, drops)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        distributed.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        return loss.detach()
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss).item()
+
+
+# ----------------------------------------------------------------------------- routed evaluation
+@NEEDS_TRITON
+@pytest.mark.parametrize("exits", [[1], [1, 2, 3]])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compact_matches_exact_on_gpu(dtype, exits):
+    """Compact mode on CUDA routes like exact mode: a token that leaves at exit e gets exit e's
+    prediction and NLL in both (tokens running on see states that differ only through the keys
+    of tokens that left, so only exits and the first exit's results are compared exactly)."""
+    model = tiny_model(dtype, tie_embeddings=False).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)  # spreads random-init confidences over (0, 1)
+    idx, targets = torch.randint(0, SYNC_VOCAB, (2, 4, 128), device="cuda")
+    conf = exact_routed_forward(model, idx, exits, 0.0).conf.flatten().float().sort().values
+    middle = conf.numel() // 2  # halfway between two confidences: no token sits on the threshold
+    thresholds = [float(conf[middle - 1:middle + 1].mean())] * len(exits)
+    compact = compact_routed_forward(model, idx, exits, thresholds, targets, backend="triton")
+    exact = exact_routed_forward(model, idx, exits, thresholds, targets, backend="triton")
+    first = exact.layers_run == exits[0]  # decided before any token has left: the same in both modes
+    assert 0 < first.float().mean() < 1
+    assert torch.equal(compact.layers_run == exits[0], first)
+    assert torch.equal(compact.pred[first], exact.pred[first])
+    assert torch.allclose(compact.nll[first], exact.nll[first], rtol=1e-5, atol=1e-5)
