@@ -138,9 +138,11 @@ class UniversalTrainer:
                 distill["teacher"] = hiddens.pop().detach()
             loss = weighted_linear_cross_entropy(hiddens, model.lm_head.weight, y.reshape(-1),
                                                  [weights[i] for i in layers], reduction=reduction,
-                                                 backend=self.backend, **distill)
-            if learned:
-                loss = loss + self.confidence_loss(model, dict(zip(run, states)), y, reduction)
+                                                 backend=self.backend, return_argmax=bool(learned), **distill)
+            if learned:  # the weighted layers' argmax comes with their loss: no head pass for their labels
+                loss, argmax = loss
+                loss = loss + self.confidence_loss(model, dict(zip(run, states)), y, reduction,
+                                                   preds={i: a for i, a in zip(layers, argmax) if a is not None})
         return distributed.global_token_mean(loss, y) if across_ranks else loss
 
     def _confidence_layers(self, model: nn.Module) -> List[int]:
@@ -155,7 +157,8 @@ class UniversalTrainer:
         return cfg.exits + ([n_layers] if cfg.confidence_label == "consistency" and n_layers not in cfg.exits else [])
 
     def confidence_loss(self, model: nn.Module, states: Dict[int, torch.Tensor], y: torch.Tensor,
-                        reduction: str = "mean", ignore_index: int = -100) -> torch.Tensor:
+                        reduction: str = "mean", ignore_index: int = -100,
+                        preds: Optional[Dict[int, torch.Tensor]] = None) -> torch.Tensor:
         """``confidence_loss_weight`` * the binary cross-entropy of every exit's confidence
         logit (``model.confidence_heads``) against its label, averaged over the exits and (with
         reduction 'mean'; 'sum' sums) over the scored tokens.
@@ -163,12 +166,20 @@ class UniversalTrainer:
         states: {layer: exit-normed states (N, d)} of every exit and, for the "consistency"
         label, of the final layer; y: (B, T) or (N,) int64 targets. The label of a token at
         exit e is 1 where e's argmax equals the final layer's ("consistency") or the target
-        ("correct"), from ``exit_confidence`` under no_grad: no [N, V] logits. Without
-        ``confidence_backbone_grad`` the heads see detached states, so this loss trains them alone.
+        ("correct"), from ``exit_confidence`` under no_grad: no [N, V] logits. preds: {layer:
+        argmax (N,) int64} of layers already known (``compute_loss`` passes the weighted layers',
+        which the fused loss returns); only the other layers take a head pass. Ignored rows are
+        masked out, so their values there do not matter. Without ``confidence_backbone_grad``
+        the heads see detached states, so this loss trains them alone.
         """
-        cfg, weight, y = self.config, model.lm_head.weight.detach(), y.reshape(-1)
+        cfg, weight, y, preds = self.config, model.lm_head.weight.detach(), y.reshape(-1), preds or {}
         valid = y != ignore_index
-        pred = lambda layer: exit_confidence(states[layer].detach(), weight, backend=self.backend).pred  # noqa: E731
+
+        def pred(layer: int) -> torch.Tensor:
+            if layer in preds:
+                return preds[layer]
+            return exit_confidence(states[layer].detach(), weight, backend=self.backend).pred
+
         agree_with = y if cfg.confidence_label == "correct" else pred(model.n_layers)
         total = 0.0
         for layer in cfg.exits:

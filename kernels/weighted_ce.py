@@ -52,12 +52,17 @@ pass over the student's row, the student's exp-sum at T and the teacher row's ma
 and p_t-weighted z_t - z_k, so KL costs no pass more; the gradient pass reads the teacher's
 row again. A teacher head's own rows run in a second launch, once every student has read
 its logits (they turn into its dlogits in place).
+
+return_argmax=True also gives each head's row argmax (the first index on ties, as torch.argmax
+and exit_confidence), taken from the chunk's logits before they turn into dlogits: the PyTorch
+path adds one argmax over them, the Triton row kernel (HAS_ARGMAX) tracks it beside its online
+max. A learned confidence's labels need it, and would otherwise cost a head pass per layer.
 """
 import math
 import numbers
 import operator
 from dataclasses import dataclass
-from typing import Callable, List, NamedTuple, Optional, Sequence, Union
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -254,8 +259,10 @@ def _grad_mm_dtype(mm_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if mm_dtype == torch.float16 else mm_dtype
 
 
-def _chunked_pass(hs, weight, targets, row_scales, opt: CEOptions, rows_fn, teacher: Teacher = None):
-    """Loss rows (A, N) of the heads that run and, if row_scales (A, N) is given, grads.
+def _chunked_pass(hs, weight, targets, row_scales, opt: CEOptions, rows_fn, teacher: Teacher = None,
+                  argmax: Optional[torch.Tensor] = None):
+    """Loss rows (A, N) of the heads that run and, if row_scales (A, N) is given, grads; if
+    argmax (A, N) int64 is given, the row argmax of the non-ignored rows' logits goes there.
 
     hs: A tensors [N, d]; weight: [V, d]; targets: [N] int64. Per chunk of kept rows: one GEMM for
     the logits of all heads, rows_fn for loss and dlogits, GEMMs for dH and dW. With a teacher,
@@ -284,6 +291,11 @@ def _chunked_pass(hs, weight, targets, row_scales, opt: CEOptions, rows_fn, teac
             x.masked_fill_((tgt == opt.ignore_index).unsqueeze(1), 0.0)
         scale = rows_of(row_scales, 1).reshape(-1) if want_grad else None
         logits = gemm.linear_fp32(x, w_mm)  # (A*c, V)
+        if argmax is not None:  # before the row step turns the logits into dlogits
+            arg = logits.argmax(1)  # (A*c,) the first index on ties
+            if keep is None:
+                arg.masked_fill_(tgt == opt.ignore_index, opt.ignore_index)
+            _put_rows(argmax, keep, s, arg.view(n_heads, e - s))
         if teacher is None:
             rows, dlogits = rows_fn(logits, tgt, scale, opt, w_grad.dtype)
         else:
@@ -389,8 +401,8 @@ def _torch_distill_rows(logits, teacher_logits, teacher_head: Optional[int], tgt
     return loss, (None if scale is None else logits.to(grad_dtype))
 
 
-def _torch_pass(hs, weight, targets, row_scales, opt: CEOptions, teacher: Teacher = None):
-    return _chunked_pass(hs, weight, targets, row_scales, opt, _torch_rows, teacher)
+def _torch_pass(hs, weight, targets, row_scales, opt: CEOptions, teacher: Teacher = None, argmax=None):
+    return _chunked_pass(hs, weight, targets, row_scales, opt, _torch_rows, teacher, argmax)
 
 
 # ----------------------------------------------------------------------------- Triton path
@@ -476,6 +488,7 @@ if HAS_TRITON:
         Targets_ptr,
         Scales_ptr,
         Loss_ptr,
+        Argmax_ptr,
         Dmax_ptr,
         N_live_ptr,
         chunk_start,
@@ -493,12 +506,14 @@ if HAS_TRITON:
         HAS_DISTILL: tl.constexpr,
         HAS_GRAD: tl.constexpr,
         TRACK_MAX: tl.constexpr,
+        HAS_ARGMAX: tl.constexpr,
         SERIES_MAX_Q: tl.constexpr,
         BLOCK_V: tl.constexpr,
     ):
         """One row: online logsumexp over its n_classes logits, then (HAS_GRAD) fp32 dlogits
         written over them tile by tile, zeros over the padding up to n_padded (the dH and dW
         GEMMs read whole aligned rows), and (TRACK_MAX) the row's max |dlogit| into Dmax.
+        HAS_ARGMAX: the row's argmax (first on ties) into Argmax, ignore_index for an ignored row.
 
         HAS_DISTILL: the row is a student of the teacher's row of the same chunk row (Teacher,
         rows padded like Logits): the same pass also takes online the student's exp-sum at
@@ -526,6 +541,7 @@ if HAS_TRITON:
             t_max = float("-inf")  # and the teacher's row: its max, exp-sum at T, and
             t_sum = 0.0
             t_dot = 0.0  # sum of exp((x_t - t_max) / T) * (x_t - x): t_sum * <p_t, z_t - z_k>
+            best = 0  # HAS_ARGMAX: the argmax so far
             for v0 in range(0, n_classes, BLOCK_V):
                 offs = v0 + cols
                 x = _load_logits(logits_row, offs, n_classes, n_padded)
@@ -533,7 +549,10 @@ if HAS_TRITON:
                 x_target += tl.sum(tl.where(is_target, x, 0.0))
                 if HAS_SMOOTHING:
                     x_sum += tl.sum(tl.where(offs < n_classes, x, 0.0))
-                new_max = tl.maximum(row_max, tl.max(x))
+                tile_max = tl.max(x)
+                if HAS_ARGMAX:  # the tile's first class at its max; strict >: an earlier tile wins a tie
+                    best = tl.where(tile_max > row_max, tl.min(tl.where(x == tile_max, offs, n_padded)), best)
+                new_max = tl.maximum(row_max, tile_max)
                 other = other * tl.exp(row_max - new_max) + tl.sum(tl.where(is_target, 0.0, tl.exp(x - new_max)))
                 if HAS_DISTILL:
                     sum_exp_t *= tl.exp((row_max - new_max) * inv_t)
@@ -564,6 +583,8 @@ if HAS_TRITON:
                 kl = (t_dot / t_sum + row_max - t_max) * inv_t + log_sum_t - log_t_sum
                 loss += distill_weight * distill_temperature * distill_temperature * kl
             tl.store(Loss_ptr + row, loss)
+            if HAS_ARGMAX:
+                tl.store(Argmax_ptr + row, best)
             if HAS_GRAD:
                 scale = tl.load(Scales_ptr + row).to(tl.float32)
                 uniform = label_smoothing / n_classes
@@ -587,6 +608,8 @@ if HAS_TRITON:
                     tl.atomic_max(Dmax_ptr, d_max)
         else:
             tl.store(Loss_ptr + row, 0.0)
+            if HAS_ARGMAX:
+                tl.store(Argmax_ptr + row, ignore_index)
             if HAS_GRAD:
                 if is_live:  # a live row with a bad target: the dH and dW kernels read its zeros
                     for v0 in range(0, n_padded, BLOCK_V):
@@ -768,7 +791,8 @@ def _launch_dw(dlogits, x, dw, d_max, where, tiles: GemmTiles, opts: dict) -> No
                      BLOCK_V=tiles.out_rows, BLOCK_D=tiles.out_cols, BLOCK_M=tiles.inner, **opts)
 
 
-def _triton_pass(hs, weight, targets, row_scales, opt: CEOptions, teacher: Teacher = None):
+def _triton_pass(hs, weight, targets, row_scales, opt: CEOptions, teacher: Teacher = None,
+                 argmax: Optional[torch.Tensor] = None):
     """The Triton counterpart of _chunked_pass: same contract (fp32 results), no host sync,
     ignored rows skipped. A teacher head's logits are read where they are; a teacher tensor's
     take one more logits GEMM per chunk, into a buffer of their own."""
@@ -800,10 +824,13 @@ def _triton_pass(hs, weight, targets, row_scales, opt: CEOptions, teacher: Teach
             _launch_logits(teacher.index_select(0, idx).to(mm_dtype)[None], w_mm, t_logits, where, tiles, opts)
             t_logits = t_logits[0]
         scale = row_scales.index_select(1, idx).reshape(-1) if want_grad else None
+        arg = None if argmax is None else torch.empty(n_heads * c, dtype=torch.int64, device=device)
         rows = _triton_rows(logits.view(-1, n_classes), targets.index_select(0, idx).repeat(n_heads), scale,
                             opt, where, d_max, track_max=grad_opts["SCALE_DLOGITS"], teacher_logits=t_logits,
-                            teacher_head=teacher if isinstance(teacher, int) else None)
+                            teacher_head=teacher if isinstance(teacher, int) else None, argmax=arg)
         loss.index_copy_(1, idx, rows.view(n_heads, c))
+        if argmax is not None:
+            argmax.index_copy_(1, idx, arg.view(n_heads, c))
         if want_grad:
             dh = torch.empty(n_heads, c, d, dtype=torch.float32, device=device)
             _launch_dh(logits, w_mm, dh, d_max, where, grad_tiles, grad_opts)
@@ -813,10 +840,11 @@ def _triton_pass(hs, weight, targets, row_scales, opt: CEOptions, teacher: Teach
 
 
 def _triton_rows(logits, tgt, scale, opt: CEOptions, where, d_max, track_max: bool, teacher_logits=None,
-                 teacher_head: Optional[int] = None):
+                 teacher_head: Optional[int] = None, argmax: Optional[torch.Tensor] = None):
     """Row loss (R,) of fp32 logits (R, V) whose rows are padded to stride(0) columns. Given
     `scale` (R,), the rows are overwritten with fp32 dlogits (zeros over the padding) and, with
-    track_max, their max |value| is maxed into d_max (1,).
+    track_max, their max |value| is maxed into d_max (1,). Given argmax (R,) int64, the rows'
+    argmax goes there.
 
     teacher_logits (c, V), c = where[2], rows padded alike: the rows of every head (R = A * c)
     but teacher_head (whose rows teacher_logits then are) add distillation from the teacher's
@@ -825,34 +853,36 @@ def _triton_rows(logits, tgt, scale, opt: CEOptions, where, d_max, track_max: bo
     loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
     scale = None if scale is None else scale.contiguous()
     if teacher_logits is None:
-        _launch_rows(logits, tgt, scale, loss, opt, where, d_max, track_max)
+        _launch_rows(logits, tgt, scale, loss, opt, where, d_max, track_max, argmax)
         return loss
     c = where[2]
     n_heads = logits.shape[0] // c
     skipped = n_heads if teacher_head is None else teacher_head  # n_heads: no head's rows are skipped
-    _launch_rows(logits, tgt, scale, loss, opt, where, d_max, track_max, teacher_logits, skipped,
+    _launch_rows(logits, tgt, scale, loss, opt, where, d_max, track_max, argmax, teacher_logits, skipped,
                  n_programs=logits.shape[0] - (0 if teacher_head is None else c))
     if teacher_head is not None:
         part = slice(teacher_head * c, (teacher_head + 1) * c)
         scale_part = None if scale is None else scale[part]
-        _launch_rows(logits[part], tgt[part], scale_part, loss[part], opt, where, d_max, track_max)
+        argmax_part = None if argmax is None else argmax[part]
+        _launch_rows(logits[part], tgt[part], scale_part, loss[part], opt, where, d_max, track_max, argmax_part)
     return loss
 
 
-def _launch_rows(logits, tgt, scale, loss, opt: CEOptions, where, d_max, track_max: bool, teacher_logits=None,
-                 teacher_head: int = 0, n_programs: Optional[int] = None) -> None:
-    """_ce_rows_kernel over n_programs rows (all by default) of logits (R, V) into loss (R,);
-    distillation from teacher_logits (c, V) when given, skipping head teacher_head's rows."""
+def _launch_rows(logits, tgt, scale, loss, opt: CEOptions, where, d_max, track_max: bool, argmax=None,
+                 teacher_logits=None, teacher_head: int = 0, n_programs: Optional[int] = None) -> None:
+    """_ce_rows_kernel over n_programs rows (all by default) of logits (R, V) into loss (R,)
+    and, when given, argmax (R,); distillation from teacher_logits (c, V) when given, skipping
+    head teacher_head's rows."""
     n_rows, n_classes = logits.shape
-    want_grad, distill = scale is not None, teacher_logits is not None
+    want_grad, distill, want_argmax = scale is not None, teacher_logits is not None, argmax is not None
     teacher = teacher_logits if distill else logits  # read only with HAS_DISTILL
     _ce_rows_kernel[(n_rows if n_programs is None else n_programs,)](
-        logits, logits.stride(0), teacher, teacher.stride(0), tgt, scale if want_grad else loss, loss, d_max,
-        *where, n_classes, logits.stride(0), teacher_head, opt.ignore_index, opt.label_smoothing, opt.z_loss,
-        opt.distill_weight, opt.distill_temperature,
+        logits, logits.stride(0), teacher, teacher.stride(0), tgt, scale if want_grad else loss, loss,
+        argmax if want_argmax else loss, d_max, *where, n_classes, logits.stride(0), teacher_head,
+        opt.ignore_index, opt.label_smoothing, opt.z_loss, opt.distill_weight, opt.distill_temperature,
         HAS_SMOOTHING=opt.label_smoothing > 0, HAS_Z_LOSS=opt.z_loss > 0, HAS_DISTILL=distill, HAS_GRAD=want_grad,
-        TRACK_MAX=want_grad and track_max, SERIES_MAX_Q=SERIES_MAX_Q, BLOCK_V=_block_v(logits.stride(0)),
-        num_warps=ROW_WARPS)
+        TRACK_MAX=want_grad and track_max, HAS_ARGMAX=want_argmax, SERIES_MAX_Q=SERIES_MAX_Q,
+        BLOCK_V=_block_v(logits.stride(0)), num_warps=ROW_WARPS)
 
 
 # ----------------------------------------------------------------------------- forward / backward
@@ -864,6 +894,7 @@ class _Plan(NamedTuple):
     heads: HeadWeights  # the heads that run and their weights
     n_heads: int  # K, running or not
     teacher_head: Optional[int]  # the teacher's position among the heads that run, if it is one
+    return_argmax: bool = False  # forward also returns the heads' row argmax (A, N)
 
 
 def _teacher(plan: _Plan, teacher_h) -> Teacher:
@@ -872,8 +903,9 @@ def _teacher(plan: _Plan, teacher_h) -> Teacher:
 
 
 def _forward(plan: _Plan, hs, weight, targets, teacher_h, want_grad: bool):
-    """(loss, tensors backward needs). hs: K tensors [N, d]; weight: [V, d]; targets: [N];
-    teacher_h: the teacher's hiddens [N, d] when the teacher is no running head (else None).
+    """(loss, argmax, tensors backward needs). hs: K tensors [N, d]; weight: [V, d]; targets:
+    [N]; teacher_h: the teacher's hiddens [N, d] when the teacher is no running head (else None).
+    argmax: with plan.return_argmax, the row argmax (A, N) int64 of the heads that run, else None.
 
     'mean'/'sum': the pass also computes the gradients of the loss, saved as (dhs (A, N, d),
     dW [V, d]) in fp32, both None without want_grad. 'none' returns (K, N); its grad_output is
@@ -882,12 +914,15 @@ def _forward(plan: _Plan, hs, weight, targets, teacher_h, want_grad: bool):
     act_hs, teacher = [hs[k] for k in plan.heads.active], _teacher(plan, teacher_h)
     coef = _row_loss_coefficients(plan.heads.values, targets, plan.reduction, plan.opt.ignore_index,
                                   gemm.acc_dtype(weight))  # (A,)
+    argmax = None
+    if plan.return_argmax:  # (A, N); ignored rows keep ignore_index
+        argmax = targets.new_full((len(act_hs), targets.shape[0]), plan.opt.ignore_index)
     if plan.reduction == "none":
-        rows, _, _ = _run_pass(plan.run_pass, act_hs, weight, targets, None, plan.opt, teacher)  # (A, N)
-        return _to_all_heads(coef[:, None] * rows, plan.heads.active, plan.n_heads), (coef, *act_hs)
+        rows, _, _ = _run_pass(plan.run_pass, act_hs, weight, targets, None, plan.opt, teacher, argmax)  # (A, N)
+        return _to_all_heads(coef[:, None] * rows, plan.heads.active, plan.n_heads), argmax, (coef, *act_hs)
     scales = coef[:, None].expand(-1, targets.shape[0]) if want_grad else None  # (A, N)
-    rows, dhs, dw = _run_pass(plan.run_pass, act_hs, weight, targets, scales, plan.opt, teacher)
-    return (rows.sum(1) * coef).sum(), (dhs, dw)
+    rows, dhs, dw = _run_pass(plan.run_pass, act_hs, weight, targets, scales, plan.opt, teacher, argmax)
+    return (rows.sum(1) * coef).sum(), argmax, (dhs, dw)
 
 
 def _backward(plan: _Plan, weight, h0, targets, teacher_h, saved, grad_out):
@@ -919,32 +954,34 @@ class _WeightedCE(torch.autograd.Function):
     """ctx bookkeeping only: _forward computes the loss (and, unless reduction='none', its
     gradients chunk by chunk), _backward scales them by grad_output or reruns the pass. Both
     run outside autocast: it would recast the passes' own fp32 GEMMs to 16 bits. teacher_h
-    (detached, or None) gets no gradient."""
+    (detached, or None) gets no gradient; the argmax output (plan.return_argmax) is not
+    differentiable."""
 
     @staticmethod
     def forward(ctx, plan: _Plan, weight, targets, teacher_h, *hs):
         want_grad = plan.reduction != "none" and any(ctx.needs_input_grad)
         with torch.autocast(weight.device.type, enabled=False):
-            out, saved = _forward(plan, hs, weight, targets, teacher_h, want_grad)
+            out, argmax, saved = _forward(plan, hs, weight, targets, teacher_h, want_grad)
         ctx.plan = plan
         ctx.save_for_backward(weight, hs[0], targets, teacher_h, *saved)
-        return out
+        if argmax is None:
+            return out
+        ctx.mark_non_differentiable(argmax)
+        return out, argmax
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, *_):  # _: the argmax's (no gradient), when it is returned
         weight, h0, targets, teacher_h, *saved = ctx.saved_tensors
         with torch.autocast(weight.device.type, enabled=False):
             dw, dh = _backward(ctx.plan, weight, h0, targets, teacher_h, saved, grad_out)
         return (None, dw, None, None, *dh)
 
 
-def _run_pass(run_pass, act_hs, weight, targets, scales, opt: CEOptions, teacher: Teacher):
+def _run_pass(run_pass, act_hs, weight, targets, scales, opt: CEOptions, teacher: Teacher, argmax=None):
     if not act_hs:  # every head weight is 0
         return weight.new_zeros(0, targets.shape[0], dtype=gemm.acc_dtype(weight)), None, None
-    if teacher is None:  # the call without distillation, unchanged
-        return run_pass(act_hs, weight, targets, scales, opt)
-    return run_pass(act_hs, weight, targets, scales, opt, teacher)
+    return run_pass(act_hs, weight, targets, scales, opt, teacher, argmax)
 
 
 def _to_all_heads(rows, active: list, n_heads: int) -> torch.Tensor:
@@ -982,7 +1019,8 @@ def weighted_linear_cross_entropy(hiddens: Hiddens, weight: torch.Tensor, target
                                   label_smoothing: float = 0.0, z_loss: float = 0.0,
                                   distill_weight: float = 0.0, distill_temperature: float = 1.0,
                                   teacher: Union[None, int, torch.Tensor] = None,
-                                  backend: str = "auto") -> torch.Tensor:
+                                  backend: str = "auto", return_argmax: bool = False
+                                  ) -> Union[torch.Tensor, Tuple[torch.Tensor, List[Optional[torch.Tensor]]]]:
     """sum_k w_k * cross_entropy(h_k @ weight.T, targets) (+ self-distillation into each head, below),
     without holding [N, V] logits.
 
@@ -1020,6 +1058,14 @@ def weighted_linear_cross_entropy(hiddens: Hiddens, weight: torch.Tensor, target
     1/n_valid for 'mean'). Cost: a teacher head's logits are reused; a teacher tensor (or a
     teacher head of weight 0) costs one more logits GEMM (N * d * V).
 
+    return_argmax=True returns (loss, argmax): argmax is a list of K entries, for each head that
+    runs the argmax over V of its logits per row, int64 [N] (the first index on ties, as
+    torch.argmax; ignore_index on rows whose target is ignore_index, which enter no GEMM), and
+    None for a head that does not run (w_k == 0 given as numbers or a CPU tensor, a teacher
+    head among them). It comes from the logits the loss computes, at the cost of one argmax
+    over them (PyTorch) or none (Triton): no GEMM more. Not differentiable; the loss and its
+    gradients are those of return_argmax=False, bit for bit.
+
     Bad input (kernels/checks.py): TypeError for a wrong dtype, ValueError for a wrong shape,
     an empty batch, a device mismatch or a value out of range, each naming the argument.
     Targets and head weights given as numbers or CPU tensors are checked on the host. A CUDA
@@ -1040,8 +1086,13 @@ def weighted_linear_cross_entropy(hiddens: Hiddens, weight: torch.Tensor, target
     teacher_head, teacher_h = _resolve_teacher(teacher, float(distill_weight), hs, heads)
     opt = CEOptions(float(label_smoothing), float(z_loss), int(ignore_index), float(distill_weight),
                     float(distill_temperature))
-    plan = _Plan(run_pass, opt, reduction, heads, len(hs), teacher_head)
-    return _WeightedCE.apply(plan, weight, targets.long(), teacher_h, *hs)
+    plan = _Plan(run_pass, opt, reduction, heads, len(hs), teacher_head, bool(return_argmax))
+    out = _WeightedCE.apply(plan, weight, targets.long(), teacher_h, *hs)
+    if not return_argmax:
+        return out
+    loss, argmax = out
+    per_head = dict(zip(heads.active, argmax))  # head k -> its row of argmax (A, N)
+    return loss, [per_head.get(k) for k in range(len(hs))]
 
 
 def _pick_pass(backend: str, weight: torch.Tensor, targets: torch.Tensor, hs: list) -> Callable:

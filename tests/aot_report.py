@@ -71,7 +71,7 @@ DTYPES = {"fp32": ("float32", "ieee"), "tf32": ("float32", "tf32"), "bf16": ("bf
 
 # the options each op exposes; every subset of them is a variant
 OPTIONS = {
-    "weighted_ce": ("grad", "smoothing", "zloss", "distill"),
+    "weighted_ce": ("grad", "smoothing", "zloss", "distill", "argmax"),
     "exit_confidence": ("targets", "margin"),
     "compaction": (),
 }
@@ -149,7 +149,8 @@ def _run_op(v: Variant) -> None:
             [meta(n, d, grad=grad) for _ in range(HEADS)], meta(n_classes, d, grad=grad), targets, [1.0] * HEADS,
             label_smoothing=LABEL_SMOOTHING if "smoothing" in opts else 0.0,
             z_loss=Z_LOSS if "zloss" in opts else 0.0, teacher=HEADS - 1,
-            distill_weight=DISTILL_WEIGHT if "distill" in opts else 0.0)
+            distill_weight=DISTILL_WEIGHT if "distill" in opts else 0.0, return_argmax="argmax" in opts)
+        loss = loss[0] if "argmax" in opts else loss
         if grad:
             loss.backward()
     elif v.op == "exit_confidence":

@@ -428,3 +428,65 @@ def test_layer_dropout_needs_exit_hidden_states():
             return [self.w[x], self.w[x]]
     with pytest.raises(TypeError, match="layer_dropout"):
         UniversalTrainer(cfg, V).fit(LogitsModel(), iter([batch()]), steps=1, progress_bar=False)
+
+
+# ----------------------------------------------------------------------------- learned confidence labels
+def learned_model(n_layers, exits):
+    """small_model with random (not zero) confidence heads at ``exits``: zero heads give every
+    label the same BCE, log 2, and would hide a wrong label."""
+    model = small_model(n_layers=n_layers)
+    model.add_confidence_heads(exits)
+    with torch.no_grad():
+        for head in model.confidence_heads.values():
+            head.weight.normal_(0, 0.5)
+            head.bias.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("weights, extra, head_passes", [
+    ({1: 0.5, 4: 0.5}, {}, [2]),  # exit 2 is not weighted: its labels alone need a head pass
+    ({1: 0.5, 2: 0.5, 4: 1.0}, {}, []),
+    ({2: 1.0}, {}, [1, 4]),
+    ({1: 0.5, 2: 0.5}, dict(distill_weight=0.5), [4]),  # the final layer is the teacher, not a weighted head
+    ({1: 0.5, 4: 0.5}, dict(distill_weight=0.5), [2]),
+    ({1: 0.5, 3: 0.5}, dict(confidence_label="correct"), [2]),  # no final layer: the targets are the labels
+], ids=["exit-unweighted", "all-weighted", "final-unweighted", "distill-extra-teacher", "distill-head-teacher",
+        "correct"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_confidence_labels_reuse_the_fused_loss_argmax(monkeypatch, backend, weights, extra, head_passes):
+    """With a learned confidence, compute_loss takes the weighted layers' argmax from the fused
+    loss: exit_confidence runs only for the label layers it did not compute, and the loss and
+    every gradient are those of labelling every layer with exit_confidence (the former path)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    import fastexit.trainer as trainer_module
+    model, (x, y) = learned_model(4, [1, 2]), batch()
+    y[0, ::5] = -100
+    config = UniversalConfig(weights, exit_layers=[1, 2], routing_thresholds=[0.9, 0.9], confidence="learned",
+                             confidence_loss_weight=0.7, **extra)
+    trainer = UniversalTrainer(config, V, backend=backend)
+    states = [h.detach().reshape(-1, h.shape[-1]) for h in model.exit_hidden_states(x, [1, 2, 3, 4])]
+    calls, exit_confidence = [], trainer_module.exit_confidence
+
+    def counting(hidden, *args, **kwargs):  # records the layer whose states it scores
+        calls.append(next(i for i, h in enumerate(states, start=1) if torch.equal(h, hidden)))
+        return exit_confidence(hidden, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "exit_confidence", counting)
+    loss = trainer.compute_loss(model, x, y)
+    loss.backward()
+    got, new_calls = grads(model), sorted(calls)
+    model.zero_grad()
+    calls.clear()
+    confidence_loss = UniversalTrainer.confidence_loss  # the former path: every label from exit_confidence
+    monkeypatch.setattr(UniversalTrainer, "confidence_loss",
+                        lambda self, *args, preds=None, **kwargs: confidence_loss(self, *args, **kwargs))
+    former = trainer.compute_loss(model, x, y)
+    former.backward()
+    assert new_calls == head_passes
+    assert sorted(calls) == ([1, 2] if extra.get("confidence_label") == "correct" else [1, 2, 4])
+    assert torch.equal(loss, former)
+    want = grads(model)
+    assert set(got) == set(want) and any(n.startswith("confidence_heads.") for n in got)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
