@@ -4,8 +4,9 @@ Each new token is routed as in ``fastexit.routing``: at each exit a row whose co
 >= that exit's threshold emits from there; the rows still running are compacted and alone
 run the next blocks' query, attention output, MLP and the next exit's (at the end the final)
 head, while the deeper caches of rows that left are filled from their carried exit state
-(state propagation). The arithmetic is the model's own: ``Block.forward_cached`` for dense
-steps, ``Block.kv`` + ``Block.forward_rows`` for the running rows.
+(state propagation). An exit whose threshold is 0 is not scored (no row leaves it), but for
+the last exit when ``return_conf`` reports its confidence. The arithmetic is the model's own:
+``Block.forward_cached`` for dense steps, ``Block.kv`` + ``Block.forward_rows`` for the running rows.
 
 ``speculative=k`` replaces routing by lossless self-speculative decoding (LayerSkip): the
 layers up to ``exit_layer`` (the first exit when there are several) draft k tokens and the
@@ -152,7 +153,10 @@ class _Decoder:
     def __init__(self, model, idx, max_new_tokens, rule: Routing, prompt: _Prompt, want_conf, sampling, backend):
         (B, T0), self.model, self.prompt, self.backend = idx.shape, model, prompt, backend
         self.rule, self.sampling = rule, sampling
-        self.want_conf = rule.on or want_conf
+        # exits to score: those that are on, and the last one when its confidence is returned (rows
+        # running to the end report it); nobody leaves an off exit, and nothing else reads its score
+        last = len(rule.exit_layers) - 1
+        self.scored = [t > 0 or (want_conf and i == last) for i, t in enumerate(rule.routing_thresholds)]
         self.caches = model.new_kv_caches(B, T0 + max_new_tokens, range(1, model.n_layers + 1))
         self.tokens = torch.cat([idx, idx.new_empty(B, max_new_tokens)], dim=1)
         self.exit_layers = idx.new_empty(B, max_new_tokens)
@@ -174,18 +178,19 @@ class _Decoder:
             elif i:  # rows that left still write these blocks' caches, from their carried state
                 x, xh = _decode_deeper(model.blocks[bounds[i - 1]:layer], self.caches[bounds[i - 1]:layer], x, xh,
                                        rows, pos - 1, mask, backend)
-            if not rows.numel():
+            final = i == len(bounds) - 1
+            if not rows.numel() or not (final or self.scored[i]):
                 continue
-            h, final = model.exit_norms[layer - 1](xh), i == len(bounds) - 1  # (n, d)
-            # the final head scores only greedy picks; an exit's also its confidence, when asked for
-            # (a learned confidence comes from the exit's confidence head: its LM head only picks)
-            kind = self.rule.confidence
-            score = greedy if final else self.want_conf and (greedy or kind != "learned")
+            h = model.exit_norms[layer - 1](xh)  # (n, d)
+            # the final head scores only greedy picks; an exit's its confidence (max_prob, margin) and,
+            # where rows can leave, their greedy picks (a learned confidence comes from the exit's head)
+            kind, on = self.rule.confidence, not final and self.rule.routing_thresholds[i] > 0
+            score = greedy if final else kind != "learned" or (greedy and on)
             margin = kind == "margin" and not final
             stats = exit_confidence(h, model.lm_head.weight, want_margin=margin, backend=backend) if score else None
             h_out = _put(h_out, rows, h, backend) if not greedy else None
             pred = _put(pred, rows, stats.pred, backend) if greedy and stats is not None else pred
-            if final or not self.want_conf:
+            if final:
                 continue
             c = exit_score(stats, kind, model, layer, h)
             conf, leave = _put(conf, rows, c, backend), easy_mask(c, self.rule.routing_thresholds[i])

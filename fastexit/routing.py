@@ -214,12 +214,6 @@ def _padded_layout(rows: torch.Tensor, shape, real: Optional[torch.Tensor] = Non
     return QueryGrid(slot, n_slots, mask.unsqueeze(1))
 
 
-def _merge(full: ExitStats, part: ExitStats, rows, backend) -> ExitStats:
-    """Full-size stats: the given rows from part, the rest from full (None where either is)."""
-    return ExitStats(*(None if f is None or p is None else scatter_rows(f.clone(), rows, p, backend=backend)
-                       for f, p in zip(full, part)))
-
-
 @torch.no_grad()
 def compact_routed_forward(model, idx: torch.Tensor, exit_layer: Layers, routing_threshold: Thresholds,
                            targets: Optional[torch.Tensor] = None, backend: str = "auto", *,
@@ -231,10 +225,14 @@ def compact_routed_forward(model, idx: torch.Tensor, exit_layer: Layers, routing
     attention_mask: as in ``exact_routed_forward``. Blocks up to the first exit run on every
     token. At each exit the tokens still running are scored; those that stay are compacted
     (n of B*T) and alone run the next blocks' query projection, attention output and MLP, the
-    next exit's norm and head, and at the end the final ones; each of those blocks computes
-    keys/values for every position from the current states, where tokens that left keep the
-    state of their exit. Running queries attend in a per-row padded layout (B, S) with the
-    mask key_pos <= query_pos. Host syncs per exit: one for the running count, one for S.
+    next exit's norm and score, and at the end the final norm and head; each of those blocks
+    computes keys/values for every position from the current states, where tokens that left
+    keep the state of their exit. With max_prob and margin an exit's score is its LM-head pass
+    over the running tokens; with a learned confidence it is the confidence head, and the LM
+    head runs only on the tokens leaving there (their prediction). An exit that is off
+    (threshold 0) is not scored unless it is the last (hard tokens report its confidence).
+    Running queries attend in a per-row padded layout (B, S) with the mask key_pos <= query_pos.
+    Host syncs per scored exit: one for the running count, one for S where tokens left.
     Returns RoutedOutput of (B, T) tensors.
     """
     rule = check_routing(model, exit_layer, routing_threshold, confidence)
@@ -245,39 +243,76 @@ def compact_routed_forward(model, idx: torch.Tensor, exit_layer: Layers, routing
     x = model.embed(idx, positions=positions)
     for block in model.blocks[:exits[0]]:
         x = block(x, mask)  # (B, T, d)
-    d = x.shape[-1]
-    # xh: states of the running tokens, (B, T, d) while every token runs (rows None), then (n, d)
-    # at the flat rows (n,); x: (B*T, d) states of every token once some have left
-    xh, rows, stats, confs = x, None, [], []
+    (N, d), dev = (idx.numel(), x.shape[-1]), idx.device
+    # (N,) per token, rewritten while it runs: pred, nll, conf and layers_run (easy is set at the end)
+    nll = None if tgt is None else torch.empty(N, device=dev)
+    out = RoutedOutput(torch.empty(N, dtype=torch.int64, device=dev), nll, torch.empty(N, device=dev), None,
+                       torch.full((N,), L, device=dev))
+    # xh: states of the running tokens at the flat rows (n,), (B, T, d) while every token runs (grid
+    # None), then (n, d) with their query grid; x: (B*T, d) states of every token once some have left
+    xh, rows, grid = x, torch.arange(N, device=dev), None
     for layer, threshold, end in zip(exits, rule.routing_thresholds, exits[1:] + [L]):
-        h, part = _exit_stats(model, layer, xh, tgt, rows, rule, ignore_index, backend)
-        stats.append(part if rows is None else _merge(stats[-1], part, rows, backend))
-        conf = exit_score(part, confidence, model, layer, h)
-        confs.append(conf if rows is None else scatter_rows(confs[-1].clone(), rows, conf, backend=backend))
-        stay = compact_indices(~easy_mask(conf, threshold), backend=backend)  # (n',) of the running tokens
-        if stay.numel() == 0:  # every token has left
-            return _select(idx, rule, stats, confs, stats[-1], L)
-        if rows is None and stay.numel() == conf.numel():  # nobody has left yet: dense blocks
+        if threshold > 0 or layer == exits[-1]:  # nobody leaves an off exit; only the last one's conf is read
+            stay = _score_exit(model, layer, threshold, xh, rows, tgt, out, rule, ignore_index, backend)
+            if stay.numel() == 0:  # every token has left
+                return _finish(out, idx.shape, L)
+            if stay.numel() < rows.numel():
+                flat = xh.reshape(-1, d)  # (B*T or n, d)
+                x = flat if grid is None else x
+                rows, xh = gather_rows(rows, stay, backend=backend), gather_rows(flat, stay, backend=backend)
+                grid = _padded_layout(rows, idx.shape, real)
+        if grid is None:  # nobody has left yet: dense blocks
             for block in model.blocks[layer:end]:
                 xh = block(xh, mask)
-            continue
-        flat = xh.reshape(-1, d)  # (B*T or n, d)
-        x = flat if rows is None else x
-        rows = stay if rows is None else gather_rows(rows, stay, backend=backend)
-        xh = _run_rows(model.blocks[layer:end], x, gather_rows(flat, stay, backend=backend), rows,
-                       _padded_layout(rows, idx.shape, real), backend)
-    final = _exit_stats(model, L, xh, tgt, rows, rule, ignore_index, backend)[1]
-    return _select(idx, rule, stats, confs, final if rows is None else _merge(stats[-1], final, rows, backend), L)
+        else:
+            xh = _run_rows(model.blocks[layer:end], x, xh, rows, grid, backend)
+    h = model.exit_norms[L - 1](xh).reshape(-1, d)
+    _keep(out, rows, _head(model, h, rows, tgt, ignore_index, backend), backend)
+    return _finish(out, idx.shape, L)
 
 
-def _exit_stats(model, layer, h, targets, rows, rule, ignore_index, backend):
-    """(exit-normed states (N, d), exit_confidence at ``layer``) of the states h (B, T, d) of
-    every token (rows None) or (n, d) of the flat rows (n,); targets: (B*T,) or None."""
-    h = model.exit_norms[layer - 1](h)
-    h = h.reshape(-1, h.shape[-1])
-    tgt = targets if targets is None or rows is None else gather_rows(targets, rows, backend=backend)
-    return h, exit_confidence(h, model.lm_head.weight, tgt, ignore_index=ignore_index,
-                              want_margin=rule.confidence == "margin" and layer in rule.exit_layers, backend=backend)
+def _score_exit(model, layer, threshold, xh, rows, targets, out, rule, ignore_index, backend) -> torch.Tensor:
+    """Score the running tokens at the flat rows (n,), states xh (..., d), at exit ``layer`` and
+    write their conf and layers_run into out's (N,) tensors, and pred and nll where the LM head
+    ran: on every running token for max_prob and margin (their score), only on those leaving
+    for a learned confidence. Returns the positions (n',) of the staying tokens among the running."""
+    h = model.exit_norms[layer - 1](xh).reshape(-1, xh.shape[-1])  # (n, d)
+    learned = rule.confidence == "learned"
+    stats = None if learned else _head(model, h, rows, targets, ignore_index, backend, rule.confidence == "margin")
+    conf = exit_score(stats, rule.confidence, model, layer, h)
+    leave = easy_mask(conf, threshold)
+    stay = compact_indices(~leave, backend=backend)  # (n',): the exit's one host sync
+    scatter_rows(out.conf, rows, conf, backend=backend)
+    scatter_rows(out.layers_run, rows, torch.where(leave, layer, model.n_layers), backend=backend)
+    if not learned:
+        _keep(out, rows, stats, backend)
+    elif stay.numel() < rows.numel():
+        go = torch.nonzero_static(leave, size=rows.numel() - stay.numel()).squeeze(1)  # no sync: the size is known
+        left = gather_rows(rows, go, backend=backend)
+        _keep(out, left, _head(model, gather_rows(h, go, backend=backend), left, targets, ignore_index, backend),
+              backend)
+    return stay
+
+
+def _head(model, h, rows, targets, ignore_index, backend, want_margin=False) -> ExitStats:
+    """exit_confidence of the exit-normed states h (n, d) of the flat rows (n,); targets: (B*T,) or None."""
+    tgt = None if targets is None else gather_rows(targets, rows, backend=backend)
+    return exit_confidence(h, model.lm_head.weight, tgt, ignore_index=ignore_index, want_margin=want_margin,
+                           backend=backend)
+
+
+def _keep(out: RoutedOutput, rows, stats: ExitStats, backend) -> None:
+    """Write the pred and nll of stats (n,) at the flat rows (n,) of out's (N,) tensors."""
+    scatter_rows(out.pred, rows, stats.pred, backend=backend)
+    if out.nll is not None:
+        scatter_rows(out.nll, rows, stats.nll, backend=backend)
+
+
+def _finish(out: RoutedOutput, shape, n_layers) -> RoutedOutput:
+    """out's (N,) tensors as (B, T), with easy = left at an exit."""
+    view = lambda t: t.view(shape)  # noqa: E731
+    return RoutedOutput(view(out.pred), None if out.nll is None else view(out.nll), view(out.conf),
+                        view(out.layers_run < n_layers), view(out.layers_run))
 
 
 def _run_rows(blocks, x, xh, rows, grid, backend) -> torch.Tensor:
