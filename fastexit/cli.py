@@ -634,7 +634,9 @@ def _train_parser(sub) -> None:
     p.add_argument("--parallel", choices=distributed.PARALLEL_MODES, help="under torchrun: ddp (a replica per "
                    "rank) or fsdp (FSDP2: state sharded over the ranks); --batch-size stays the global batch")
     p.add_argument("--param-dtype", default="fp32", choices=tuple(distributed.PARAM_DTYPES),
-                   help="with --parallel fsdp: compute in bf16, keeping fp32 weights and gradient reduction")
+                   help="bf16: compute in bf16 with fp32 weights and optimizer (FSDP2's mixed precision "
+                        "under --parallel fsdp, fp32 gradient reduction; else torch.autocast in training "
+                        "and evaluation)")
     p.set_defaults(func=cmd_train)
 
 

@@ -252,7 +252,9 @@ class Run:
 
     ``parallel`` (None, 'ddp' or 'fsdp') and ``param_dtype`` say how ``train`` runs under
     torchrun (``distributed.wrap``): properties of the launch, not of the run, which resumes
-    with any of them and any number of ranks.
+    with any of them and any number of ranks. ``param_dtype`` torch.bfloat16 computes in bf16
+    with fp32 weights: FSDP2's MixedPrecisionPolicy under 'fsdp', else the trainer's autocast
+    (``UniversalTrainer.compute_dtype``), in training and evaluation.
     """
 
     def __init__(self, path: Path, config: RunConfig, *, device="cpu", backend: str = "auto",
@@ -303,7 +305,8 @@ class Run:
 
     def _new_trainer(self) -> UniversalTrainer:
         return UniversalTrainer(self.config.method, self.config.model.vocab_size, device=self.device,
-                                backend=self.backend, seed=self.config.train.seed)
+                                backend=self.backend, seed=self.config.train.seed,
+                                compute_dtype=None if self.parallel == "fsdp" else self.param_dtype)
 
     def _prepare(self, resume: bool) -> "Run":
         """Load data, fix the model's vocabulary and the corpus identity in the config, build
@@ -359,7 +362,8 @@ class Run:
         if self.trained:  # a second call continues from what the first left on disk, as a new process would
             self._load_state(from_disk=True)
         self.trained = True
-        model = distributed.wrap(self.model, self.parallel, param_dtype=self.param_dtype)  # self.model in one process
+        fsdp_dtype = self.param_dtype if self.parallel == "fsdp" else None  # else the trainer's autocast
+        model = distributed.wrap(self.model, self.parallel, param_dtype=fsdp_dtype)  # self.model in one process
         optimizer = self.trainer.create_optimizer(self.model, t.lr, weight_decay=t.weight_decay)
         stream = self._train_stream()
         start = self._restore_state(optimizer, stream)

@@ -1,5 +1,6 @@
 """UniversalTrainer: trains any method expressible as per-layer loss weights, and evaluates
 it with max-softmax routing (docs/design.md §2–3)."""
+import contextlib
 import functools
 import math
 import time
@@ -58,10 +59,12 @@ class UniversalTrainer:
 
     ``progress`` (step / total steps) is owned by ``fit``; outside it, ``compute_loss`` uses the
     progress of the last step run (0 before any), which sets the alpha schedule's weights.
+    ``compute_dtype`` torch.bfloat16: mixed precision, ``fit`` and ``evaluate`` under
+    ``torch.autocast`` (``autocast``) with fp32 weights, gradients and optimizer state.
     """
 
     def __init__(self, config: UniversalConfig, vocab_size: int, device="cpu", backend: str = "auto",
-                 seed: int = 0):
+                 seed: int = 0, compute_dtype: Optional[torch.dtype] = None):
         if not isinstance(config, UniversalConfig):
             raise TypeError(f"config must be a UniversalConfig, got {type(config).__name__}")
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:
@@ -69,9 +72,21 @@ class UniversalTrainer:
         resolve_backend(backend)  # rejects unknown names now rather than at the first step
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+        if compute_dtype not in (None, torch.bfloat16):
+            raise ValueError(f"compute_dtype must be None (fp32) or torch.bfloat16 (autocast; fp16 would need "
+                             f"loss scaling), got {compute_dtype!r}")
         self.config, self.vocab_size, self.backend, self.seed = config, vocab_size, backend, seed
+        self.compute_dtype = compute_dtype
         self.device = torch.device(device)
         self.step, self.total_steps, self.optimizer = 0, None, None
+
+    def autocast(self):
+        """``torch.autocast`` to ``compute_dtype`` on the trainer's device, or a no-op without one:
+        ``fit`` runs each step's loss under it, ``evaluate`` its forwards. Weights, gradients and
+        the optimizer stay fp32; the fused loss and the confidence kernel take autocast's dtype."""
+        if self.compute_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, self.compute_dtype)
 
     @property
     def progress(self) -> float:
@@ -325,7 +340,8 @@ class UniversalTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor
         x, y = batch
-        loss = self.compute_loss(model, x, y, self._step_drops(model, x.shape[0]))
+        with self.autocast():
+            loss = self.compute_loss(model, x, y, self._step_drops(model, x.shape[0]))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = distributed.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip else None
@@ -394,6 +410,14 @@ class UniversalTrainer:
         compact = functools.partial(routing.compact_routed_forward, **rule_kwargs)
         was_training = model.training
         model.eval()
+        with self.autocast():
+            stats = self._evaluate(model, val_batches, mode, per_layer, compare_exact, rule, exact, compact,
+                                   ignore_index)
+        model.train(was_training)
+        return stats
+
+    def _evaluate(self, model, val_batches, mode, per_layer, compare_exact, rule, exact, compact,
+                  ignore_index) -> Dict[str, float]:
         if mode == "exact":
             stats, = self._routed_stats(model, val_batches, [functools.partial(exact, all_layers=per_layer)],
                                         rule, ignore_index)
@@ -403,7 +427,6 @@ class UniversalTrainer:
                 layers, = self._routed_stats(model, val_batches, [functools.partial(exact, all_layers=True)],
                                              rule, ignore_index)
                 stats.update({k: v for k, v in layers.items() if k.startswith(("ppl_L", "acc_L"))})
-        model.train(was_training)
         return stats
 
     @staticmethod

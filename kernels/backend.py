@@ -57,3 +57,18 @@ def dot_precision(dtype: torch.dtype) -> str:
     if interpreting() or dtype != torch.float32:
         return "ieee"
     return "tf32" if fp32_matmul_is_tf32() else "ieee"
+
+
+def autocast_inputs(*tensors):
+    """The tensors cast to the autocast dtype where autocast is on for the first one's device,
+    as ``F.linear`` would run them (anything but a float tensor passes through); else unchanged.
+    The fused ops call this on entry, so under ``torch.autocast`` their GEMMs run in 16 bits
+    while fp32 parameters get fp32 gradients through the cast."""
+    first = tensors[0]
+    if not isinstance(first, torch.Tensor):  # the op's own checks name the argument
+        return tensors
+    device_type = first.device.type  # meta tensors (the AOT compile check) have no autocast
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)

@@ -29,7 +29,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import gemm
-from .backend import HAS_TRITON, dot_precision, interpreting, resolve_backend
+from .backend import HAS_TRITON, autocast_inputs, dot_precision, interpreting, resolve_backend
 from .checks import check_matrix, check_same, check_target_range, check_targets
 
 if HAS_TRITON:
@@ -355,10 +355,12 @@ def exit_confidence(hidden: torch.Tensor, weight: torch.Tensor, targets: Optiona
     pred = argmax (first on ties), lse = logsumexp, nll = lse - logit[target] (0 where
     ignored), and with ``want_margin`` margin = top-1 minus top-2 softmax probability (0 where
     the top logit occurs twice, conf for V = 1), else None; statistics are computed in fp32.
-    Never holds the logits of all N rows at once.
+    Never holds the logits of all N rows at once. Under ``torch.autocast`` hidden and weight
+    are first cast to its dtype, as ``F.linear`` would be.
     Bad input (kernels/checks.py): TypeError for a wrong dtype, ValueError for a wrong shape,
     an empty batch, a device mismatch or a target out of range (on CUDA an async device assert).
     """
+    hidden, weight = autocast_inputs(hidden, weight)
     _check_inputs(hidden, weight, targets, ignore_index)
     if resolve_backend(backend, hidden, weight) == "triton":
         return _triton_exit_confidence(hidden, weight, targets, ignore_index, want_margin)

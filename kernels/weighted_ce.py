@@ -68,7 +68,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import gemm
-from .backend import HAS_TRITON, dot_precision, interpreting, resolve_backend
+from .backend import HAS_TRITON, autocast_inputs, dot_precision, interpreting, resolve_backend
 from .checks import check_matrix, check_same, check_shape, check_target_range, check_targets
 
 if HAS_TRITON:
@@ -1066,6 +1066,10 @@ def weighted_linear_cross_entropy(hiddens: Hiddens, weight: torch.Tensor, target
     over them (PyTorch) or none (Triton): no GEMM more. Not differentiable; the loss and its
     gradients are those of return_argmax=False, bit for bit.
 
+    Under ``torch.autocast`` the hiddens, weight and a teacher tensor are first cast to its
+    dtype, as ``F.linear`` would be (fp32 parameters get fp32 gradients through the cast); the
+    softmax statistics stay fp32 either way.
+
     Bad input (kernels/checks.py): TypeError for a wrong dtype, ValueError for a wrong shape,
     an empty batch, a device mismatch or a value out of range, each naming the argument.
     Targets and head weights given as numbers or CPU tensors are checked on the host. A CUDA
@@ -1077,6 +1081,7 @@ def weighted_linear_cross_entropy(hiddens: Hiddens, weight: torch.Tensor, target
     gradient, so its hiddens must be finite (0 * NaN is NaN).
     """
     hs = _as_head_list(hiddens)
+    weight, teacher, *hs = autocast_inputs(weight, teacher, *hs)
     _check_tensors(hs, weight, targets)
     heads = _check_head_weights(head_weights, len(hs), hs[0].device)
     _check_options(reduction, label_smoothing, z_loss)

@@ -341,9 +341,7 @@ def test_parallel_without_torchrun_or_unknown_is_an_error_naming_it(cli_data, tm
     assert "--parallel ddp needs the environment torchrun sets" in error_line(capsys)
     assert main(["train", "--parallel", "tp", *tiny(cli_data, tmp_path / "b")]) == 2
     assert "argument --parallel: invalid choice: 'tp'" in error_line(capsys)
-    assert main(["train", "--param-dtype", "bf16", *tiny(cli_data, tmp_path / "c")]) == 2
-    assert "--param-dtype bfloat16 needs --parallel fsdp" in error_line(capsys)
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["train", *tiny(cli_data, tmp_path / "d")]) == 2
     assert "torchrun started 2 processes but --parallel is not given" in error_line(capsys)
-    assert not any((tmp_path / name).exists() for name in "abcd")
+    assert not any((tmp_path / name).exists() for name in "abd")
