@@ -8,6 +8,7 @@ intermediate exit (the final layer's logits come with the output) and `F.cross_e
 Both use the same model, batch and AdamW groups (`trainer.create_optimizer`).
 """
 from dataclasses import dataclass
+from typing import Optional
 
 import pytest
 import torch
@@ -30,10 +31,12 @@ class HFShape:
     batch: int
     seq_len: int
     preset: str
+    autocast: Optional[torch.dtype] = None  # the step's compute dtype (weights stay fp32); None: fp32
 
     @property
     def label(self) -> str:
-        return f"llama L{self.n_layers}-d{self.d_model}-V{self.vocab} {self.batch}x{self.seq_len} {self.preset}"
+        amp = "" if self.autocast is None else " " + str(self.autocast).removeprefix("torch.")
+        return f"llama L{self.n_layers}-d{self.d_model}-V{self.vocab} {self.batch}x{self.seq_len} {self.preset}{amp}"
 
     @property
     def n_tokens(self) -> int:
@@ -61,7 +64,10 @@ class HFShape:
 
 
 # "lpt": three weighted exits (1/3 each); 8 x 128 tokens keep the baseline step near a second on 2 cores.
-SHAPES = [HFShape(32000, 3, 256, 4, 2, 704, 8, 128, "lpt")]
+CPU_SHAPES = [HFShape(32000, 3, 256, 4, 2, 704, 8, 128, "lpt")]
+# Llama-3.2-1B's shape (untied head), bf16 autocast, two weighted exits (layers 1 and 16).
+GPU_SHAPES = [HFShape(128256, 16, 2048, 32, 8, 8192, 4, 2048, "asymmetric_best", torch.bfloat16)]
+SHAPES = GPU_SHAPES if torch.cuda.is_available() else CPU_SHAPES
 
 
 def fastexit_loss(trainer, model, x, y):
@@ -87,7 +93,7 @@ def make_step(provider: str, shape_index: int, device_type: str):
     trainer = UniversalTrainer(shape.method(), shape.vocab, device=device)
     optimizer = trainer.create_optimizer(model, TrainConfig.lr, weight_decay=TrainConfig.weight_decay)
     x, y = torch.randint(0, shape.vocab, (2, shape.batch, shape.seq_len), device=device)
-    return optimizer_step(loss_fn, trainer, model, optimizer, x, y)
+    return optimizer_step(loss_fn, trainer, model, optimizer, x, y, shape.autocast)
 
 
 @pytest.mark.parametrize("shape_index", range(len(SHAPES)), ids=[s.label for s in SHAPES])

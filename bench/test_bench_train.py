@@ -6,8 +6,10 @@ PyTorch: the full logits (B, T, V) of every weighted exit, `model.lm_head(h)` on
 `model.exit_hidden_states`, + F.cross_entropy, weighted sum. Both start from the same seed and
 batch and step through `trainer.create_optimizer` (the same AdamW groups and settings).
 """
+import contextlib
 import importlib
 from dataclasses import dataclass
+from typing import Optional
 
 import pytest
 import torch
@@ -30,10 +32,12 @@ class TrainShape:
     batch: int              # training batch (B, T)
     seq_len: int
     preset: str
+    autocast: Optional[torch.dtype] = None  # the step's compute dtype (weights stay fp32); None: fp32
 
     @property
     def label(self) -> str:
-        return f"L{self.n_layers}-d{self.d_model}-V{self.vocab} {self.batch}x{self.seq_len} {self.preset}"
+        amp = "" if self.autocast is None else " " + str(self.autocast).removeprefix("torch.")
+        return f"L{self.n_layers}-d{self.d_model}-V{self.vocab} {self.batch}x{self.seq_len} {self.preset}{amp}"
 
     @property
     def n_tokens(self) -> int:
@@ -59,7 +63,12 @@ TRAIN = TrainConfig()  # `fastexit train`'s defaults: batch, sequence, peak LR, 
 DEFAULT_SHAPE = TrainShape(DEFAULT_VOCAB_SIZE, **RUN_MODEL_DEFAULTS, batch=TRAIN.batch_size, seq_len=TRAIN.seq_len,
                            preset=DEFAULT_PRESET)
 # Three weighted exits at V=32k; 8 rows keep one plain step near 1.3 s on 2 CPU cores.
-SHAPES = [DEFAULT_SHAPE, TrainShape(32000, 3, 256, 4, 8, 128, "lpt")]
+CPU_SHAPES = [DEFAULT_SHAPE, TrainShape(32000, 3, 256, 4, 8, 128, "lpt")]
+# A 12-layer d=2048 model in bf16 autocast, 8x1024 tokens: two weighted exits at V=32k and at
+# Llama 3's 128k, and lpt's twelve at 32k.
+GPU_SHAPES = [DEFAULT_SHAPE] + [TrainShape(vocab, 12, 2048, 16, 8, 1024, preset, torch.bfloat16)
+                                for vocab, preset in ((32000, DEFAULT_PRESET), (128256, DEFAULT_PRESET), (32000, "lpt"))]
+SHAPES = GPU_SHAPES if torch.cuda.is_available() else CPU_SHAPES
 
 
 # ----------------------------------------------------------------------------- providers
@@ -87,13 +96,15 @@ def make_step(provider: str, shape_index: int, device_type: str):
     trainer = UniversalTrainer(shape.method(), shape.vocab, device=device)
     optimizer = trainer.create_optimizer(model, TRAIN.lr, weight_decay=TRAIN.weight_decay)
     x, y = torch.randint(0, shape.vocab, (2, shape.batch, shape.seq_len), device=device)
-    return optimizer_step(loss_fn, trainer, model, optimizer, x, y)
+    return optimizer_step(loss_fn, trainer, model, optimizer, x, y, shape.autocast)
 
 
-def optimizer_step(loss_fn, trainer, model, optimizer, x, y):
-    """step(): loss_fn(trainer, model, x, y), backward, optimizer step; returns the loss (detached)."""
+def optimizer_step(loss_fn, trainer, model, optimizer, x, y, autocast: Optional[torch.dtype] = None):
+    """step(): loss_fn(trainer, model, x, y) (under autocast to that dtype, if given), backward,
+    optimizer step; returns the loss (detached)."""
     def step():
-        loss = loss_fn(trainer, model, x, y)
+        with torch.autocast(x.device.type, autocast) if autocast else contextlib.nullcontext():
+            loss = loss_fn(trainer, model, x, y)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)  # gradients count in the step's peak, not in its inputs
