@@ -4,8 +4,10 @@ Each new token is routed as in ``fastexit.routing``: at each exit a row whose co
 >= that exit's threshold emits from there; the rows still running are compacted and alone
 run the next blocks' query, attention output, MLP and the next exit's (at the end the final)
 head, while the deeper caches of rows that left are filled from their carried exit state
-(state propagation). An exit whose threshold is 0 is not scored (no row leaves it), but for
-the last exit when ``return_conf`` reports its confidence. The arithmetic is the model's own:
+(state propagation). With a learned confidence an exit is scored by its confidence head, and
+the LM head runs there only on the rows leaving it (their greedy picks; sampling draws once per
+step from each row's exit state). An exit whose threshold is 0 is not scored (no row leaves
+it), but for the last exit when ``return_conf`` reports its confidence. The arithmetic is the model's own:
 ``Block.forward_cached`` for dense steps, ``Block.kv`` + ``Block.forward_rows`` for the running rows.
 
 ``speculative=k`` replaces routing by lossless self-speculative decoding (LayerSkip): the
@@ -182,10 +184,11 @@ class _Decoder:
             if not rows.numel() or not (final or self.scored[i]):
                 continue
             h = model.exit_norms[layer - 1](xh)  # (n, d)
-            # the final head scores only greedy picks; an exit's its confidence (max_prob, margin) and,
-            # where rows can leave, their greedy picks (a learned confidence comes from the exit's head)
-            kind, on = self.rule.confidence, not final and self.rule.routing_thresholds[i] > 0
-            score = greedy if final else kind != "learned" or (greedy and on)
+            # the final head scores only greedy picks; an exit's its confidence (max_prob, margin) and the
+            # running rows' greedy picks; a learned confidence comes from the exit's own head, and the LM
+            # head then runs below on the rows leaving there only (the others pick deeper)
+            kind = self.rule.confidence
+            score = greedy if final else kind != "learned"
             margin = kind == "margin" and not final
             stats = exit_confidence(h, model.lm_head.weight, want_margin=margin, backend=backend) if score else None
             h_out = _put(h_out, rows, h, backend) if not greedy else None
@@ -195,13 +198,24 @@ class _Decoder:
             c = exit_score(stats, kind, model, layer, h)
             conf, leave = _put(conf, rows, c, backend), easy_mask(c, self.rule.routing_thresholds[i])
             at = scatter_rows(at, rows, torch.where(leave, layer, L), backend=backend)
-            stay = compact_indices(~leave, backend=backend)  # (n',) of the running rows
+            stay = compact_indices(~leave, backend=backend)  # (n',) of the running rows: the exit's one host sync
             if stay.numel() < rows.numel():
+                if greedy and kind == "learned":  # no head pass above: the picks of the rows leaving here
+                    pred = self.leaving_picks(pred, rows, h, leave, rows.numel() - stay.numel())
                 rows, xh = gather_rows(rows, stay, backend=backend), gather_rows(xh, stay, backend=backend)
         self.tokens[:, pos] = _emit(model, h_out, pred, *self.sampling)
         self.exit_layers[:, s] = at
         if conf is not None:
             self.confs[:, s] = conf
+
+    def leaving_picks(self, pred, rows, h, leave, n_leave: int) -> torch.Tensor:
+        """pred (B,) (None before any pick) with the greedy picks of the n_leave leaving rows
+        written in: rows (n,) the running rows, leave (n,) bool, h (n, d) their exit-normed states."""
+        backend = self.backend
+        go = torch.nonzero_static(leave, size=n_leave).squeeze(1)  # no sync: the count is the exit's own
+        picks = exit_confidence(gather_rows(h, go, backend=backend), self.model.lm_head.weight, backend=backend).pred
+        pred = pred if pred is not None else torch.empty_like(self.all_rows)  # every row is picked by the end
+        return scatter_rows(pred, gather_rows(rows, go, backend=backend), picks, backend=backend)
 
     def shallow(self, s: int, pos: int):
         """First-exit states (B, d) of the token emitted at pos - 1."""

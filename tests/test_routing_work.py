@@ -1,9 +1,9 @@
-"""Work that routing skips (docs/design.md §3): with a learned confidence compact mode runs the LM
-head only on the tokens leaving an exit (and at the end on those still running); an exit whose
-threshold is 0 is not scored where nothing reads its score, in compact mode and in generation.
-Outputs against exact_routed_forward where every routed state is exact, else the dense
-state-propagation reference; the work by recording every LM-head pass (``exit_confidence``)
-and confidence-head call."""
+"""Work that routing skips (docs/design.md §3): with a learned confidence compact mode and greedy
+generation run the LM head only on the tokens leaving an exit (and at the end on those still
+running); an exit whose threshold is 0 is not scored where nothing reads its score, in compact
+mode and in generation. Outputs against exact_routed_forward where every routed state is
+exact, else the dense state-propagation reference; the work by recording every LM-head pass
+(``exit_confidence``) and confidence-head call."""
 import pytest
 import torch
 
@@ -210,7 +210,108 @@ def test_learned_generation_does_not_score_an_off_exit_nothing_reads(head_rows, 
     heads = record_confidence_heads(monkeypatch, model)
     _, layers, *_ = generate(model, idx, 10, thresholds, [1, 3], confidence="learned", return_conf=return_conf)
     assert (layers == 5).any() and (layers < 5).any()
-    on = [[e, *range(e + 1, 6)] for e, k in zip([1, 3], kinds) if k == "some"]  # rows reaching an exit that is on
+    on = [[e] for e, k in zip([1, 3], kinds) if k == "some"]  # rows leaving at an exit that is on
     assert head_rows == per_step_rows(layers, on + [[5]])
     scored = [e for e, k in zip([1, 3], kinds) if k == "some" or (e == 3 and return_conf)]
     assert heads == [e for s in range(10) for e in scored if (layers[:, s] >= e).any()]
+
+
+LEARNED_KINDS = [["some", "some"], ["all", "some"], ["none", "some"], ["some", "none"], ["none", "none"],
+                 ["off", "some"]]
+
+
+def check_kinds(layers, kinds):
+    """The thresholds do what they say in generation: at each exit some steps leave ("some", where
+    any reach it), every step that reaches it ("all"), or none ("none", "off")."""
+    reached = torch.ones_like(layers, dtype=torch.bool)
+    for e, k in zip([1, 3], kinds):
+        here = layers == e
+        assert torch.equal(here, reached) if k == "all" else (here.any() or not reached.any()) if k == "some" \
+            else not here.any()
+        reached &= ~here
+
+
+@pytest.mark.parametrize("kinds", LEARNED_KINDS)
+@pytest.mark.parametrize("return_conf", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_learned_greedy_generation_runs_the_lm_head_only_on_rows_leaving(head_rows, kinds, return_conf, padded):
+    """Greedy with a learned confidence: each step runs one LM-head pass per exit that rows leave
+    at, on those rows alone (their picks), and one on the rows reaching the final layer; a row
+    gets exactly one pick per step, where it stops."""
+    model = with_heads(make_model(5, block_scale=4.0), [1, 3])
+    if padded:
+        idx, mask = left_padded([torch.randint(0, VOCAB, (n,)) for n in (6, 2, 4)])
+    else:
+        (idx, _), mask = batch(3, 6), None
+    thresholds = generation_thresholds(model, idx, kinds, "learned")
+    head_rows.clear()
+    _, layers, *_ = generate(model, idx, 10, thresholds, [1, 3], confidence="learned", return_conf=return_conf,
+                             prompt_mask=mask)
+    check_kinds(layers, kinds)
+    assert head_rows == per_step_rows(layers, [[1], [3], [5]]) and sum(head_rows) == layers.numel()
+
+
+@pytest.mark.parametrize("return_conf", [False, True])
+def test_learned_sampling_generation_runs_no_exit_confidence(head_rows, return_conf):
+    """Sampling with a learned confidence draws from the head over each row's exit state once
+    per step (model.lm_head); no exit_confidence pass runs at any exit."""
+    model, (idx, _) = with_heads(make_model(5, block_scale=4.0), [1, 3]), batch(3, 6)
+    thresholds = generation_thresholds(model, idx, ["some", "some"], "learned")
+    head_rows.clear()
+    _, layers, *_ = generate(model, idx, 10, thresholds, [1, 3], temperature=0.8, confidence="learned",
+                             return_conf=return_conf, generator=torch.Generator().manual_seed(0))
+    assert all((layers == e).any() for e in (1, 3, 5)) and head_rows == []
+
+
+@pytest.mark.parametrize("kinds", LEARNED_KINDS)
+@pytest.mark.parametrize("padded", [False, True])
+def test_learned_greedy_picks_are_those_of_a_head_over_every_row(kinds, padded):
+    """The picks from the leaving rows alone equal those of top_k=1 sampling, whose head runs on
+    every row's exit state: tokens, exits and confidences bit for bit."""
+    model = with_heads(make_model(5, block_scale=4.0), [1, 3])
+    if padded:
+        idx, mask = left_padded([torch.randint(0, VOCAB, (n,)) for n in (6, 2, 4)])
+    else:
+        (idx, _), mask = batch(3, 6), None
+    kwargs = dict(routing_threshold=generation_thresholds(model, idx, kinds, "learned"), exit_layer=[1, 3],
+                  confidence="learned", return_conf=True, prompt_mask=mask)
+    greedy = generate(model, idx, 10, **kwargs)
+    sampled = generate(model, idx, 10, temperature=0.7, top_k=1, generator=torch.Generator().manual_seed(0), **kwargs)
+    check_kinds(greedy[1], kinds)
+    assert all(torch.equal(a, b) for a, b in zip(greedy, sampled))
+
+
+@pytest.mark.parametrize("kinds", [["some", "some"], ["all", "some"], ["none", "some"], ["some", "none"]])
+def test_learned_greedy_generation_equals_recomputation(kinds):
+    """Each step re-derived from scratch in fp64 (dense state propagation: every generated
+    position keeps the state of the exit its step left at): its exit, its pick from that exit
+    and its confidence at the deepest exit reached."""
+    model, (idx, _) = with_heads(make_model(5, block_scale=4.0), [1, 3]), batch(3, 6)
+    exits, L, t0, steps = [1, 3], 5, idx.shape[1], 10
+    thresholds = generation_thresholds(model, idx, kinds, "learned")
+    tokens, layers, conf = generate(model, idx, steps, thresholds, exits, confidence="learned", return_conf=True)
+    check_kinds(layers, kinds)
+    for s in range(steps):
+        at = torch.full((3, t0 + s), L)
+        at[:, t0:] = layers[:, 1:s + 1]
+        states = [h[:, -1] for h in cascade_reference(model, tokens[:, :t0 + s], at, [*exits, L])]
+        confs = [fp64_confidence(model, e, h) for e, h in zip(exits, states)]
+        step_at = torch.full((3,), L)
+        for e, t, c in reversed(list(zip(exits, thresholds, confs))):
+            step_at = torch.where(c >= t, e, step_at)
+        preds = [fp64_of_states(model, h)[2] for h in states]
+        assert torch.equal(layers[:, s], step_at)
+        assert torch.equal(tokens[:, t0 + s], per_token(preds, [*exits, L], step_at))
+        torch.testing.assert_close(conf[:, s].double(), per_token(confs, exits, step_at), atol=1e-6, rtol=1e-5)
+
+
+@needs_triton
+def test_learned_greedy_generation_triton_backend_matches_torch():
+    model, (idx, _) = with_heads(make_model(5, block_scale=4.0), [1, 3]), batch(2, 5)
+    kwargs = dict(routing_threshold=generation_thresholds(model, idx, ["some", "some"], "learned"), exit_layer=[1, 3],
+                  confidence="learned", return_conf=True)
+    ref = generate(model, idx, 6, backend="torch", **kwargs)
+    out = generate(model, idx, 6, backend="triton", **kwargs)
+    assert all((ref[1] == e).any() for e in (1, 3))
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    torch.testing.assert_close(out[2], ref[2])
