@@ -59,7 +59,7 @@ for part in "$@"; do
         bench rest 540 "routing or train or hf" ;;
     train)
         timeout 300 python3 -m fastexit.cli train --steps 300 --out /tmp/gpu-run --device cuda --param-dtype bf16 \
-            2>&1 | grep -v -E "it/s\]|s/it\]" | tee "$OUT/train.log" | tail -20 ;;
+            --no-progress 2>&1 | tee "$OUT/train.log" | tail -20 ;;
     *)
         echo "unknown part: $part (check, loss, rest, train)"; exit 2 ;;
     esac

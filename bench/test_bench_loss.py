@@ -164,10 +164,10 @@ def test_loss_fwd_bwd(benchmark, provider, shape_index):
     step = make_step(provider, shape_index, device.type)
     try:
         step()  # compiles, and tells a provider that cannot run this shape from a slow one
-    except Exception as err:  # noqa: BLE001 -- any compile failure becomes the skip reason
-        if provider != "compiled_naive":
+    except Exception as err:  # noqa: BLE001 -- a peer's or torch.compile's failure becomes the skip reason
+        if provider != "compiled_naive" and provider not in PEER_PACKAGES:
             raise
-        pytest.skip(f"torch.compile failed on this box: {type(err).__name__}: {str(err)[:200]}")
+        pytest.skip(f"{provider} failed on this machine: {type(err).__name__}: {str(err)[:200]}")
     seconds = run_timed(benchmark, step, device)
     peak = (cuda_peak_extra_mb(step, device) if device.type == "cuda"
             else cpu_peak_extra_mb("bench.test_bench_loss", "make_step", provider, shape_index, "cpu"))

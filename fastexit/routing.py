@@ -201,7 +201,8 @@ def _padded_layout(rows: torch.Tensor, shape, real: Optional[torch.Tensor] = Non
     or None: pads are hidden from every query but themselves.
     """
     B, T = shape
-    counts = torch.bincount(rows // T, minlength=B)  # (B,)
+    counts = torch.zeros(B, dtype=torch.int64, device=rows.device).index_add_(0, rows // T, torch.ones_like(rows))
+    # (B,): bincount would read its max on the host (a sync on CUDA), on top of S's below
     n_slots = int(counts.max())
     rank = torch.arange(rows.numel(), device=rows.device) - (counts.cumsum(0) - counts)[rows // T]
     slot = rows // T * n_slots + rank

@@ -61,7 +61,8 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 def autocast_inputs(*tensors):
     """The tensors cast to the autocast dtype where autocast is on for the first one's device,
-    as ``F.linear`` would run them (anything but a float tensor passes through); else unchanged.
+    as ``F.linear`` would run them (anything but a 32- or 16-bit float tensor passes through);
+    else unchanged.
     The fused ops call this on entry, so under ``torch.autocast`` their GEMMs run in 16 bits
     while fp32 parameters get fp32 gradients through the cast."""
     first = tensors[0]
@@ -71,4 +72,5 @@ def autocast_inputs(*tensors):
     if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
+    eligible = (torch.float32, torch.float16, torch.bfloat16)  # autocast leaves fp64 alone
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in eligible else t for t in tensors)

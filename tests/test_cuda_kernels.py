@@ -19,6 +19,7 @@ from fastexit import EarlyExitTransformer, ModelConfig, UniversalConfig, Univers
 from fastexit.config import LayerDropout
 from fastexit.kernels import HAS_TRITON, compact_indices, exit_confidence, gather_rows, scatter_rows
 from fastexit.kernels.backend import dot_precision, interpreting
+from fastexit.kernels import weighted_ce
 from fastexit.kernels.weighted_ce import weighted_linear_cross_entropy
 from fastexit.routing import compact_routed_forward, exact_routed_forward
 
@@ -291,9 +292,13 @@ def test_compaction_on_gpu():
     assert torch.equal(out[idx], x[idx] * 2) and not out[~mask].any()
 
 
-# ----------------------------------------------------------------------------- N * V > 2**31
-BIG_N, BIG_D, BIG_V = 17000, 64, 128256  # 2.18e9 logits: flat offsets past row 16743 need int64
+# ----------------------------------------------------------------------------- offsets past 2**31
 REF_CHUNK = 2048
+# (N, d, V, chunk bytes). Chunks bound every per-chunk buffer (2**30 bytes by default), so:
+# "logits": one chunk of 17000 x 128256 fp32 logits (8.7 GB, flat offsets to 2.2e9), the chunk
+# budget raised for it; "weight": a 152064 x 16384 head (Qwen's vocabulary at d=16384): W and
+# its fp32 gradient hold 2.5e9 entries at the default budget.
+OFFSET_CASES = {"logits": (17000, 64, 128256, 2**34), "weight": (512, 16384, 152064, None)}
 
 
 def chunked_rows_and_grads(h, weight, targets, g, dtype):
@@ -309,14 +314,19 @@ def chunked_rows_and_grads(h, weight, targets, g, dtype):
     return [torch.cat(rows).double(), h.grad.double(), weight.grad.double()]
 
 
+@pytest.mark.parametrize("case", list(OFFSET_CASES))
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_weighted_ce_past_int32_offsets(backend):
-    """N * V > 2**31 in bf16: per-row losses and both gradients against fp64, at most 2x as
-    wrong as PyTorch's own bf16 (an int32 offset wraps or faults on the rows past the boundary)."""
-    hs, weight, targets = inputs(torch.bfloat16, n=BIG_N, d=BIG_D, v=BIG_V)
-    assert BIG_N * BIG_V > 2**31
-    targets[-1] = BIG_V - 1  # the very last logit is a target
-    g = torch.linspace(0.5, 3.0, BIG_N, device="cuda")
+def test_weighted_ce_past_int32_offsets(backend, case, monkeypatch):
+    """Flat offsets past 2**31 in bf16, into one chunk's logits or into W and dW: per-row
+    losses and both gradients against fp64, at most 2x as wrong as PyTorch's own bf16 (an int32
+    offset wraps or faults on the rows past the boundary)."""
+    n, d, v, chunk_bytes = OFFSET_CASES[case]
+    if chunk_bytes is not None:
+        monkeypatch.setattr(weighted_ce, "CUDA_CHUNK_BYTES", chunk_bytes)
+    hs, weight, targets = inputs(torch.bfloat16, n=n, d=d, v=v)
+    assert (n if case == "logits" else d) * v > 2**31
+    targets[-1] = v - 1  # the very last logit is a target
+    g = torch.linspace(0.5, 3.0, n, device="cuda")
     leaves = [t.detach().clone().requires_grad_() for t in (hs[0], weight)]
     rows = weighted_linear_cross_entropy([leaves[0]], leaves[1], targets, (1.0,), reduction="none",
                                          backend=backend).reshape(-1)
@@ -326,8 +336,11 @@ def test_weighted_ce_past_int32_offsets(backend):
     for name, a, r, p in zip(("rows", "dh", "dW"), ours, exact, same_dtype):
         bound = 2 * rel_err(p, r) + 1e-3
         assert torch.isfinite(a).all() and rel_err(a, r) <= bound, f"{name}: {rel_err(a, r):.3g} > {bound:.3g}"
-    past = (torch.arange(BIG_N, device="cuda") * BIG_V >= 2**31) & (targets != IGNORE)
-    assert past.sum() > 100 and (ours[0][past] > 0).all()  # the rows past the boundary were scored
+    if case == "logits":  # the rows past the boundary were scored
+        past = (torch.arange(n, device="cuda") * v >= 2**31) & (targets != IGNORE)
+        assert past.sum() > 100 and (ours[0][past] > 0).all()
+    else:  # every class past the boundary got its softmax gradient
+        assert ours[2][2**31 // d:].abs().sum(1).gt(0).all()
 
 
 # ----------------------------------------------------------------------------- host syncs in training
@@ -389,7 +402,7 @@ def test_compact_matches_exact_on_gpu(dtype, exits):
     with torch.no_grad():
         model.lm_head.weight.mul_(20.0)  # spreads random-init confidences over (0, 1)
     idx, targets = torch.randint(0, SYNC_VOCAB, (2, 4, 128), device="cuda")
-    conf = exact_routed_forward(model, idx, exits, 0.0).conf.flatten().float().sort().values
+    conf = exact_routed_forward(model, idx, exits[0], 0.0).conf.flatten().float().sort().values  # the first exit's
     middle = conf.numel() // 2  # halfway between two confidences: no token sits on the threshold
     thresholds = [float(conf[middle - 1:middle + 1].mean())] * len(exits)
     compact = compact_routed_forward(model, idx, exits, thresholds, targets, backend="triton")

@@ -72,10 +72,22 @@ def test_exit_confidence_under_autocast_is_that_of_bf16_inputs(backend):
         assert torch.equal(a, r)
 
 
-def test_outside_autocast_nothing_is_cast():
+def test_autocast_disabled_inside_an_enabled_one_casts_nothing():
     (h, _), weight, targets = leaves()
-    with torch.autocast("cpu", BF16, enabled=False):
+    with torch.autocast("cpu", BF16):
+        with torch.autocast("cpu", BF16, enabled=False):
+            ours = weighted_linear_cross_entropy([h], weight, targets, [1.0], backend="torch")
+        cast = weighted_linear_cross_entropy([h], weight, targets, [1.0], backend="torch")
+    assert torch.equal(ours, weighted_linear_cross_entropy([h], weight, targets, [1.0], backend="torch"))
+    assert not torch.equal(ours, cast)
+
+
+def test_fp64_inputs_are_not_cast_under_autocast():
+    (h, _), weight, targets = leaves()
+    h, weight = h.detach().double(), weight.detach().double()
+    with torch.autocast("cpu", BF16):
         ours = weighted_linear_cross_entropy([h], weight, targets, [1.0], backend="torch")
+    assert ours.dtype == torch.float64
     assert torch.equal(ours, weighted_linear_cross_entropy([h], weight, targets, [1.0], backend="torch"))
 
 
