@@ -34,6 +34,11 @@ RSS_SAMPLE_S = 0.0005
 MMAP_THRESHOLD = 64 * 1024  # bytes
 
 
+def dtype_name(dtype) -> str:
+    """torch.bfloat16 -> "bfloat16", for shape labels."""
+    return str(dtype).removeprefix("torch.")
+
+
 def bench_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench.conftest import dtype_name
 from bench.test_bench_train import FWD_BWD, optimizer_step, time_train_step
 from fastexit import TrainConfig, UniversalTrainer, from_hf, get_preset
 
@@ -35,7 +36,7 @@ class HFShape:
 
     @property
     def label(self) -> str:
-        amp = "" if self.autocast is None else " " + str(self.autocast).removeprefix("torch.")
+        amp = "" if self.autocast is None else " " + dtype_name(self.autocast)
         return f"llama L{self.n_layers}-d{self.d_model}-V{self.vocab} {self.batch}x{self.seq_len} {self.preset}{amp}"
 
     @property

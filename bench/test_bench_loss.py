@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.conftest import bench_device, cpu_peak_extra_mb, cuda_peak_extra_mb, record, run_timed
+from bench.conftest import bench_device, cpu_peak_extra_mb, cuda_peak_extra_mb, dtype_name, record, run_timed
 from fastexit.kernels import HAS_TRITON
 from fastexit.kernels.weighted_ce import weighted_linear_cross_entropy
 
@@ -34,7 +34,7 @@ class LossShape:
     @property
     def label(self) -> str:
         ws = ",".join(f"{w:g}" for w in self.head_weights)
-        return f"N={self.n_tokens} d={self.d_model} V={self.vocab} w=({ws}) {str(self.dtype).replace('torch.', '')}"
+        return f"N={self.n_tokens} d={self.d_model} V={self.vocab} w=({ws}) {dtype_name(self.dtype)}"
 
     @property
     def flops(self) -> float:

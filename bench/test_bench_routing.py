@@ -22,8 +22,8 @@ from typing import NamedTuple, Tuple
 import pytest
 import torch
 
-from bench.conftest import (bench_device, block_flops, causal_block_flops, cuda_peak_extra_mb, head_flops, record,
-                            run_timed, synchronize)
+from bench.conftest import (bench_device, block_flops, causal_block_flops, cuda_peak_extra_mb, dtype_name, head_flops,
+                            record, run_timed, synchronize)
 from fastexit import UniversalConfig, UniversalTrainer
 from fastexit.generate import generate
 from fastexit.model import EarlyExitTransformer, ModelConfig
@@ -55,7 +55,7 @@ class Shape:
     def label(self) -> str:
         exits = f"exit{self.exit_layers[0]}" if len(self.exit_layers) == 1 else \
             "exits" + "_".join(map(str, self.exit_layers))
-        dtype = "" if self.dtype == torch.float32 else "-" + str(self.dtype).removeprefix("torch.")
+        dtype = "" if self.dtype == torch.float32 else "-" + dtype_name(self.dtype)
         return f"L{self.n_layers}-d{self.d_model}-{exits}-V{self.vocab}{dtype}"
 
     def exit_shares(self, level: int) -> Tuple[float, ...]:

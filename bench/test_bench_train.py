@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.conftest import (bench_device, causal_block_flops, cpu_peak_extra_mb, cuda_peak_extra_mb, head_flops,
-                            record, run_timed)
+from bench.conftest import (bench_device, causal_block_flops, cpu_peak_extra_mb, cuda_peak_extra_mb, dtype_name,
+                            head_flops, record, run_timed)
 from fastexit import EarlyExitTransformer, ModelConfig, TrainConfig, UniversalTrainer, get_preset
 from fastexit.config import DEFAULT_PRESET, DEFAULT_VOCAB_SIZE, RUN_MODEL_DEFAULTS
 
@@ -36,7 +36,7 @@ class TrainShape:
 
     @property
     def label(self) -> str:
-        amp = "" if self.autocast is None else " " + str(self.autocast).removeprefix("torch.")
+        amp = "" if self.autocast is None else " " + dtype_name(self.autocast)
         return f"L{self.n_layers}-d{self.d_model}-V{self.vocab} {self.batch}x{self.seq_len} {self.preset}{amp}"
 
     @property

@@ -411,22 +411,16 @@ class UniversalTrainer:
         was_training = model.training
         model.eval()
         with self.autocast():
-            stats = self._evaluate(model, val_batches, mode, per_layer, compare_exact, rule, exact, compact,
-                                   ignore_index)
+            if mode == "exact":
+                stats, = self._routed_stats(model, val_batches, [functools.partial(exact, all_layers=per_layer)],
+                                            rule, ignore_index)
+            else:
+                stats = self._compact_stats(model, val_batches, compact, exact, compare_exact, rule, ignore_index)
+                if per_layer:
+                    layers, = self._routed_stats(model, val_batches, [functools.partial(exact, all_layers=True)],
+                                                 rule, ignore_index)
+                    stats.update({k: v for k, v in layers.items() if k.startswith(("ppl_L", "acc_L"))})
         model.train(was_training)
-        return stats
-
-    def _evaluate(self, model, val_batches, mode, per_layer, compare_exact, rule, exact, compact,
-                  ignore_index) -> Dict[str, float]:
-        if mode == "exact":
-            stats, = self._routed_stats(model, val_batches, [functools.partial(exact, all_layers=per_layer)],
-                                        rule, ignore_index)
-        else:
-            stats = self._compact_stats(model, val_batches, compact, exact, compare_exact, rule, ignore_index)
-            if per_layer:
-                layers, = self._routed_stats(model, val_batches, [functools.partial(exact, all_layers=True)],
-                                             rule, ignore_index)
-                stats.update({k: v for k, v in layers.items() if k.startswith(("ppl_L", "acc_L"))})
         return stats
 
     @staticmethod
