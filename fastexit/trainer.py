@@ -1,21 +1,19 @@
-"""UniversalTrainer: trains any method expressible as per-layer loss weights, and evaluates
-it with max-softmax routing (docs/design.md §2–3)."""
+"""UniversalTrainer: trains any method expressible as per-layer loss weights (docs/design.md §2),
+and evaluates it with its routing rule through ``fastexit.evaluate`` (§3)."""
 import contextlib
-import functools
 import math
 import time
-from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import distributed, routing
-from .config import EVAL_MODES, TrainConfig, UniversalConfig
+from . import distributed, evaluate, routing
+from .config import TrainConfig, UniversalConfig
+from .evaluate import Batch
 from .kernels import exit_confidence, resolve_backend, weighted_linear_cross_entropy
-
-Batch = Tuple[torch.Tensor, torch.Tensor]
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
@@ -374,24 +372,15 @@ class UniversalTrainer:
             raise ValueError(f"eval_every={eval_every!r} needs eval_every >= 0 and non-empty val_batches")
 
     # ------------------------------------------------------------------------- evaluate
-    @torch.no_grad()
     def evaluate(self, model: nn.Module, val_batches: Sequence[Batch], mode: str = "exact", *,
                  routing_threshold: Optional[routing.Thresholds] = None, per_layer: Optional[bool] = None,
                  compare_exact: bool = False, ignore_index: int = -100,
                  confidence: Optional[str] = None, exit_layers: Optional[Sequence[int]] = None) -> Dict[str, float]:
-        """Routed metrics over ``val_batches`` ((x, y) int64 (B, T) pairs), docs/design.md §3.
+        """Routed metrics over ``val_batches`` ((x, y) int64 (B, T) pairs) with this trainer's
+        method, device, backend and ``autocast()``: ``fastexit.evaluate.evaluate``, whose
+        docstring lists the metrics, ``mode`` 'exact' | 'compact', ``per_layer`` and
+        ``compare_exact`` (docs/design.md §3).
 
-        Returns ``ppl``, ``acc``, ``nll``, ``shallow_ratio`` (the share of tokens leaving at any
-        exit), ``exit_ratio_L{i}`` for every exit i (the share leaving there), ``compute_cost``
-        (mean layers run / n_layers), ``tokens_per_s`` and ``seconds``
-        (of the timed pass), ``n_tokens``; with ``per_layer`` also ``ppl_L{i}`` / ``acc_L{i}`` of
-        every layer's exit.
-        - ``mode='exact'``: one pass through every layer; per_layer (default on) scores every
-          layer's exit in that same pass (one head pass per layer, timed with it).
-        - ``mode='compact'``: only the compact routed forward runs (the fast path). per_layer
-          (default off) costs an extra, untimed exact pass; ``compare_exact=True`` times an exact
-          routed pass batch by batch, interleaved, and adds ``ppl_exact``, ``ppl_diff_vs_exact``
-          and ``speedup_vs_exact``.
         ``routing_threshold``: None = the config's per-exit thresholds; one number overrides the
         threshold of every exit (a list: one per exit) (``routing.resolve_routing``);
         ``confidence`` None = the config's (learned: the model needs confidence heads);
@@ -400,146 +389,7 @@ class UniversalTrainer:
         share of them (under FSDP2 on a gathered copy of the weights) and the sums are reduced
         across ranks, so every rank returns the metrics of all batches.
         """
-        self._check_eval_args(mode, val_batches, compare_exact)
-        model, val_batches = distributed.evaluation_model(model), distributed.this_ranks_share(val_batches)
-        rule = routing.resolve_routing(model, routing_threshold, exit_layers, self.config, confidence)
-        per_layer = mode == "exact" if per_layer is None else per_layer
-        rule_kwargs = dict(exit_layer=rule.exit_layers, routing_threshold=rule.routing_thresholds,
-                           confidence=rule.confidence)
-        exact = functools.partial(routing.exact_routed_forward, **rule_kwargs)
-        compact = functools.partial(routing.compact_routed_forward, **rule_kwargs)
-        was_training = model.training
-        model.eval()
-        with self.autocast():
-            if mode == "exact":
-                stats, = self._routed_stats(model, val_batches, [functools.partial(exact, all_layers=per_layer)],
-                                            rule, ignore_index)
-            else:
-                stats = self._compact_stats(model, val_batches, compact, exact, compare_exact, rule, ignore_index)
-                if per_layer:
-                    layers, = self._routed_stats(model, val_batches, [functools.partial(exact, all_layers=True)],
-                                                 rule, ignore_index)
-                    stats.update({k: v for k, v in layers.items() if k.startswith(("ppl_L", "acc_L"))})
-        model.train(was_training)
-        return stats
-
-    @staticmethod
-    def _check_eval_args(mode, val_batches, compare_exact) -> None:
-        if mode not in EVAL_MODES:
-            raise ValueError(f"mode must be one of {EVAL_MODES}, got {mode!r}")
-        if not val_batches:
-            raise ValueError("val_batches is empty")
-        if compare_exact and mode != "compact":
-            raise ValueError("compare_exact=True compares compact mode with exact mode: it needs mode='compact'")
-
-    def _compact_stats(self, model, val_batches, compact, exact, compare_exact, rule,
-                       ignore_index) -> Dict[str, float]:
-        if not compare_exact:
-            return self._routed_stats(model, val_batches, [compact], rule, ignore_index)[0]
-        for routed_forward in (exact, compact) if val_batches else ():  # untimed: first calls pay for allocator growth
-            routed_forward(model, val_batches[0][0].to(self.device), backend=self.backend)
-        ex, stats = self._routed_stats(model, val_batches, [exact, compact], rule, ignore_index)
-        stats.update(ppl_exact=ex["ppl"], ppl_diff_vs_exact=stats["ppl"] - ex["ppl"],
-                     speedup_vs_exact=ex["seconds"] / stats["seconds"])
-        return stats
-
-    def _routed_stats(self, model, val_batches, forwards, rule, ignore_index) -> List[Dict[str, float]]:
-        """Metrics of each routed forward over the same batches (``rule``: the routing.Routing
-        it routes with). With several forwards, each batch runs all of them back to back, in
-        alternating order, so that load drift on a shared machine hits their timings alike. One
-        host sync at the end."""
-        acc = [_EvalSums(self.device, model, rule) for _ in forwards]
-        for i, (x, y) in enumerate(val_batches):
-            x, y = x.to(self.device), y.to(self.device)
-            for j in (range(len(forwards)) if i % 2 == 0 else reversed(range(len(forwards)))):
-                t0 = _clock(self.device)
-                out = forwards[j](model, x, targets=y, backend=self.backend, ignore_index=ignore_index)
-                acc[j].seconds += _clock(self.device) - t0
-                acc[j].add(out, y, ignore_index)
-        return [a.summary() for a in acc]
-
-
-class _EvalSums:
-    """fp64 sums of one routed forward's metrics over batches, kept on the device."""
-
-    def __init__(self, device, model: nn.Module, rule: "routing.Routing"):
-        self.n_layers, self.exits, self.seconds = model.n_layers, list(rule.exit_layers), 0.0
-        self.flops = _TokenFlops.of(model, rule.confidence)
-        self.scored_exits = [e for e, t in zip(rule.exit_layers, rule.routing_thresholds) if t > 0]  # exits that are on
-        # nll, correct, easy, layers_run, n, routed FLOPs, full-depth FLOPs, then the tokens leaving at each exit
-        self.routed = torch.zeros(7 + len(self.exits), dtype=torch.float64, device=device)
-        self.layers = torch.zeros(self.n_layers, 2, dtype=torch.float64, device=device)  # (L, [nll, correct])
-        self.has_layers = False
-
-    def add(self, out: "routing.RoutedOutput", y: torch.Tensor, ignore_index: int) -> None:
-        valid, flat_y = y != ignore_index, y.reshape(-1)
-        self.routed += _masked_sums(valid, out.nll, out.pred == y, out.easy, out.layers_run, valid,
-                                    *self.flops.routed_and_full(out.layers_run, self.scored_exits, self.n_layers),
-                                    *(out.easy & (out.layers_run == i) for i in self.exits))
-        for i, s in (out.layer_stats or {}).items():  # (B*T,) rows per layer
-            self.has_layers = True
-            self.layers[i - 1] += _masked_sums(valid.reshape(-1), s.nll, s.pred == flat_y)
-
-    def summary(self) -> Dict[str, float]:
-        """The metrics; under DDP / FSDP2 of every rank's batches (sums over ranks, the slowest
-        rank's seconds)."""
-        sums = torch.cat([self.routed, self.layers.reshape(-1), self.routed.new_tensor([self.has_layers])])
-        values = distributed.sum_over_ranks(sums).tolist()  # the sync
-        n_routed = self.routed.numel()
-        (nll, correct, easy, layers_run, n, flops, full_flops), left = values[:7], values[7:n_routed]
-        has_layers = values[-1] > 0
-        layers = [values[n_routed + 2 * i:n_routed + 2 + 2 * i] for i in range(self.n_layers)]  # (L, [nll, correct])
-        seconds = distributed.max_over_ranks(self.seconds, self.routed.device)
-        if n == 0:
-            raise ValueError("val_batches has no scored tokens (all targets are ignore_index)")
-        out = dict(ppl=math.exp(nll / n), nll=nll / n, acc=correct / n, shallow_ratio=easy / n,
-                   compute_cost=layers_run / (n * self.n_layers), flop_cost=flops / full_flops,
-                   tokens_per_s=n / seconds,
-                   seconds=seconds, n_tokens=int(n))
-        out.update({f"exit_ratio_L{i}": count / n for i, count in zip(self.exits, left)})
-        for i, (layer_nll, layer_correct) in enumerate(layers if has_layers else [], start=1):
-            out.update({f"ppl_L{i}": math.exp(layer_nll / n), f"acc_L{i}": layer_correct / n})
-        return out
-
-
-class _TokenFlops(NamedTuple):
-    """Forward matmul FLOPs per token of a model's parts, for ``flop_cost``: a block's weight
-    GEMMs (2 x its matrices' parameters), attention per key attended (4 d: scores and values),
-    the shared head (2 d V) and a learned confidence head (2 d), or 0 for max_prob and margin,
-    which score with a head pass at every exit reached; a learned score needs the head pass
-    only where the token leaves."""
-    block: float
-    attention_per_key: float
-    head: float
-    confidence_head: float
-
-    @classmethod
-    def of(cls, model: nn.Module, confidence: str) -> "_TokenFlops":
-        vocab, d = model.lm_head.weight.shape
-        block = 2 * sum(p.numel() for p in model.blocks[0].parameters() if p.dim() == 2)
-        return cls(float(block), 4.0 * d, 2.0 * d * vocab, 2.0 * d if confidence == "learned" else 0.0)
-
-    def routed_and_full(self, layers_run: torch.Tensor, exits: Sequence[int], n_layers: int):
-        """(B, T) FLOPs of each token as routed (the blocks up to its exit layer, the scores at
-        each of ``exits``, the exits that are on, that it reaches, and its head passes) and at
-        full depth (every block, the final head); the token at position t attends to t + 1 keys."""
-        keys = torch.arange(1, layers_run.shape[-1] + 1, device=layers_run.device, dtype=torch.float64)
-        per_block = self.block + self.attention_per_key * keys  # (T,)
-        reached = sum(((layers_run >= e) & (e < n_layers)).double() for e in exits)  # up to the one it left at
-        if self.confidence_head:  # a learned score at each exit reached, one head pass where the token stops
-            heads = reached * self.confidence_head + self.head
-        else:  # a head pass to score each exit reached, and the final head for tokens that run to the end
-            heads = reached * self.head + (layers_run == n_layers).double() * self.head
-        return layers_run.double() * per_block + heads, (n_layers * per_block + self.head).expand(layers_run.shape)
-
-
-def _masked_sums(valid: torch.Tensor, *values: torch.Tensor) -> torch.Tensor:
-    """fp64 sum of each (B, T) value over the scored tokens, left on the device (a masked sum:
-    boolean indexing would ask the host for the count)."""
-    return torch.stack([torch.where(valid, v.double(), 0.0).sum() for v in values])
-
-
-def _clock(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
+        return evaluate.evaluate(model, val_batches, mode, config=self.config, device=self.device,
+                                 backend=self.backend, autocast=self.autocast(), routing_threshold=routing_threshold,
+                                 per_layer=per_layer, compare_exact=compare_exact, ignore_index=ignore_index,
+                                 confidence=confidence, exit_layers=exit_layers)
