@@ -14,8 +14,9 @@ from fastexit import PRESETS, UniversalConfig, UniversalTrainer
 from fastexit import checkpoint as ckpt
 from fastexit.calibrate import exit_table
 from fastexit.config import LayerDropout, RunConfig
+from fastexit.evaluate import confidence_head_flops
 from fastexit.generate import generate
-from fastexit.model import ConfidenceHeads, confidence_head_flops
+from fastexit.model import ConfidenceHeads
 from fastexit.routing import compact_routed_forward, exact_routed_forward
 from fastexit.runs import Run
 from test_multi_exit import cascade_reference, first_exit, gap_threshold, per_token
