@@ -25,7 +25,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from . import report
 from .atomic import write_json
 from .config import DEFAULT_PRESET, RunConfig, TrainConfig
-from .runs import RESUME_OVERRIDABLE, Run, is_run_folder, log, read_config
+from .distributed import log
+from .runs import RESUME_OVERRIDABLE, Run, is_run_folder, read_config
 
 # The seed's layer-wise LR experiment, on asymmetric_best's weights {1: 0.7, 3: 0.3}:
 # (label, folder suffix, scales of a 3-layer model).

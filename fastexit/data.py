@@ -22,6 +22,12 @@ cached with the token ids of every split in ``cache_dir``:
 ``tokenizer.json``, ``{train,val,test}.bin`` (raw uint16/uint32 ids, read back as
 ``np.memmap``) and ``meta.json`` (written last; its fingerprint of the texts and vocab size
 decides whether the cache is reused).
+
+A run's corpus (``load_corpus`` of a ``DataConfig``) is the same cache; ``corpus_identity``
+is what its checkpoint must match, ``check_corpus`` refuses one too small to train on,
+``split_batches`` / ``with_bpb`` give evaluation batches and bits per byte, and
+``steps_for_budget`` converts an epochs or tokens budget into steps. Loading a corpus imports
+neither the model nor checkpoints.
 """
 from __future__ import annotations
 
@@ -40,7 +46,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_write
-from .config import DEFAULT_VOCAB_SIZE, MIN_VOCAB_SIZE
+from .config import DEFAULT_VOCAB_SIZE, MIN_VOCAB_SIZE, DataConfig
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -498,6 +504,83 @@ def hf_tokenizer(folder: PathLike) -> "Tokenizer":
     return load_hf_tokenizer(folder).backend_tokenizer
 
 
+def model_tokenizer(folder: PathLike, vocab_size: int) -> str | None:
+    """The tokenizer a run of the transformers model in ``folder`` (of ``vocab_size`` ids)
+    tokenizes with: the folder itself when it ships one, else None (fastexit's BPE of
+    vocab_size). ValueError ("tokenizer: ...") when the folder's tokenizer does not load or has
+    more tokens than the model, or when there is none and vocab_size is too small for a BPE."""
+    folder = Path(folder)
+    if not has_tokenizer(folder):
+        if vocab_size < MIN_VOCAB_SIZE:
+            raise ValueError(f"tokenizer: {folder} has no tokenizer and its vocab_size {vocab_size} is below the "
+                             f"minimum {MIN_VOCAB_SIZE} of fastexit's byte-level BPE; add a tokenizer to the folder")
+        return None
+    n_tokens = len(load_hf_tokenizer(folder))
+    if n_tokens > vocab_size:
+        raise ValueError(f"tokenizer: vocabulary mismatch: the tokenizer in {folder} has {n_tokens} tokens, more than "
+                         f"the model's vocab_size {vocab_size}")
+    return str(folder)
+
+
+# --- a run's corpus -----------------------------------------------------------------------
+
+def load_corpus(data: DataConfig) -> Corpus:
+    """The tokenized corpus of a run's data section; errors name the --data flag. A trained
+    run reads the cache its checkpoint was made with."""
+    cache_dir = data.cache_dir or (data.identity or {}).get("cache_dir")
+    if data.tokenizer is not None:  # the cache is a subfolder (hf-<fingerprint>) of the folder given
+        cache_dir = data.cache_dir
+    try:
+        corpus = prepare_data(data.paths, vocab_size=data.vocab_size, cache_dir=cache_dir, tokenizer=data.tokenizer)
+    except (ValueError, FileNotFoundError) as err:
+        if str(err).startswith("tokenizer: "):
+            raise ValueError(f"--hf-model: {str(err).removeprefix('tokenizer: ')}") from None
+        what = "--data" if data.paths else "the default corpus"
+        raise ValueError(f"{what}: {str(err).removeprefix('paths: ')}") from None
+    if data.train_fraction < 1:
+        train = corpus.splits["train"][:max(1, math.floor(data.train_fraction * len(corpus.splits["train"])))]
+        corpus.splits["train"], corpus.n_bytes["train"] = train, corpus.bytes_of(train)
+    return corpus
+
+
+def corpus_identity(corpus: Corpus) -> dict:
+    """Vocab size, text fingerprint (from the cache's meta.json), a digest of the tokenizer's
+    vocabulary (a retrained tokenizer must give the same ids) and the cache folder."""
+    meta = json.loads((Path(corpus.cache_dir) / "meta.json").read_text(encoding="utf-8"))
+    vocab = sorted(corpus.tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    tokenizer = hashlib.sha256(json.dumps(vocab).encode()).hexdigest()
+    return dict(vocab_size=int(corpus.vocab_size), fingerprint=meta["fingerprint"], tokenizer=tokenizer,
+                cache_dir=str(corpus.cache_dir))
+
+
+def check_corpus(corpus: Corpus, batch_size: int, seq_len: int, splits: Sequence[str] = ("train", "val")) -> None:
+    """Refuse a corpus too small to train on (one batch) or to evaluate (one window)."""
+    need = dict(train=batch_size * seq_len + 1, val=seq_len + 1, test=seq_len + 1)
+    for split in splits:
+        n = len(corpus.splits[split])
+        if n < need[split]:
+            what = f"one batch (batch_size {batch_size} x seq_len {seq_len})" if split == "train" \
+                else f"one window of seq_len {seq_len}"
+            raise ValueError(f"the corpus is too small: its {split} split has {n} tokens, "
+                             f"fewer than the {need[split]} that {what} needs")
+
+
+def steps_for_budget(n_train_tokens: int, batch_size: int, seq_len: int, *, epochs: float | None = None,
+                     tokens: int | None = None) -> int:
+    """Optimizer steps of a budget given as ``epochs`` (passes over the ``n_train_tokens`` of
+    the training split) or ``tokens``, at ``batch_size * seq_len`` tokens a step, rounded up.
+    Errors name the flag."""
+    if (epochs is None) == (tokens is None):
+        raise ValueError("give exactly one of epochs and tokens")
+    per_step = batch_size * seq_len
+    if tokens is not None:
+        if tokens < per_step:
+            raise ValueError(f"--tokens {tokens} is less than one step (batch_size {batch_size} x seq_len {seq_len} "
+                             f"= {per_step} tokens)")
+        return math.ceil(tokens / per_step)
+    return max(1, math.ceil(epochs * n_train_tokens / per_step))
+
+
 # --- batches ----------------------------------------------------------------------------
 
 def _check_positive_int(name: str, value) -> int:
@@ -602,3 +685,18 @@ def sequential_batches(ids, batch_size: int, seq_len: int, max_batches: int | No
         s = starts[first:first + batch_size]
         batches.append(_to_xy(ids[s[:, None] + np.arange(seq_len + 1)], device))
     return batches
+
+
+def split_batches(corpus: Corpus, split: str, batch_size: int, seq_len: int, eval_batches: int | None, device):
+    """(batches, n_bytes): the first ``eval_batches`` batches (None: all) of sequential windows
+    of a split, and the UTF-8 bytes of their targets."""
+    if eval_batches is not None and (isinstance(eval_batches, bool) or not isinstance(eval_batches, int)
+                                     or eval_batches < 1):
+        raise ValueError(f"eval_batches must be None (all) or an int >= 1, got {eval_batches!r}")
+    batches = sequential_batches(corpus.splits[split], batch_size, seq_len, max_batches=eval_batches, device=device)
+    return batches, sum(corpus.bytes_of(y) for _, y in batches)
+
+
+def with_bpb(stats: dict, n_bytes: int) -> dict:
+    """``stats`` (with ``nll`` and ``n_tokens``) and their bits per byte ``bpb``."""
+    return dict(stats, bpb=bits_per_byte(stats["nll"], stats["n_tokens"], n_bytes))

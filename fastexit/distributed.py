@@ -1,5 +1,7 @@
-"""Training on several processes under torchrun: DDP or FSDP2 (docs/design.md §6).
+"""The processes of a run: this one's device, seeds and log lines, and under torchrun DDP or
+FSDP2 (docs/design.md §6).
 
+``resolve_device``, ``seed_everything`` and ``log`` (stderr, rank 0 only) serve every command.
 The same code runs as one process when torchrun did not start it: every function here is
 then the identity (one rank, no collectives). Under torchrun, ``process_group`` joins the job
 (nccl on CUDA, gloo on CPU) and ``wrap`` returns the module to train:
@@ -18,11 +20,13 @@ batches over the ranks and sums its counts across them.
 """
 import gc
 import os
+import random
 import sys
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -33,7 +37,32 @@ from torch.nn.parallel import DistributedDataParallel
 
 PARALLEL_MODES = ("ddp", "fsdp")
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-PARAM_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # FSDP2 compute dtype; None = the parameters' own
+COMPUTE_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # --compute-dtype; None = the parameters' own
+
+
+# ---------------------------------------------------------------------- this process
+def resolve_device(device: Optional[str]) -> torch.device:
+    """'auto' (or None): cuda when available, else cpu; otherwise ``torch.device(device)``,
+    ValueError naming ``device`` when torch does not know it."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device: unknown device {device!r}") from None
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (model init, dropout)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def log(msg: str) -> None:
+    """A line on stderr from rank 0 (or the only process)."""
+    if is_main():
+        print(msg, file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------ the launch
@@ -130,16 +159,17 @@ class ModelWithLoss(nn.Module):
         return loss_fn(self.model, *args, **kwargs)
 
 
-def wrap(model: nn.Module, parallel: Optional[str], *, param_dtype: Optional[torch.dtype] = None) -> nn.Module:
+def wrap(model: nn.Module, parallel: Optional[str], *, compute_dtype: Optional[torch.dtype] = None) -> nn.Module:
     """The module to train: ``model`` itself in one process, else ``ModelWithLoss(model)``
     under DDP, or under FSDP2 with every block and the root sharded (``model``'s parameters
     become DTensor shards in place; build the optimizer on them afterwards).
 
-    ``param_dtype`` (FSDP2 only): compute in this dtype (e.g. bf16) with fp32 parameters and
-    fp32 gradient reduction (``MixedPrecisionPolicy``).
+    ``compute_dtype`` (FSDP2 only; elsewhere ``UniversalTrainer(compute_dtype=)`` autocasts):
+    compute in this dtype (e.g. bf16) with fp32 parameters and fp32 gradient reduction
+    (``MixedPrecisionPolicy``).
     """
-    if param_dtype is not None and parallel != "fsdp":
-        raise ValueError(f"--param-dtype {str(param_dtype).removeprefix('torch.')} needs --parallel fsdp "
+    if compute_dtype is not None and parallel != "fsdp":
+        raise ValueError(f"--compute-dtype {str(compute_dtype).removeprefix('torch.')} needs --parallel fsdp "
                          "(FSDP2's MixedPrecisionPolicy)")
     if parallel is None:
         return model
@@ -151,7 +181,7 @@ def wrap(model: nn.Module, parallel: Optional[str], *, param_dtype: Optional[tor
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(device.type, (world_size(),))
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32 if compute_dtype else None)
     for block in model.blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     # The root holds embeddings, exit norms and the head: a tied head and embedding stay one parameter.

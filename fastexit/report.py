@@ -88,6 +88,80 @@ def within_line(rows: Sequence[Dict[str, Any]], full_depth_ppl: float, max_incre
             f"{best['shallow_ratio']:.0%} of tokens leave early, compute_cost {best['compute_cost']:.3f}.")
 
 
+# ------------------------------------------------------------- the commands' texts
+def exits_text(method) -> str:
+    """'exit_layer 1', or 'exit_layers [2, 4]' (and the confidence when not max_prob)."""
+    exits = f"exit_layers {method.exits}" if method.exit_layers is not None else f"exit_layer {method.exit_layer}"
+    return exits if method.confidence == "max_prob" else f"{exits}, confidence {method.confidence}"
+
+
+def routing_text(method, routing_threshold: Optional[float] = None) -> str:
+    """The routing rule of a method (a ``UniversalConfig``) as table titles name it;
+    routing_threshold: an override of every exit's threshold."""
+    if routing_threshold is not None:
+        th = f"routing_threshold {routing_threshold}" + (" at every exit" if len(method.exits) > 1 else "")
+    elif method.routing_thresholds is not None:
+        th = f"routing_thresholds {method.routing_thresholds}"
+    else:
+        th = f"routing_threshold {method.routing_threshold}"
+    return f"{th}, {exits_text(method)}"
+
+
+def early_exit_text(rows: List[Dict[str, Any]], split: str, method, max_increase: float, seconds: float) -> str:
+    """The compact-mode sweep ``fastexit train`` ends with (``rows`` from ``Run.sweep`` with
+    compare_exact), which threshold stays within ``max_increase`` of full depth, and how long
+    the sweep took."""
+    full = next((r["ppl"] for r in rows if r["routing_threshold"] == "0"), None)
+    text = (f"What early exit buys ({split} split, compact mode: deeper layers really skipped; "
+            f"{exits_text(method)})\n\n{sweep_table(rows, compare_exact=True)}")
+    if full is not None:
+        text += "\n\n" + within_line(rows, full, max_increase)
+    return text + f"\n\nThis table took {seconds:.0f} s (fastexit train --no-table skips it)."
+
+
+def sweep_text(title: str, split: str, mode: str, variants: Sequence[str], rows: List[Dict[str, Any]],
+               compare_exact: bool) -> str:
+    """``fastexit sweep``'s text: what was swept (one routing variant per name) and the table."""
+    return (f"{title}: routing_threshold sweep, {split} split, {mode} mode, {'; '.join(variants)} (each threshold "
+            f"at every exit); * = Pareto-optimal (no row has both lower ppl and lower compute_cost)\n\n"
+            f"{sweep_table(rows, compare_exact)}")
+
+
+def calibration_text(run_path: Path, file: Path, record: Dict[str, Any]) -> str:
+    """``fastexit calibrate``'s report of a calibration ``record`` (as ``Run.calibrate``
+    returns it and writes it to ``file``): constraint, verdict, val and held-out test rows."""
+    constraint = (f"ppl at most {record['target']:.2%} above full depth" if record["constraint"] == "max_ppl_increase"
+                  else f"agreement with the final layer at least {record['target']:.2%}")
+    rows = [dict(split=split, **m, ppl_increase=f"{m['ppl'] / m['ppl_full'] - 1:+.2%}")
+            for split, m in (("val", record["val"]), ("test", record["test"]))]
+    cols = [("split", "split"), ("ppl", "ppl"), ("full-depth ppl", "ppl_full"), ("ppl increase", "ppl_increase"),
+            ("agreement", "agreement"), ("compute_cost", "compute_cost"), ("shallow_ratio", "shallow_ratio")]
+    cols += [(f"exit_ratio_L{e}", f"exit_ratio_L{e}") for e in record["exits"]]
+    verdict = (f"certified (p = {record['p_value']:.3g} <= delta {record['delta']:g})" if record["certified"] else
+               f"not certified by any threshold: full depth (p = {record['p_value']:.3g} > delta {record['delta']:g})")
+    return (f"{run_path}: {constraint}, with probability >= {1 - record['delta']:g} on new data (Learn-then-Test "
+            f"over {record['n_sequences']} val sequences, {record['n_tested']} thresholds tested)\n\n"
+            f"routing_thresholds {list(record['thresholds'])} at exit_layers {list(record['exits'])}, confidence "
+            f"{record['confidence']}: {verdict}\n\n{markdown_table(rows, cols)}\n\n"
+            f"Written to {file}: eval, sweep and generate of this run route with them.")
+
+
+def generation_text(tokenizer, prompt_ids: List[int], new_ids: List[int], layers_run: List[int], n_layers: int,
+                    rule: str, acceptance: Optional[str] = None) -> str:
+    """``fastexit generate``'s text: the prompt and the new tokens, those that left before
+    ``n_layers`` in [brackets], each token's exit layer, and how many left early (or, for
+    speculative decoding, the ``acceptance`` line instead)."""
+    early = [layer < n_layers for layer in layers_run]
+    lines = [tokenizer.decode(prompt_ids, skip_special_tokens=False)
+             + render_tokens(token_pieces(tokenizer, prompt_ids, new_ids), early),
+             "\nexit layer per token: " + " ".join(str(layer) for layer in layers_run)]
+    if acceptance is not None:
+        return "\n".join(lines + [acceptance])
+    n_early = sum(early)
+    return "\n".join(lines + [f"[...] = left at an exit before layer {n_layers} ({rule}); exited early: "
+                              f"{n_early}/{len(new_ids)} tokens ({100 * n_early / len(new_ids):.1f}%)"])
+
+
 def vs_baseline(ppl: float, baseline: float) -> str:
     """The seed's "vs Baseline" cell: PPL improvement relative to the baseline, in %."""
     gain = (baseline - ppl) / baseline * 100
@@ -206,12 +280,6 @@ def save_spread_plot(path: Path, series: Sequence[Tuple[str, Sequence[float], Se
         ax.annotate(label, (mx, my), textcoords="offset points", xytext=(5, 5), fontsize=8)
     _finish(plt, fig, ax, path, title, xlabel, ylabel)
     return path
-
-
-def save_plot(path: Path, points: Sequence[Tuple[str, float, float]], title: str, xlabel: str, ylabel: str,
-              line: bool = False) -> Optional[Path]:
-    """Labelled scatter (optionally joined) of (label, x, y) as a PNG; None without matplotlib."""
-    return save_curves(path, [("", points)], title, xlabel, ylabel, line)
 
 
 def save_curves(path: Path, curves: Sequence[Tuple[str, Sequence[Tuple[str, float, float]]]], title: str,

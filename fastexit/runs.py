@@ -32,22 +32,21 @@ where ``n_bytes`` is the exact UTF-8 byte count of the scored target tokens, sum
 tokenizer's per-token byte lengths (``Corpus.bytes_of``), not a split-wide average.
 """
 import contextlib
-import hashlib
 import json
-import math
-import random
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-import numpy as np
 import torch
 
+from . import calibrate
 from . import checkpoint as ckpt
 from . import distributed, hf
 from .atomic import write_json, write_lines
 from .config import DataConfig, RunConfig
+from .data import (check_corpus, corpus_identity, load_corpus, load_hf_tokenizer, random_batches, split_batches,
+                   with_bpb)
+from .distributed import log
 from .model import EarlyExitTransformer
 from .trainer import EarlyStopping, UniversalTrainer
 
@@ -60,108 +59,13 @@ class StopTraining(Exception):
     """Raised from the step callback at ``stop_at``, after the checkpoint is written."""
 
 
-def log(msg: str) -> None:
-    if distributed.is_main():
-        print(msg, file=sys.stderr, flush=True)
-
-
 def is_run_folder(path: Path) -> bool:
     return any((Path(path) / name).exists() for name in RUN_FILES) or ckpt.find_checkpoint(path) is not None
 
 
-def resolve_device(device: Optional[str]) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"device: unknown device {device!r}") from None
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-# ------------------------------------------------------------------------------ data
-def load_corpus(data: DataConfig):
-    """The tokenized corpus of a run's data section; errors name the --data flag. A trained
-    run reads the cache its checkpoint was made with."""
-    from .data import prepare_data
-    cache_dir = data.cache_dir or (data.identity or {}).get("cache_dir")
-    if data.tokenizer is not None:  # the cache is a subfolder (hf-<fingerprint>) of the folder given
-        cache_dir = data.cache_dir
-    try:
-        corpus = prepare_data(data.paths, vocab_size=data.vocab_size, cache_dir=cache_dir, tokenizer=data.tokenizer)
-    except (ValueError, FileNotFoundError) as err:
-        if str(err).startswith("tokenizer: "):
-            raise ValueError(f"--hf-model: {str(err).removeprefix('tokenizer: ')}") from None
-        what = "--data" if data.paths else "the default corpus"
-        raise ValueError(f"{what}: {str(err).removeprefix('paths: ')}") from None
-    if data.train_fraction < 1:
-        train = corpus.splits["train"][:max(1, math.floor(data.train_fraction * len(corpus.splits["train"])))]
-        corpus.splits["train"], corpus.n_bytes["train"] = train, corpus.bytes_of(train)
-    return corpus
-
-
-def corpus_identity(corpus) -> Dict[str, Any]:
-    """Vocab size, text fingerprint (from the cache's meta.json), a digest of the tokenizer's
-    vocabulary (a retrained tokenizer must give the same ids) and the cache folder."""
-    meta = json.loads((Path(corpus.cache_dir) / "meta.json").read_text(encoding="utf-8"))
-    vocab = sorted(corpus.tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-    tokenizer = hashlib.sha256(json.dumps(vocab).encode()).hexdigest()
-    return dict(vocab_size=int(corpus.vocab_size), fingerprint=meta["fingerprint"], tokenizer=tokenizer,
-                cache_dir=str(corpus.cache_dir))
-
-
-def data_key(identity: Dict[str, Any]) -> Dict[str, Any]:
+def _data_key(identity: Dict[str, Any]) -> Dict[str, Any]:
     """The parts of a corpus identity a checkpoint must match."""
     return {k: identity[k] for k in ckpt.DATA_KEYS}
-
-
-def check_corpus(corpus, batch_size: int, seq_len: int, splits: Sequence[str] = ("train", "val")) -> None:
-    """Refuse a corpus too small to train on (one batch) or to evaluate (one window)."""
-    need = dict(train=batch_size * seq_len + 1, val=seq_len + 1, test=seq_len + 1)
-    for split in splits:
-        n = len(corpus.splits[split])
-        if n < need[split]:
-            what = f"one batch (batch_size {batch_size} x seq_len {seq_len})" if split == "train" \
-                else f"one window of seq_len {seq_len}"
-            raise ValueError(f"the corpus is too small: its {split} split has {n} tokens, "
-                             f"fewer than the {need[split]} that {what} needs")
-
-
-def split_batches(corpus, split: str, batch_size: int, seq_len: int, eval_batches: Optional[int], device):
-    """(batches, n_bytes): the first ``eval_batches`` batches (None: all) of sequential windows
-    of a split, and the UTF-8 bytes of their targets."""
-    from .data import sequential_batches
-    if eval_batches is not None and (isinstance(eval_batches, bool) or not isinstance(eval_batches, int)
-                                     or eval_batches < 1):
-        raise ValueError(f"eval_batches must be None (all) or an int >= 1, got {eval_batches!r}")
-    batches = sequential_batches(corpus.splits[split], batch_size, seq_len, max_batches=eval_batches, device=device)
-    return batches, sum(corpus.bytes_of(y) for _, y in batches)
-
-
-def with_bpb(stats: Dict[str, float], n_bytes: int) -> Dict[str, float]:
-    from .data import bits_per_byte
-    return dict(stats, bpb=bits_per_byte(stats["nll"], stats["n_tokens"], n_bytes))
-
-
-def steps_for_budget(n_train_tokens: int, batch_size: int, seq_len: int, *, epochs: Optional[float] = None,
-                     tokens: Optional[int] = None) -> int:
-    """Optimizer steps of a budget given as ``epochs`` (passes over the ``n_train_tokens`` of
-    the training split) or ``tokens``, at ``batch_size * seq_len`` tokens a step, rounded up.
-    Errors name the flag."""
-    if (epochs is None) == (tokens is None):
-        raise ValueError("give exactly one of epochs and tokens")
-    per_step = batch_size * seq_len
-    if tokens is not None:
-        if tokens < per_step:
-            raise ValueError(f"--tokens {tokens} is less than one step (batch_size {batch_size} x seq_len {seq_len} "
-                             f"= {per_step} tokens)")
-        return math.ceil(tokens / per_step)
-    return max(1, math.ceil(epochs * n_train_tokens / per_step))
 
 
 # ------------------------------------------------------------------------- run files
@@ -250,21 +154,21 @@ def apply_resume_changes(saved: RunConfig, changes: Dict[str, Any], source: Path
 class Run:
     """One run folder: its config, and once prepared its corpus, model and trainer.
 
-    ``parallel`` (None, 'ddp' or 'fsdp') and ``param_dtype`` say how ``train`` runs under
+    ``parallel`` (None, 'ddp' or 'fsdp') and ``compute_dtype`` say how ``train`` runs under
     torchrun (``distributed.wrap``): properties of the launch, not of the run, which resumes
-    with any of them and any number of ranks. ``param_dtype`` torch.bfloat16 computes in bf16
+    with any of them and any number of ranks. ``compute_dtype`` torch.bfloat16 computes in bf16
     with fp32 weights: FSDP2's MixedPrecisionPolicy under 'fsdp', else the trainer's autocast
     (``UniversalTrainer.compute_dtype``), in training and evaluation.
     """
 
     def __init__(self, path: Path, config: RunConfig, *, device="cpu", backend: str = "auto",
-                 parallel: Optional[str] = None, param_dtype: Optional[torch.dtype] = None):
+                 parallel: Optional[str] = None, compute_dtype: Optional[torch.dtype] = None):
         if parallel is not None and config.hf_model is not None:
             raise ValueError(f"--parallel: not yet supported for runs of a transformers model ({path} trains "
                              f"{config.hf_model}); train or resume it in one process")
         self.path, self.config = Path(path), config
         self.device, self.backend = torch.device(device), backend
-        self.parallel, self.param_dtype = parallel, param_dtype
+        self.parallel, self.compute_dtype = parallel, compute_dtype
         self.corpus, self.model, self.trainer, self.payload, self.ckpt_path = None, None, None, None, None
         self.trained = False  # train() ran on this object: its in-memory state may be mid-run
         self.step: Optional[int] = None  # Run.load: the step of the checkpoint loaded
@@ -295,7 +199,7 @@ class Run:
         run = cls(path, payload["run_config"], **runtime)
         if need_data:
             run.corpus = load_corpus(run.config.data)
-            ckpt.check_matches(payload, ckpt_path, data=data_key(corpus_identity(run.corpus)))
+            ckpt.check_matches(payload, ckpt_path, data=_data_key(corpus_identity(run.corpus)))
         model = hf.load(ckpt_path, dtype=torch.float32)[0] if run.config.hf_model else ckpt.restore_model(payload, ckpt_path)
         run.model = model.to(run.device)
         run.step = payload["step"]  # of the checkpoint loaded
@@ -306,7 +210,7 @@ class Run:
     def _new_trainer(self) -> UniversalTrainer:
         return UniversalTrainer(self.config.method, self.config.model.vocab_size, device=self.device,
                                 backend=self.backend, seed=self.config.train.seed,
-                                compute_dtype=None if self.parallel == "fsdp" else self.param_dtype)
+                                compute_dtype=None if self.parallel == "fsdp" else self.compute_dtype)
 
     def _prepare(self, resume: bool) -> "Run":
         """Load data, fix the model's vocabulary and the corpus identity in the config, build
@@ -335,12 +239,12 @@ class Run:
         cfg = self.config
         self.payload, self.ckpt_path = None, ckpt.find_checkpoint(self.path) if from_disk else None
         if self.ckpt_path is not None:
-            identity = data_key(cfg.data.identity)
+            identity = _data_key(cfg.data.identity)
             self.payload = ckpt.load_checkpoint(self.ckpt_path, model_config=cfg.model, data=identity)
             if self.payload["step"] > cfg.train.steps:
                 raise ValueError(f"steps {cfg.train.steps} is below the checkpoint's step {self.payload['step']} "
                                  f"({self.ckpt_path})")
-        seed_everything(cfg.train.seed)
+        distributed.seed_everything(cfg.train.seed)
         self.trainer = self._new_trainer()
         if cfg.hf_model is not None:  # the checkpoint's transformers folder, or the one the run starts from
             self.model = hf.load(self.ckpt_path, dtype=torch.float32)[0] if self.payload is not None else hf.from_folder(cfg.hf_model)
@@ -362,8 +266,8 @@ class Run:
         if self.trained:  # a second call continues from what the first left on disk, as a new process would
             self._load_state(from_disk=True)
         self.trained = True
-        fsdp_dtype = self.param_dtype if self.parallel == "fsdp" else None  # else the trainer's autocast
-        model = distributed.wrap(self.model, self.parallel, param_dtype=fsdp_dtype)  # self.model in one process
+        fsdp_dtype = self.compute_dtype if self.parallel == "fsdp" else None  # else the trainer's autocast
+        model = distributed.wrap(self.model, self.parallel, compute_dtype=fsdp_dtype)  # self.model in one process
         optimizer = self.trainer.create_optimizer(self.model, t.lr, weight_decay=t.weight_decay)
         stream = self._train_stream()
         start = self._restore_state(optimizer, stream)
@@ -422,7 +326,6 @@ class Run:
     def _train_stream(self):
         """This process's training batches: the global ones in one process; under torchrun the
         rank's rows of them (``distributed.RankBatches``), so any world size sees the same data."""
-        from .data import random_batches
         t = self.config.train
         if distributed.world_size() == 1:
             return random_batches(self.corpus.splits["train"], t.batch_size, t.seq_len, seed=t.seed, device=self.device)
@@ -486,7 +389,6 @@ class Run:
         their held-out routing metrics on test, written to ``calibration.json``; from then on
         ``Run.load`` routes with them (the run's exits and confidence unless given). A run from
         ``Run.load``; the calibration holds for its checkpoint's step."""
-        from . import calibrate
         if self.step is None or self.corpus is None:
             raise ValueError(f"{self.path}: calibrate a run opened with Run.load (with its data): the calibration "
                              f"belongs to the checkpoint's step")
@@ -521,16 +423,15 @@ class Run:
 
     def _hf_tokenizer(self):
         """The run's tokenizer as a transformers tokenizer, for the checkpoint folder."""
-        from .data import load_hf_tokenizer
         if self.config.data.tokenizer is not None:
             return load_hf_tokenizer(self.config.data.tokenizer)
-        from transformers import PreTrainedTokenizerFast
+        from transformers import PreTrainedTokenizerFast  # optional (the hf extra): only runs of an HF model get here
         return PreTrainedTokenizerFast(tokenizer_object=self.corpus.tokenizer)
 
     def tokenizer(self):
         """The run's tokenizer (a ``tokenizers.Tokenizer``) from its data cache, else (an HF
         run) from its checkpoint folder; rebuilt through the corpus if both are gone."""
-        from tokenizers import Tokenizer
+        from tokenizers import Tokenizer  # optional (the data extra), as in fastexit.data
         identity = self.config.data.identity or {}
         saved = ckpt.find_checkpoint(self.path) if self.config.hf_model is not None else None
         for path in (Path(identity.get("cache_dir", "")) / "tokenizer.json", saved and saved / "tokenizer.json"):

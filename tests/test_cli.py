@@ -142,6 +142,7 @@ def test_train_prints_the_eval_table_and_what_early_exit_buys(data, tmp_path, ca
     full = float(sweep[0]["ppl"])
     assert float(sweep[0]["ppl"]) == pytest.approx(float(row["ppl_L3"]), rel=1e-3)  # threshold 0: full depth
     assert "keeps ppl within 2% of full depth" in text or "No threshold in this table" in text
+    assert re.search(r"This table took \d+ s \(fastexit train --no-table skips it\)\.", text)
     best = report.cheapest_within([dict(r, ppl=float(r["ppl"]), compute_cost=float(r["compute_cost"]))
                                    for r in sweep], full, 0.02)
     assert best is not None and float(best["ppl"]) <= 1.02 * full
@@ -167,14 +168,16 @@ def test_old_flag_spellings_still_work_with_a_note(data, tmp_path, capsys):
 @pytest.mark.parametrize("command, flags", [
     ("train", ["--routing-threshold", "--exit-layer", "--layer-lr-scales", "--warmup-steps"]),
     ("eval", ["--routing-threshold", "--compare-exact", "--eval-batches"]),
-    ("sweep", ["--routing-thresholds", "--compare-exact"]),
+    ("sweep", ["--sweep-thresholds", "--compare-exact"]),
     ("generate", ["--routing-threshold"]),
 ])
 def test_help_uses_the_config_vocabulary(command, flags, capsys):
     assert main([command, "--help"]) == 0
     text = capsys.readouterr().out
     assert all(flag in text for flag in flags)
-    assert not re.search(r"--(threshold|layer-lr|warmup|thresholds)\b(?!-)", text)
+    assert not re.search(r"--(threshold|layer-lr|warmup|thresholds|param-dtype)\b(?!-)", text)
+    if command == "sweep":  # in train, --routing-thresholds is one threshold per exit; sweep's candidates differ
+        assert "--routing-thresholds" not in text
 
 
 # --------------------------------------------------------------------------- resume
@@ -230,8 +233,12 @@ def test_resume_of_a_finished_run_only_evaluates(run, tmp_path, capsys):
     shutil.copytree(run, copy)
     before = (copy / ckpt.CKPT_NAME).read_bytes()
     assert main(["train", "--out", str(copy), "--resume", "--no-progress"]) == 0
-    assert "already trained" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "already trained" in captured.err and "What early exit buys" in captured.out
     assert (copy / ckpt.CKPT_NAME).read_bytes() == before
+    assert main(["train", "--out", str(copy), "--resume", "--no-progress", "--no-table"]) == 0
+    out = capsys.readouterr().out
+    assert table_rows(out, "split") and "What early exit buys" not in out and "table took" not in out
 
 
 # ------------------------------------------------------------------------ bad input
@@ -339,7 +346,7 @@ def test_eval_compact_on_test_split(run, capsys):
 
 
 def test_sweep_table_and_plot(run, capsys):
-    assert main(["sweep", "--run", str(run), "--routing-thresholds", "0.5,0,0.005,0.02,0.1,1"]) == 0
+    assert main(["sweep", "--run", str(run), "--sweep-thresholds", "0.5,0,0.005,0.02,0.1,1"]) == 0
     rows = table_rows(capsys.readouterr().out, "routing_threshold")
     assert [float(r["routing_threshold"]) for r in rows] == [0, 0.005, 0.02, 0.1, 0.5, 1]
     shallow = [float(r["shallow_ratio"]) for r in rows]
@@ -351,6 +358,15 @@ def test_sweep_table_and_plot(run, capsys):
     assert any(r["pareto"] == "*" for r in rows)
     assert (run / "sweep-exact.md").read_text().count("\n| ") == len(rows) + 1
     assert (run / "sweep-exact.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_sweep_takes_its_candidates_under_the_old_spelling_with_a_note(run, capsys):
+    assert main(["sweep", "--run", str(run), "--routing-thresholds", "0,0.5", "--eval-batches", "1"]) == 0
+    captured = capsys.readouterr()
+    assert "--routing-thresholds is deprecated; use --sweep-thresholds" in captured.err
+    assert [r["routing_threshold"] for r in table_rows(captured.out, "routing_threshold")] == ["0", "0.5"]
+    assert main(["sweep", "--run", str(run), "--sweep-thresholds", "0,1.5"]) == 2
+    assert "--sweep-thresholds" in error_line(capsys)
 
 
 def test_calibrate_writes_thresholds_the_run_then_routes_with(run, data, tmp_path, capsys):

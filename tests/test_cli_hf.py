@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 import torch  # noqa: E402
 
 from fastexit import checkpoint as ckpt  # noqa: E402
-from fastexit.cli import build_parser, hf_run_config, main  # noqa: E402
+from fastexit.cli import build_parser, main, run_config_from_flags  # noqa: E402
 from fastexit.config import RunConfig  # noqa: E402
 from fastexit.data import train_tokenizer  # noqa: E402
 from fastexit.runs import Run  # noqa: E402
@@ -110,11 +110,11 @@ def test_model_folder_loads_with_transformers_alone_and_gives_the_same_logits(fa
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_run_starts_from_the_folders_weights_or_a_seeded_init(family, data, folders, runs, tmp_path):
     args = build_parser().parse_args(hf_args(data, folders[family], tmp_path / "unused"))
-    start = Run.create(tmp_path / "a", hf_run_config(args)).model.hf.state_dict()
+    start = Run.create(tmp_path / "a", run_config_from_flags(args)).model.hf.state_dict()
     if family == "llama":
         expected = transformers.AutoModelForCausalLM.from_pretrained(folders["llama"]).state_dict()
     else:  # config.json alone: initialised from the run's seed, the same every time
-        expected = Run.create(tmp_path / "b", hf_run_config(args)).model.hf.state_dict()
+        expected = Run.create(tmp_path / "b", run_config_from_flags(args)).model.hf.state_dict()
     assert start.keys() == expected.keys() and all(torch.equal(start[k], expected[k]) for k in start)
     trained = weights(runs[family])
     assert any(not torch.equal(trained[k], start[k]) for k in start)  # training moved them
@@ -140,7 +140,7 @@ def test_eval_sweep_and_generate_on_an_hf_run(family, runs, capsys):
     run = str(runs[family])
     assert main(["eval", "--run", run, "--eval-batches", "1"]) == 0
     assert "ppl" in capsys.readouterr().out
-    assert main(["sweep", "--run", run, "--mode", "compact", "--routing-thresholds", "0,0.5", "--eval-batches", "1"]) == 0
+    assert main(["sweep", "--run", run, "--mode", "compact", "--sweep-thresholds", "0,0.5", "--eval-batches", "1"]) == 0
     assert (runs[family] / "sweep-compact.md").exists()
     capsys.readouterr()
     assert main(["generate", "--run", run, "--prompt", "the king", "--max-new-tokens", "5",

@@ -149,7 +149,7 @@ def test_fsdp_tied_embeddings_are_one_sharded_parameter():
 
 def _fsdp_bf16():
     model, (x, y) = new_model(), global_batch()
-    module = distributed.wrap(model, "fsdp", param_dtype=torch.bfloat16)
+    module = distributed.wrap(model, "fsdp", compute_dtype=torch.bfloat16)
     rows = distributed.rank_rows(B)
     loss = UniversalTrainer(PRESETS["lpt"], V).compute_loss(module, x[rows], y[rows])
     loss.backward()
@@ -159,7 +159,7 @@ def _fsdp_bf16():
     assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
 
 
-def test_fsdp_bf16_param_dtype_keeps_fp32_weights_and_gradients():
+def test_fsdp_bf16_compute_dtype_keeps_fp32_weights_and_gradients():
     spawn(_fsdp_bf16)
 
 

@@ -1,5 +1,5 @@
 """bf16 mixed precision: the fused ops under torch.autocast, UniversalTrainer(compute_dtype=...)
-and `fastexit train --param-dtype bf16` in one process.
+and `fastexit train --compute-dtype bf16` in one process.
 
 Under autocast the fused loss and the confidence kernel must compute exactly what they compute
 on inputs cast to bf16 by hand (as F.linear would cast them), with fp32 gradients for fp32
@@ -147,7 +147,8 @@ def test_compute_dtype_other_than_bf16_is_an_error_naming_it(dtype):
         UniversalTrainer(method(), VOCAB, compute_dtype=dtype)
 
 
-def test_cli_param_dtype_bf16_in_one_process_trains_with_autocast(tmp_path, monkeypatch):
+@pytest.mark.parametrize("flag", ["--compute-dtype", "--param-dtype"])  # --param-dtype: the old spelling
+def test_cli_compute_dtype_bf16_in_one_process_trains_with_autocast(tmp_path, monkeypatch, capsys, flag):
     data = dict(text=write_play(tmp_path / "play.txt", 1500), cache=tmp_path / "cache")
     made = []
     init = UniversalTrainer.__init__
@@ -157,6 +158,8 @@ def test_cli_param_dtype_bf16_in_one_process_trains_with_autocast(tmp_path, monk
         made.append(self.compute_dtype)
 
     monkeypatch.setattr(UniversalTrainer, "__init__", record)
-    assert main(["train", "--param-dtype", "bf16", *tiny(data, tmp_path / "bf16")]) == 0
+    assert main(["train", flag, "bf16", *tiny(data, tmp_path / "bf16")]) == 0
     assert made and set(made) == {BF16}
     assert (tmp_path / "bf16" / "ckpt.pt").exists()
+    deprecated = "--param-dtype is deprecated; use --compute-dtype" in capsys.readouterr().err
+    assert deprecated == (flag == "--param-dtype")
