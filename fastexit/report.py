@@ -1,7 +1,9 @@
-"""What the command line shows: markdown tables, Pareto flags, plots and rendered tokens.
+"""What the command line shows: markdown tables, Pareto flags, plots, rendered tokens, and the
+text of each command (the routing rule a title names, the closing "what early exit buys"
+table of ``fastexit train``, the sweep, calibration and generation reports).
 
-Pure functions of metric dicts (no model, no data); plots need matplotlib (the ``data``
-extra) and are skipped with a note without it.
+Pure functions of metric dicts and configs (no model, no data); plots need matplotlib (the
+``data`` extra) and are skipped with a note without it.
 """
 import math
 import sys

@@ -468,6 +468,20 @@ def test_cheapest_threshold_within_the_ppl_bound():
     assert report.within_line(rows[:1], 100.0, 0.02).startswith("No threshold")
 
 
+def test_routing_text_and_the_early_exit_table_name_the_rule_and_the_time():
+    one = PRESETS["asymmetric_best"]
+    assert report.routing_text(one) == "routing_threshold 0.95, exit_layer 1"
+    assert report.routing_text(one, 0.5) == "routing_threshold 0.5, exit_layer 1"
+    rows = [dict(routing_threshold="0", ppl=100.0, bpb=1.0, acc=0.5, shallow_ratio=0.0, compute_cost=1.0,
+                 flop_cost=1.0, speedup_vs_exact=1.0),
+            dict(routing_threshold="0.5", ppl=101.0, bpb=1.0, acc=0.5, shallow_ratio=0.4, compute_cost=0.7,
+                 flop_cost=0.9, speedup_vs_exact=1.2)]
+    text = report.early_exit_text(rows, "val", one, 0.02, 12.4)
+    assert text.startswith("What early exit buys (val split, compact mode: deeper layers really skipped; exit_layer 1)")
+    assert "routing_threshold 0.5 keeps ppl within 2%" in text
+    assert text.endswith("This table took 12 s (fastexit train --no-table skips it).")
+
+
 @pytest.mark.parametrize("threshold, early", [("0", 0), ("0.001", 12)])
 def test_generate_shows_exit_layers(run, threshold, early, capsys):
     assert main(["generate", "--run", str(run), "--prompt", "KING:\n", "--routing-threshold", threshold,
