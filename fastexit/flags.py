@@ -235,19 +235,18 @@ def run_config_from_flags(args, **method_overrides) -> RunConfig:
     fields = given_fields(args)
     train = TrainConfig(**_section(fields, "train"))
     if getattr(args, "hf_model", None) is None:  # compare has no --hf-model
-        model = dict(RUN_MODEL_DEFAULTS, **_section(fields, "model"))
         data_fields, default_exit_layer = _section(fields, "data"), 1
-        model = ModelConfig(data_fields.get("vocab_size", DataConfig.vocab_size), max_seq_len=train.seq_len, **model)
+        model = ModelConfig(data_fields.get("vocab_size", DataConfig.vocab_size), max_seq_len=train.seq_len,
+                            **dict(RUN_MODEL_DEFAULTS, **_section(fields, "model")))
     else:
         model, data_fields = _hf_model_and_data(args, fields, train)
         default_exit_layer = max(1, model.n_layers // 2)
     data_config = DataConfig(**data_fields)
-    method = method_flags(args, method_overrides)
-    custom = "layer_weights" in method
-    preset = None if custom else method_overrides.get("preset", fields.get("preset", DEFAULT_PRESET))
-    return RunConfig(name=preset or "custom", preset=preset, method=_method(method, preset, model.n_layers,
-                                                                            default_exit_layer),
-                     model=model, train=train, data=data_config, hf_model=fields.get("hf_model"))
+    given = method_flags(args, method_overrides)
+    preset = None if "layer_weights" in given else method_overrides.get("preset", fields.get("preset", DEFAULT_PRESET))
+    method = _method(given, preset, model.n_layers, default_exit_layer)
+    return RunConfig(name=preset or "custom", preset=preset, method=method, model=model, train=train, data=data_config,
+                     hf_model=fields.get("hf_model"))
 
 
 def _method(given: Dict[str, Any], preset: Optional[str], n_layers: int, default_exit_layer: int):
