@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from bench.conftest import (bench_device, block_flops, causal_block_flops, cuda_peak_extra_mb, dtype_name, head_flops,
-                            record, run_timed, synchronize)
+                            record, run_timed, synchronize, tiny_shapes)
 from fastexit import UniversalConfig, UniversalTrainer
 from fastexit.generate import generate
 from fastexit.model import EarlyExitTransformer, ModelConfig
@@ -67,7 +67,8 @@ CPU_SHAPES = [Shape(12, 512, 8, (4,)), Shape(3, 256, 4, (1,)), Shape(12, 512, 8,
 # The CPU tables' exits on a 12-layer d=2048 bf16 model; eval 8x1024 tokens, decoding 64 rows.
 GPU_SHAPES = [Shape(12, 2048, 16, exits, vocab=32000, batch=8, seq_len=1024, prompt_len=128, new_tokens=128,
                     dtype=torch.bfloat16) for exits in ((4,), (3, 6, 9))]
-SHAPES = GPU_SHAPES if torch.cuda.is_available() else CPU_SHAPES
+TINY_SHAPES = [Shape(3, 32, 2, (1,), vocab=97, batch=2, seq_len=16, gen_batch=4, prompt_len=4, new_tokens=6)]  # dry run
+SHAPES = TINY_SHAPES if tiny_shapes() else GPU_SHAPES if torch.cuda.is_available() else CPU_SHAPES
 
 
 # ----------------------------------------------------------------------------- FLOP model
@@ -171,7 +172,7 @@ def _gen_running_conf(model, prompt, new_tokens, exits):
     """running_conf of generate (greedy, so the tokens depend on the earlier thresholds)."""
     @functools.lru_cache(maxsize=None)
     def running_conf(before):
-        _, layers_run, conf = generate(model, prompt, new_tokens, [*before, 0.0], list(exits[:len(before) + 1]),
+        _, layers_run, conf, _ = generate(model, prompt, new_tokens, [*before, 0.0], list(exits[:len(before) + 1]),
                                        return_conf=True)
         return conf[layers_run == model.n_layers]
     return running_conf

@@ -67,7 +67,7 @@ def test_speculative_vs_full_depth(benchmark, run, batch, k):
         outputs.append(generate(model, idx, NEW_TOKENS, exit_layer=exit_layer, speculative=k, return_stats=True))
 
     seconds, (measured,) = timed_against(benchmark, [full], speculative, device)
-    tokens, _, stats = outputs[-1]
+    tokens, stats = outputs[-1].tokens, outputs[-1].stats
     assert torch.equal(tokens, full()), "speculative greedy decoding must equal full-depth greedy decoding"
     acceptance = stats["acceptance_rate"]
     record(benchmark, provider=f"speculative k={k}", shape=f"batch {batch}", seconds=seconds,

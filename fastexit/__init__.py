@@ -10,10 +10,10 @@ import importlib
 from .config import (PRESETS, AlphaSchedule, DataConfig, ModelConfig, RunConfig, TrainConfig, UniversalConfig,
                      get_preset, make_method)
 
-_LAZY = {"EarlyExitTransformer": "model", "UniversalTrainer": "trainer", "from_hf": "hf"}
+_LAZY = {"EarlyExitModel": "model", "EarlyExitTransformer": "model", "UniversalTrainer": "trainer", "from_hf": "hf"}
 
-__all__ = ["AlphaSchedule", "DataConfig", "EarlyExitTransformer", "ModelConfig", "PRESETS", "RunConfig",
-           "TrainConfig", "UniversalConfig", "UniversalTrainer", "from_hf", "get_preset", "make_method"]
+__all__ = ["AlphaSchedule", "DataConfig", "EarlyExitModel", "EarlyExitTransformer", "ModelConfig", "PRESETS",
+           "RunConfig", "TrainConfig", "UniversalConfig", "UniversalTrainer", "from_hf", "get_preset", "make_method"]
 
 
 def __getattr__(name: str):

@@ -47,6 +47,7 @@ import torch
 
 from .config import CONFIDENCE_KINDS
 from .kernels import exit_confidence
+from .protocol import require_early_exit
 from .routing import check_confidence_heads, exit_score
 
 DEFAULT_GRID = tuple(round(1 - k / 200, 3) for k in range(200))  # shared thresholds 1.0, 0.995, ..., 0.005
@@ -120,6 +121,7 @@ def exit_table(model, batches: Iterable, exits: Sequence[int], confidence: str =
     layer go through ``exit_confidence`` on the exit-normed states: no [N, V] logits.
     Sequence ids count the rows of all batches in order.
     """
+    require_early_exit(model)
     if confidence not in CONFIDENCE_KINDS:
         raise ValueError(f"confidence must be one of {CONFIDENCE_KINDS}, got {confidence!r}")
     exits = _check_exits(exits, model.n_layers)

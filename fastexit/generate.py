@@ -14,6 +14,7 @@ it), but for the last exit when ``return_conf`` reports its confidence. The arit
 layers up to ``exit_layer`` (the first exit when there are several) draft k tokens and the
 full model verifies them in one pass (section "speculative decoding" below).
 """
+import warnings
 from typing import NamedTuple, Optional
 
 import torch
@@ -21,11 +22,24 @@ import torch.nn.functional as F
 
 from .config import UniversalConfig
 from .kernels import compact_indices, exit_confidence, gather_rows, scatter_rows
-from .model import QueryGrid
+from .layers import QueryGrid, padding_layout
+from .protocol import require_early_exit
 from .routing import Layers, Routing, Thresholds, easy_mask, exit_score, resolve_routing
 
 
-def _check_prompt(model, idx, max_new_tokens, prompt_mask) -> None:
+class Generation(NamedTuple):
+    """What ``generate`` returns: tokens (B, T0 + max_new_tokens) int64, prompt included;
+    layers_run (B, max_new_tokens) int64, the layer each new token left at (n_layers: full
+    depth); conf (B, max_new_tokens) fp32 with ``return_conf``, else None; stats (speculative
+    decoding's acceptance counts) with ``return_stats``, else None."""
+    tokens: torch.Tensor
+    layers_run: torch.Tensor
+    conf: Optional[torch.Tensor] = None
+    stats: Optional[dict] = None
+
+
+def _check_prompt(model, idx, max_new_tokens, attention_mask) -> None:
+    require_early_exit(model)
     if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int64 or idx.dim() != 2:
         raise ValueError(f"idx must be an int64 (B, T) prompt tensor, got "
                          f"{getattr(idx, 'dtype', type(idx).__name__)} of shape {tuple(getattr(idx, 'shape', ()))}")
@@ -39,15 +53,15 @@ def _check_prompt(model, idx, max_new_tokens, prompt_mask) -> None:
     if idx.shape[1] + max_new_tokens > limit:
         raise ValueError(f"max_new_tokens={max_new_tokens} with a prompt of {idx.shape[1]} tokens "
                          f"exceeds max_seq_len={limit}")
-    if prompt_mask is None:
+    if attention_mask is None:
         return
-    if not isinstance(prompt_mask, torch.Tensor) or prompt_mask.dtype != torch.bool \
-            or prompt_mask.shape != idx.shape or prompt_mask.device != idx.device:
-        raise ValueError(f"prompt_mask must be a bool tensor of idx's shape {tuple(idx.shape)} on {idx.device}, "
-                         f"got {getattr(prompt_mask, 'dtype', type(prompt_mask).__name__)} of shape "
-                         f"{tuple(getattr(prompt_mask, 'shape', ()))}")
-    if not (prompt_mask[:, -1].all() and (prompt_mask[:, 1:] >= prompt_mask[:, :-1]).all()):
-        raise ValueError("prompt_mask: prompts must be left-padded (each row False... then True..., "
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dtype.is_floating_point \
+            or attention_mask.shape != idx.shape or attention_mask.device != idx.device:
+        raise ValueError(f"attention_mask must be a bool or 0/1 int tensor of idx's shape {tuple(idx.shape)} on "
+                         f"{idx.device}, got {getattr(attention_mask, 'dtype', type(attention_mask).__name__)} of "
+                         f"shape {tuple(getattr(attention_mask, 'shape', ()))}")
+    if not (attention_mask[:, -1].all() and (attention_mask[:, 1:] >= attention_mask[:, :-1]).all()):
+        raise ValueError("attention_mask: prompts must be left-padded (each row False... then True..., "
                          "ending with a real token)")
 
 
@@ -69,17 +83,15 @@ class _Prompt(NamedTuple):
     key_ok: Optional[torch.Tensor]
 
 
-def _prompt_layout(idx, prompt_mask, max_new_tokens) -> _Prompt:
+def _prompt_layout(idx, attention_mask: Optional[torch.Tensor], max_new_tokens) -> _Prompt:
     B, T0 = idx.shape
-    if prompt_mask is None or bool(prompt_mask.all()):
+    if attention_mask is None or bool(attention_mask.all()):
         positions = torch.arange(T0, device=idx.device).expand(B, T0)
         return _Prompt(positions, torch.full((B,), T0, device=idx.device), None, None)
-    positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
-    causal = torch.ones(T0, T0, dtype=torch.bool, device=idx.device).tril()
-    # a pad attends to itself only: no query row is fully masked (that would give NaN states)
-    prefill = causal & (prompt_mask[:, None, :] | torch.eye(T0, dtype=torch.bool, device=idx.device))
-    key_ok = torch.cat([prompt_mask, prompt_mask.new_ones(B, max_new_tokens)], dim=1)
-    return _Prompt(positions, prompt_mask.sum(1), prefill.unsqueeze(1), key_ok)
+    real = attention_mask.bool()
+    positions, prefill = padding_layout(real, idx)
+    key_ok = torch.cat([real, real.new_ones(B, max_new_tokens)], dim=1)
+    return _Prompt(positions, real.sum(1), prefill, key_ok)
 
 
 def _decode_shallow(model, tok: torch.Tensor, caches, slot, positions, mask) -> torch.Tensor:
@@ -161,7 +173,7 @@ class _Decoder:
         self.scored = [t > 0 or (want_conf and i == last) for i, t in enumerate(rule.routing_thresholds)]
         self.caches = model.new_kv_caches(B, T0 + max_new_tokens, range(1, model.n_layers + 1))
         self.tokens = torch.cat([idx, idx.new_empty(B, max_new_tokens)], dim=1)
-        self.exit_layers = idx.new_empty(B, max_new_tokens)
+        self.layers_run = idx.new_empty(B, max_new_tokens)
         self.confs = torch.empty(B, max_new_tokens, device=idx.device)
         self.all_rows = torch.arange(B, device=idx.device)
 
@@ -204,7 +216,7 @@ class _Decoder:
                     pred = self.leaving_picks(pred, rows, h, leave, rows.numel() - stay.numel())
                 rows, xh = gather_rows(rows, stay, backend=backend), gather_rows(xh, stay, backend=backend)
         self.tokens[:, pos] = _emit(model, h_out, pred, *self.sampling)
-        self.exit_layers[:, s] = at
+        self.layers_run[:, s] = at
         if conf is not None:
             self.confs[:, s] = conf
 
@@ -370,31 +382,33 @@ class _Speculator:
         return F.pad(drafts, (0, 1)).scatter(1, n_acc[:, None], fix), n_acc
 
 
-def _speculative_generate(model, idx, max_new_tokens, k, exit_layer, prompt_mask, sampling, backend, return_stats):
+def _speculative_generate(model, idx, max_new_tokens, k, exit_layer, attention_mask, sampling, backend, return_stats):
     """generate(..., speculative=k) after the checks: the prefill and first token as generate,
     then draft-and-verify rounds until every row holds max_new_tokens new tokens."""
     B, T0 = idx.shape
-    spec = _Speculator(model, idx, max_new_tokens, k, exit_layer, _prompt_layout(idx, prompt_mask, max_new_tokens + k),
+    spec = _Speculator(model, idx, max_new_tokens, k, exit_layer, _prompt_layout(idx, attention_mask, max_new_tokens + k),
                        sampling, backend)
     spec.first_token(_prefill(model, idx, spec.caches, spec.prompt, [model.n_layers])[0])
     lowest, top = spec.progress()
     while lowest < spec.last:
         spec.round(top)
         lowest, top = spec.progress()
-    out = (spec.tokens[:, :T0 + max_new_tokens], idx.new_full((B, max_new_tokens), model.n_layers))
+    tokens, layers_run = spec.tokens[:, :T0 + max_new_tokens], idx.new_full((B, max_new_tokens), model.n_layers)
     if not return_stats:
-        return out
+        return Generation(tokens, layers_run)
     drafted = int(spec.drafted.sum())
     rate = int(spec.accepted.sum()) / drafted if drafted else float("nan")
-    return (*out, dict(accepted_per_row=spec.accepted, drafted_per_row=spec.drafted, acceptance_rate=rate))
+    return Generation(tokens, layers_run, stats=dict(accepted_per_row=spec.accepted, drafted_per_row=spec.drafted,
+                                                     acceptance_rate=rate))
 
 
 @torch.no_grad()
 def generate(model, idx: torch.Tensor, max_new_tokens: int, routing_threshold: Optional[Thresholds] = None,
              exit_layer: Optional[Layers] = None, temperature: float = 0.0, top_k: Optional[int] = None,
-             generator: Optional[torch.Generator] = None, *, prompt_mask: Optional[torch.Tensor] = None,
+             generator: Optional[torch.Generator] = None, *, attention_mask: Optional[torch.Tensor] = None,
              config: Optional[UniversalConfig] = None, return_conf: bool = False, backend: str = "auto",
-             speculative: Optional[int] = None, return_stats: bool = False, confidence: Optional[str] = None):
+             speculative: Optional[int] = None, return_stats: bool = False, confidence: Optional[str] = None,
+             prompt_mask: Optional[torch.Tensor] = None) -> Generation:
     """Early-exit decoding with a per-layer KV cache; rows of the batch exit independently.
 
     idx: (B, T0) int64 prompt; the prefill runs every layer for every position. Routing
@@ -407,15 +421,15 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, routing_threshold: O
     temperature=0: greedy; otherwise sample softmax(logits / temperature), optionally from the
     top_k logits (routing always uses the temperature-1 confidence).
 
-    Prompts of different lengths: left-pad them in idx and pass prompt_mask (B, T0) bool,
-    True on real tokens. Each row then counts positions from its first real token, and no
-    query ever attends to a pad, so a row generates what it would alone.
+    Prompts of different lengths: left-pad them in idx and pass attention_mask (B, T0), bool
+    or 0/1 ints, True on real tokens (``prompt_mask``, its old name, works for one release).
+    Each row then counts positions from its first real token, and no query ever attends to a
+    pad, so a row generates what it would alone.
 
     speculative=k (an int >= 1): lossless self-speculative decoding instead of routing
     (``routing_threshold`` None means 0 here; > 0 is an error). Each round the layers up to
     ``exit_layer`` (< n_layers; the first exit when there are several) with its exit norm and
-    the shared head draft k tokens; the
-    deeper blocks verify them in one pass, reusing the draft's shallow keys/values and
+    the shared head draft k tokens; the deeper blocks verify them in one pass, reusing the draft's shallow keys/values and
     exit-layer states; every row keeps its longest agreeing prefix plus the verifier's next
     token. Greedy output is that of full-depth greedy decoding. Sampling draws from exactly the
     full model's distribution: q and p are the temperature/top_k-processed distributions of the
@@ -425,15 +439,22 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, routing_threshold: O
     T0 + max_new_tokens + k - 1 <= max_seq_len (drafts run up to k - 1 positions past the
     last new token).
 
-    Returns (tokens (B, T0 + max_new_tokens) int64, exit_layers (B, max_new_tokens) int64),
-    plus conf (B, max_new_tokens) fp32, the confidence of each step at the deepest exit it
-    reached (the one it left at, else the last), when
-    ``return_conf``. With speculative, exit_layers is n_layers everywhere (the full model
-    verifies every token), and ``return_stats`` appends {accepted_per_row (B,) int64,
-    drafted_per_row (B,) int64, acceptance_rate float (nan when nothing was drafted)}, counting
-    every round each row took part in (drafts past max_new_tokens included).
+    Returns a ``Generation``: tokens (B, T0 + max_new_tokens) int64 and layers_run
+    (B, max_new_tokens) int64, the layer each new token left at (n_layers: full depth); conf
+    (B, max_new_tokens) fp32, the confidence of each step at the deepest exit it reached (the
+    one it left at, else the last), when ``return_conf``, else None. With speculative,
+    layers_run is n_layers everywhere (the full model verifies every token), and
+    ``return_stats`` gives stats {accepted_per_row (B,) int64, drafted_per_row (B,) int64,
+    acceptance_rate float (nan when nothing was drafted)}, counting every round each row took
+    part in (drafts past max_new_tokens included); else stats is None.
     """
-    _check_prompt(model, idx, max_new_tokens, prompt_mask)
+    if prompt_mask is not None:
+        if attention_mask is not None:
+            raise ValueError("give attention_mask only (prompt_mask is its deprecated name)")
+        warnings.warn("generate(prompt_mask=...) is deprecated; use attention_mask=", DeprecationWarning,
+                      stacklevel=2)
+        attention_mask = prompt_mask
+    _check_prompt(model, idx, max_new_tokens, attention_mask)
     if speculative is not None and routing_threshold is None:
         routing_threshold = 0.0  # speculative decoding replaces routing, whatever the method's threshold
     # speculative decoding scores no confidence: the method's kind does not matter there
@@ -444,12 +465,12 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, routing_threshold: O
     if speculative is not None or return_stats:
         _check_speculative(model, speculative, max(rule.routing_thresholds), rule.exit_layers[0], T0, max_new_tokens,
                            return_conf)
-        return _speculative_generate(model, idx, max_new_tokens, speculative, rule.exit_layers[0], prompt_mask,
+        return _speculative_generate(model, idx, max_new_tokens, speculative, rule.exit_layers[0], attention_mask,
                                      sampling, backend, return_stats)
-    dec = _Decoder(model, idx, max_new_tokens, rule, _prompt_layout(idx, prompt_mask, max_new_tokens), return_conf,
+    dec = _Decoder(model, idx, max_new_tokens, rule, _prompt_layout(idx, attention_mask, max_new_tokens), return_conf,
                    sampling, backend)
     x_first, *prefill = _prefill(model, idx, dec.caches, dec.prompt, rule.exit_layers + [model.n_layers])
     dec.step(0, T0, x_first, prefill)
     for s in range(1, max_new_tokens):  # the token emitted at pos is predicted from position pos - 1
         dec.step(s, T0 + s, dec.shallow(s, T0 + s))
-    return (dec.tokens, dec.exit_layers, dec.confs) if return_conf else (dec.tokens, dec.exit_layers)
+    return Generation(dec.tokens, dec.layers_run, dec.confs if return_conf else None)

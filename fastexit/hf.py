@@ -1,10 +1,10 @@
 """A ``transformers`` causal LM as an early-exit model: ``from_hf(model)`` (DESIGN.md §7).
 
-``HFEarlyExit`` holds the transformers model and gives it the interface the trainer, routing
-and generation take from ``EarlyExitTransformer``: ``n_layers``, ``blocks`` (one adapter per
-decoder layer: ``kv``, ``forward_rows``, ``forward_cached``), ``exit_hidden_states``,
-``lm_head``, ``embed``, ``new_kv_caches``. Every exit goes through the model's own final norm
-and head, as in LayerSkip, so layer i's logits are ``lm_head(norm(h_i))``.
+``HFEarlyExit`` holds the transformers model and is an ``EarlyExitModel`` (``fastexit.protocol``):
+it supplies the parts, ``cfg``, ``blocks`` (one adapter per decoder layer with the block
+interface of ``fastexit.layers``), ``exit_norms``, ``lm_head`` and ``embed``, and inherits the
+rest. Every exit goes through the model's own final norm and head, as in LayerSkip, so layer
+i's logits are ``lm_head(norm(h_i))``.
 
 The layer arithmetic is written here from the layer's own modules (norms, projections, MLP)
 rather than by calling the layer's forward: routing needs a layer's queries for some rows and
@@ -22,7 +22,7 @@ import operator
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from .atomic import write_json
 from .config import UniversalConfig
-from .model import KVCache, QueryGrid, add_confidence_heads, check_token_ids, padding_layout
+from .layers import KVCache, QueryGrid
+from .model import EarlyExitModel
 
 __all__ = ["FAMILIES", "Family", "HFEarlyExit", "RotaryKVCache", "from_folder", "from_hf", "load", "read_config",
            "save"]
@@ -105,11 +106,13 @@ class _Block(nn.Module):
         self.layer, self.attn = layer, attn
         self.n_kv_heads, self.head_dim, self.scale, self.attn_dropout = n_kv_heads, head_dim, scale, attn_dropout
 
-    def split_heads(self, x: torch.Tensor) -> torch.Tensor:  # (B, t, H*hd) -> (B, H, t, hd)
-        return x.view(*x.shape[:2], -1, self.head_dim).transpose(1, 2)
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:  # (B, t, H*hd) -> (B, H, t, hd); B may be 0
+        return x.view(*x.shape[:2], x.shape[-1] // self.head_dim, self.head_dim).transpose(1, 2)
 
     def _attention(self, q, k, v, mask=None, is_causal=False, dropout_p=0.0) -> torch.Tensor:
         """Merged heads (B, t, H*hd) of queries q (B, H, t, hd) over k, v (B, Hkv, Tk, hd)."""
+        if q.shape[0] == 0:  # zero rows (layer dropout): SDPA rejects an empty batch; k, v stay in the graph
+            return q.transpose(1, 2).flatten(2) + (k.sum() + v.sum())
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p,
                                            scale=self.scale, enable_gqa=q.shape[1] != k.shape[1])
         return y.transpose(1, 2).flatten(2)
@@ -174,7 +177,8 @@ class RotaryBlock(_Block):
         self.mlp = layer.mlp
 
     def _heads(self, proj: nn.Module, a: torch.Tensor, norm: Optional[nn.Module]) -> torch.Tensor:
-        x = proj(a).view(*a.shape[:2], -1, self.head_dim)  # (B, t, H, hd)
+        x = proj(a)
+        x = x.view(*x.shape[:2], x.shape[-1] // self.head_dim, self.head_dim)  # (B, t, H, hd); B may be 0
         return (norm(x) if norm is not None else x).transpose(1, 2)
 
     def queries(self, a: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -284,13 +288,11 @@ class HFSpec:
 
 
 # ----------------------------------------------------------------------------- the model
-class HFEarlyExit(nn.Module):
+class HFEarlyExit(EarlyExitModel):
     """A transformers causal LM as an early-exit model (``hf``: the wrapped model, whose
-    parameters, state_dict and device this module shares).
-
-    ``forward(idx)`` returns the final layer's logits (B, T, V); ``exit_hidden_states`` the
-    final-normed states after any layers, running no layer above the deepest one asked for.
-    """
+    parameters, state_dict and device this module shares). Its parts: the model's token (and
+    learned position) embeddings, one adapter per decoder layer, the final norm at every exit
+    and the model's head; the rest is ``EarlyExitModel``'s."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -313,14 +315,10 @@ class HFEarlyExit(nn.Module):
         layers = part(family.layers)
         # plain attributes, not submodules: the parameters stay registered once, under hf
         self._parts = SimpleNamespace(embed=embed, positions=part(family.positions),
-                                      dropout=part(family.embed_dropout), norm=part(family.norm))
+                                      dropout=part(family.embed_dropout), norms=[part(family.norm)] * len(layers))
         self._blocks = [family.block(layer, rope) for layer in layers]
         self.cfg = HFSpec(model.config.model_type, head.weight.shape[0], len(layers), head.weight.shape[1],
                           _max_seq_len(model.config))
-
-    @property
-    def n_layers(self) -> int:
-        return self.cfg.n_layers
 
     @property
     def blocks(self) -> List[_Block]:
@@ -330,19 +328,11 @@ class HFEarlyExit(nn.Module):
     @property
     def exit_norms(self) -> List[nn.Module]:
         """The exit norm of every layer: the model's final norm, shared (LayerSkip)."""
-        return [self._parts.norm] * self.n_layers
+        return self._parts.norms
 
     @property
     def lm_head(self) -> nn.Module:
         return self.hf.get_output_embeddings()
-
-    def add_confidence_heads(self, layers: Sequence[int]) -> None:
-        """``confidence_heads`` at each of ``layers`` that lacks one (``model.ConfidenceHeads``);
-        ``save`` writes them beside the transformers files and ``load`` restores them."""
-        add_confidence_heads(self, layers)
-
-    def check_idx(self, idx: torch.Tensor) -> None:
-        check_token_ids(idx, self.cfg.max_seq_len)
 
     def embed(self, idx: torch.Tensor, start_pos: int = 0,
               positions: Optional[torch.Tensor] = None) -> torch.Tensor:  # (B, T) -> (B, T, d)
@@ -354,62 +344,6 @@ class HFEarlyExit(nn.Module):
                                                                        device=idx.device)
             x = x + parts.positions(pos)
         return parts.dropout(x) if parts.dropout is not None else x
-
-    def exit_hidden_states(self, idx: torch.Tensor, layers: Sequence[int],
-                           drops: Optional[Sequence[Sequence[bool]]] = None, *,
-                           attention_mask: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
-        """Final-normed hidden states (B, T, d) after each of ``layers`` (1-indexed), in the
-        order given; no layer deeper than ``max(layers)`` runs.
-
-        drops[l][b] (layer dropout, ``LayerDropout.draw``, as the native model): sequence b
-        skips layer l + 1. attention_mask: (B, T), 1/True on real tokens
-        (``model.padding_layout``): pads are never attended to and positions count from each
-        row's first real token.
-        """
-        self.check_idx(idx)
-        layers = list(layers)
-        if not layers or any(isinstance(i, bool) or not isinstance(i, int) or not 1 <= i <= self.n_layers
-                             for i in layers):
-            raise ValueError(f"layers must be a non-empty list of ints in 1..{self.n_layers}, got {layers!r}")
-        if drops is not None and (len(drops) != self.n_layers or any(len(row) != idx.shape[0] for row in drops)):
-            raise ValueError(f"drops must be {self.n_layers} rows (one per layer) of {idx.shape[0]} bools")
-        positions, mask = padding_layout(attention_mask, idx) if attention_mask is not None else (None, None)
-        x, states = self.embed(idx, positions=positions), {}
-        for i, block in enumerate(self.blocks[:max(layers)], start=1):
-            x = block(x, mask) if drops is None or not any(drops[i - 1]) else _kept_rows(block, x, mask, drops[i - 1])
-            if i in layers:
-                states[i] = self._parts.norm(x)
-        return [states[i] for i in layers]
-
-    def exit_logits(self, idx: torch.Tensor, layers: Sequence[int],
-                    attention_mask: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
-        """Full logits (B, T, V) of each requested exit (small batches and tests)."""
-        return [self.lm_head(h) for h in self.exit_hidden_states(idx, layers, attention_mask=attention_mask)]
-
-    def forward(self, idx: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.exit_logits(idx, [self.n_layers], attention_mask=attention_mask)[0]
-
-    def new_kv_caches(self, batch: int, max_len: int, layers: Sequence[int], zeroed: bool = False) -> List[KVCache]:
-        """KV caches (B, Hkv, max_len, hd) of the given layers (1-indexed)."""
-        return [self.blocks[i - 1].new_cache(batch, max_len, zeroed) for i in layers]
-
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, routing_threshold: Optional[float] = None,
-                 exit_layer: Optional[int] = None, *, attention_mask: Optional[torch.Tensor] = None, **kwargs):
-        """``fastexit.generate.generate`` on this model; ``attention_mask`` (B, T0) of a
-        left-padded batch, 1/True on real tokens, is its ``prompt_mask``."""
-        from .generate import generate
-        if attention_mask is not None:
-            kwargs["prompt_mask"] = attention_mask.bool()
-        return generate(self, idx, max_new_tokens, routing_threshold, exit_layer, **kwargs)
-
-
-def _kept_rows(block: _Block, x: torch.Tensor, mask: Optional[torch.Tensor], dropped: Sequence[bool]):
-    """block on the rows not dropped; dropped rows pass through unchanged."""
-    rows = torch.tensor([b for b, drop in enumerate(dropped) if not drop], dtype=torch.long, device=x.device)
-    if not rows.numel():
-        return x
-    kept = block(x.index_select(0, rows), mask.index_select(0, rows) if mask is not None else None)
-    return x.index_copy(0, rows, kept)
 
 
 def from_hf(model: nn.Module) -> HFEarlyExit:

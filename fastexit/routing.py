@@ -29,7 +29,8 @@ import torch
 
 from .config import CONFIDENCE_KINDS, UniversalConfig, check_exit_layers, check_exit_thresholds
 from .kernels import ExitStats, compact_indices, exit_confidence, gather_rows, scatter_rows
-from .model import QueryGrid, padding_layout
+from .layers import QueryGrid, padding_layout
+from .protocol import require_early_exit
 
 Layers = Union[int, Sequence[int]]
 Thresholds = Union[float, Sequence[float]]
@@ -91,7 +92,9 @@ def resolve_routing(model, routing_threshold: Optional[Thresholds], exit_layer: 
 def check_routing(model, exit_layer: Layers, routing_threshold: Thresholds, confidence: str = "max_prob") -> Routing:
     """The rule as a ``Routing``; ValueError unless every threshold is in [0, 1], the exits are
     ascending distinct ints in [1, n_layers] (< n_layers when routing), and the model can
-    score ``confidence``. One exit and one threshold may be given as plain numbers."""
+    score ``confidence``; TypeError unless ``model`` is an early-exit model. One exit and one
+    threshold may be given as plain numbers."""
+    require_early_exit(model)
     exits = [exit_layer] if isinstance(exit_layer, int) and not isinstance(exit_layer, bool) else exit_layer
     check_exit_layers("exit_layer", exits)
     single = isinstance(routing_threshold, (int, float)) and not isinstance(routing_threshold, bool)

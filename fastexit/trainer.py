@@ -14,6 +14,7 @@ from . import distributed, evaluate, routing
 from .config import TrainConfig, UniversalConfig
 from .evaluate import Batch
 from .kernels import exit_confidence, resolve_backend, weighted_linear_cross_entropy
+from .protocol import is_early_exit, missing_parts, require_early_exit
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
@@ -135,8 +136,8 @@ class UniversalTrainer:
         summed loss turned into its share of the global token mean."""
         reduction = "sum" if across_ranks else "mean"
         learned = self._confidence_layers(model)  # exits with a confidence head to train (and their labels' layers)
-        if not hasattr(model, "exit_hidden_states"):
-            loss = self._loss_from_logits(model(x), y, reduction)
+        if not is_early_exit(model):  # the seed's style: forward returns every layer's logits
+            loss = self._loss_from_logits(model, x, y, reduction)
         else:
             self._check_vocab(model.lm_head.weight.shape[0])
             distributed.check_unsharded(model.lm_head.weight)
@@ -214,10 +215,12 @@ class UniversalTrainer:
             return dict(opts, layers=layers, teacher=layers.index(n_layers))
         return dict(opts, layers=layers + [n_layers])
 
-    def _loss_from_logits(self, logits: Sequence[torch.Tensor], y: torch.Tensor, reduction: str) -> torch.Tensor:
+    def _loss_from_logits(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str) -> torch.Tensor:
+        logits = model(x)
         if not isinstance(logits, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in logits):
-            raise TypeError("compute_loss needs an EarlyExitTransformer or a model whose forward "
-                            f"returns a list of per-layer logits, got {type(logits).__name__}")
+            raise TypeError(f"compute_loss needs an early-exit model or a model whose forward returns a list of "
+                            f"per-layer logits; {type(model).__name__} returned {type(logits).__name__} and lacks "
+                            f"{', '.join(missing_parts(model))}")
         self._check_vocab(logits[0].shape[-1])
         weights = self.layer_weights(len(logits))
         terms = [w * F.cross_entropy(logits[i - 1].reshape(-1, self.vocab_size), y.reshape(-1), reduction=reduction)
@@ -272,10 +275,12 @@ class UniversalTrainer:
         heads = getattr(inner, "confidence_heads", {})
         if not layers or all(str(i) in heads for i in layers):
             return model
-        if inner is not model or not hasattr(inner, "add_confidence_heads"):
+        if inner is not model:
             raise ValueError(f"confidence='learned' needs confidence heads at the exits {layers}: add them before "
-                             f"distributed.wrap, on a model with add_confidence_heads (EarlyExitTransformer, "
-                             f"from_hf), got {type(inner).__name__}")
+                             f"distributed.wrap")
+        if not is_early_exit(model):
+            raise ValueError(f"confidence='learned' needs confidence heads at the exits {layers}, on an early-exit "
+                             f"model; {type(model).__name__} lacks {', '.join(missing_parts(model))}")
         inner.add_confidence_heads(layers)
         return model
 
@@ -355,9 +360,7 @@ class UniversalTrainer:
         if self.config.layer_dropout is None:
             return None
         inner = distributed.unwrap(model)
-        if not hasattr(inner, "exit_hidden_states"):
-            raise TypeError("layer_dropout needs a model with exit_hidden_states (EarlyExitTransformer, from_hf), "
-                            f"got {type(inner).__name__}")
+        require_early_exit(inner, "model (for layer_dropout, which runs its blocks row by row)")
         return self.layer_drops(inner.n_layers, batch_size, across_ranks=distributed.is_wrapped(model))
 
     @staticmethod

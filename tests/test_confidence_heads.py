@@ -197,7 +197,7 @@ def test_generation_with_learned_confidence_follows_the_heads():
     probe = model.exit_hidden_states(torch.cat([idx, idx], 1), exits)
     thresholds = [gap_threshold(fp64_confidence(model, e, h), 0.5) for e, h in zip(exits, probe)]
     config = UniversalConfig({L: 1.0}, exit_layers=exits, routing_thresholds=thresholds, confidence="learned")
-    tokens, layers, conf = generate(model, idx, 12, config=config, return_conf=True)
+    tokens, layers, conf, _ = generate(model, idx, 12, config=config, return_conf=True)
     assert all((layers == e).any() for e in (*exits, L))
     for s in range(12):
         seq, at = tokens[:, :t0 + s], torch.full((3, t0 + s), L)

@@ -151,7 +151,7 @@ def test_generation_without_exits_equals_transformers_greedy(family, padded):
     idx, mask = left_padded(prompts)
     ref = model.generate(idx, attention_mask=mask.long(), max_new_tokens=10, do_sample=False)
     for threshold in (0.0, 1.0):  # 1.0: routing on, but no token is that confident
-        out, layers = ee.generate(idx, 10, threshold, 1, attention_mask=mask)
+        out, layers, *_ = ee.generate(idx, 10, threshold, 1, attention_mask=mask)
         assert torch.equal(out, ref) and (layers == N_LAYERS).all()
     assert torch.equal(ee.generate(idx, 10, attention_mask=mask, speculative=3)[0], ref)
 
@@ -163,7 +163,7 @@ def test_routed_generation_follows_the_rule(family):
     ee, (idx, _) = from_hf(make_hf(family, sharpen=True)), tokens(3, 6)
     conf = exact_routed_forward(ee, idx, 1, 0.0).conf
     threshold = conf.flatten().quantile(0.5).item()
-    out, layers, conf = ee.generate(idx, 12, threshold, 1, return_conf=True)
+    out, layers, conf, _ = ee.generate(idx, 12, threshold, 1, return_conf=True)
     easy = layers == 1
     assert 0 < easy.float().mean() < 1
     ref_tokens, ref_easy, ref_conf = routed_generation_reference(ee, out, idx.shape[1], 1, threshold, easy)
@@ -176,10 +176,10 @@ def test_padded_routed_generation_equals_rows_alone(family):
     ee = from_hf(make_hf(family, sharpen=True))
     prompts = [torch.randint(1, VOCAB, (n,)) for n in (6, 2, 4)]
     idx, mask = left_padded(prompts)
-    out, layers = ee.generate(idx, 10, 0.5, 1, attention_mask=mask)
+    out, layers, *_ = ee.generate(idx, 10, 0.5, 1, attention_mask=mask)
     assert (layers == 1).any() and (layers == N_LAYERS).any()
     for r, p in enumerate(prompts):
-        alone, alone_layers = ee.generate(p[None], 10, 0.5, 1)
+        alone, alone_layers, *_ = ee.generate(p[None], 10, 0.5, 1)
         assert torch.equal(out[r, idx.shape[1]:], alone[0, p.numel():]) and torch.equal(layers[r], alone_layers[0])
 
 
@@ -242,7 +242,7 @@ def test_save_and_load_round_trip(family, tmp_path):
     trainer = UniversalTrainer(config, VOCAB)
     assert trainer.compute_loss(loaded, x, y).item() == trainer.compute_loss(ee, x, y).item()
     generated = [m.generate(x, 8, config=config) for m in (loaded, ee)]
-    assert all(torch.equal(a, b) for a, b in zip(*generated)) and (generated[0][1] == 1).any()
+    assert all(torch.equal(generated[0][i], generated[1][i]) for i in range(2)) and (generated[0].layers_run == 1).any()
     plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)  # transformers alone
     assert torch.equal(plain(x).logits, ee.hf(x).logits)
 

@@ -3,7 +3,7 @@ dropped sequences' blocks, against a per-sequence reference written from the mod
 import pytest
 import torch
 
-from fastexit import EarlyExitTransformer, ModelConfig
+from fastexit import EarlyExitTransformer, ModelConfig, from_hf
 from fastexit.config import LayerDropout, UniversalConfig
 from fastexit.kernels import HAS_TRITON, replace_rows, select_rows
 
@@ -52,9 +52,19 @@ def test_draws_hit_the_rates():
         assert abs(share - p) < 4 * (p * (1 - p) / 5000) ** 0.5 + 1e-9, (layer, share, p)
 
 
-def small_model():
-    cfg = ModelConfig(vocab_size=V, n_layers=3, d_model=32, n_heads=4, max_seq_len=16)
-    return EarlyExitTransformer(cfg).double()
+def small_model(kind="native"):
+    """An fp64 3-layer early-exit model of either kind: fastexit's own, or a transformers
+    Llama through from_hf (the kept-rows behaviour is the shared model's, tested on both)."""
+    if kind == "native":
+        return EarlyExitTransformer(ModelConfig(vocab_size=V, n_layers=3, d_model=32, n_heads=4, max_seq_len=16)).double()
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+                                      bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    return from_hf(transformers.LlamaForCausalLM(config).double())
+
+
+KINDS = ["native", "llama"]
 
 
 def reference_states(model, idx, layers, drops):
@@ -74,10 +84,11 @@ def reference_states(model, idx, layers, drops):
     [[False, True, False, True], [True, True, False, False], [False, False, False, True]],
     [[True] * 4, [False] * 4, [True, False, True, False]],  # a block nobody runs, one everybody runs
 ])
-def test_dropped_sequences_skip_their_blocks(drops):
-    model, idx, layers = small_model(), torch.randint(0, V, (4, 9)), [1, 3]
+@pytest.mark.parametrize("kind", KINDS)
+def test_dropped_sequences_skip_their_blocks(drops, kind):
+    model, idx, layers = small_model(kind), torch.randint(0, V, (4, 9)), [1, 3]
     got = model.exit_hidden_states(idx, layers, drops=drops)
-    ref_model = small_model()
+    ref_model = small_model(kind)
     ref_model.load_state_dict(model.state_dict())
     expected = reference_states(ref_model, idx, layers, drops)
     for g, e in zip(got, expected):
@@ -93,17 +104,19 @@ def test_dropped_sequences_skip_their_blocks(drops):
         torch.testing.assert_close(p.grad, expected_grad, rtol=1e-9, atol=1e-12, msg=name)
 
 
-def test_a_dropped_block_does_no_work_on_dropped_rows():
-    model, idx = small_model(), torch.randint(0, V, (4, 9))
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_dropped_block_does_no_work_on_dropped_rows(kind):
+    model, idx = small_model(kind), torch.randint(0, V, (4, 9))
     batch_sizes = []
     model.blocks[1].register_forward_hook(lambda m, args, out: batch_sizes.append(args[0].shape[0]))
     model.exit_hidden_states(idx, [3], drops=[[False] * 4, [True, False, True, True], [False] * 4])
     assert batch_sizes == [1]
 
 
-def test_a_block_every_sequence_drops_runs_on_zero_rows():
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_block_every_sequence_drops_runs_on_zero_rows(kind):
     """Under FSDP2 every rank must enter every block (its all-gather), whatever it drew."""
-    model, idx = small_model(), torch.randint(0, V, (3, 9))
+    model, idx = small_model(kind), torch.randint(0, V, (3, 9))
     batch_sizes = []
     model.blocks[0].register_forward_hook(lambda m, args, out: batch_sizes.append(args[0].shape[0]))
     (state,) = model.exit_hidden_states(idx, [1], drops=[[True] * 3, [False] * 3, [False] * 3])
@@ -137,3 +150,23 @@ def test_select_and_replace_rows_gradients(backend):
     dx_ref.index_add_(0, rows, g1)
     torch.testing.assert_close(dx, dx_ref)
     torch.testing.assert_close(dv, g2[rows])
+
+
+def _fsdp_block_that_one_rank_drops_entirely():
+    """Rank 0's rows all drop block 2, rank 1's keep it: rank 0 still enters the block (on zero
+    rows) for its all-gather and reduce-scatter, else rank 1 would wait there until the timeout."""
+    from fastexit import UniversalTrainer, distributed
+    torch.manual_seed(0)
+    model = EarlyExitTransformer(ModelConfig(vocab_size=V, n_layers=3, d_model=32, n_heads=4, max_seq_len=16))
+    wrapped = distributed.wrap(model, "fsdp")
+    trainer = UniversalTrainer(UniversalConfig({1: 0.5, 3: 0.5}, routing_threshold=0), V)
+    x, y = torch.randint(0, V, (2, 9)), torch.randint(0, V, (2, 9))
+    drop = distributed.rank() == 0
+    trainer.compute_loss(wrapped, x, y, drops=[[False, False], [drop, drop], [False, False]]).backward()
+    grads = [p.grad.full_tensor() for p in model.blocks[1].parameters()]
+    assert all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_fsdp_a_block_one_rank_drops_entirely_does_not_hang():
+    from test_distributed import spawn
+    spawn(_fsdp_block_that_one_rank_drops_entirely)

@@ -113,7 +113,7 @@ def test_model_config_validation(kwargs, match):
 def test_generate_method_is_greedy_decoding_of_the_final_layer():
     model = small_model()
     prompt = torch.randint(0, V, (2, 5))
-    tokens, exit_layers = model.generate(prompt, max_new_tokens=6)
+    tokens, exit_layers, *_ = model.generate(prompt, max_new_tokens=6)
     seq = prompt
     for _ in range(6):
         seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)

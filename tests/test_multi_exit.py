@@ -317,7 +317,7 @@ def generation_reference(model, tokens, t0, exits, thresholds, at_steps, confide
 @pytest.mark.parametrize("thresholds,at", [([TINY, 0.0], 1), ([0.0, TINY], 3), ([0.0, 0.0], 5)])
 def test_generation_forced_to_one_exit_equals_the_reference(thresholds, at):
     model, (idx, _) = make_model(5, block_scale=4.0), batch(3, 6)
-    tokens, layers, conf = generate(model, idx, 10, thresholds, [1, 3], return_conf=True)
+    tokens, layers, conf, _ = generate(model, idx, 10, thresholds, [1, 3], return_conf=True)
     assert (layers == at).all()
     ref_tokens, ref_at, ref_conf = generation_reference(model, tokens, 6, [1, 3], thresholds, layers)
     assert torch.equal(tokens[:, 6:], ref_tokens) and torch.equal(layers, ref_at)
@@ -331,7 +331,7 @@ def test_generation_with_several_exits_follows_the_rule(confidence):
     scores = [kernel_score(exact.layer_stats[e], confidence) for e in (1, 3)]
     thresholds = [gap_threshold(scores[0], 0.6), gap_threshold(scores[1], 0.5)]
     config = UniversalConfig({5: 1.0}, exit_layers=[1, 3], routing_thresholds=thresholds, confidence=confidence)
-    tokens, layers, conf = generate(model, idx, 16, config=config, return_conf=True)
+    tokens, layers, conf, _ = generate(model, idx, 16, config=config, return_conf=True)
     assert all((layers == e).any() for e in (1, 3, 5))
     ref_tokens, ref_at, ref_conf = generation_reference(model, tokens, 6, [1, 3], thresholds, layers, confidence)
     assert torch.equal(layers, ref_at) and torch.equal(tokens[:, 6:], ref_tokens)
@@ -343,10 +343,10 @@ def test_left_padded_multi_exit_generation_equals_rows_alone():
     prompts = [torch.randint(0, VOCAB, (n,)) for n in (7, 3, 1, 5)]
     idx, mask = left_padded(prompts)
     kwargs = dict(routing_threshold=[0.5, 0.4], exit_layer=[1, 3], return_conf=True)
-    tokens, layers, conf = generate(model, idx, 12, prompt_mask=mask, **kwargs)
+    tokens, layers, conf, _ = generate(model, idx, 12, attention_mask=mask, **kwargs)
     assert (layers == 1).any() and (layers == 3).any() and (layers == 5).any()
     for r, p in enumerate(prompts):
-        alone, alone_layers, alone_conf = generate(model, p[None], 12, **kwargs)
+        alone, alone_layers, alone_conf, _ = generate(model, p[None], 12, **kwargs)
         assert torch.equal(tokens[r, idx.shape[1]:], alone[0, p.numel():]) and torch.equal(layers[r], alone_layers[0])
         torch.testing.assert_close(conf[r], alone_conf[0], rtol=1e-4, atol=1e-5)
 
@@ -366,8 +366,8 @@ def test_speculative_drafts_from_the_first_exit():
     config = UniversalConfig({4: 1.0}, exit_layers=[2, 3], routing_thresholds=[0.9, 0.9])
     several = generate(model, idx, 8, config=config, speculative=2, return_stats=True)
     first = generate(model, idx, 8, exit_layer=2, speculative=2, return_stats=True)
-    assert torch.equal(several[0], first[0]) and torch.equal(several[2]["drafted_per_row"], first[2]["drafted_per_row"])
-    assert torch.equal(several[2]["accepted_per_row"], first[2]["accepted_per_row"])
+    assert torch.equal(several[0], first[0]) and torch.equal(several.stats["drafted_per_row"], first.stats["drafted_per_row"])
+    assert torch.equal(several.stats["accepted_per_row"], first.stats["accepted_per_row"])
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -22,8 +22,8 @@ def padded_prompts():
 def test_greedy_equals_full_depth_greedy(n_layers, exit_layer, k):
     # block_scale 2: the exit layer's argmax agrees with the final one on roughly 10-50% of drafts
     model, (idx, mask) = make_model(n_layers, block_scale=2.0), padded_prompts()
-    full, _ = generate(model, idx, 20, prompt_mask=mask)
-    tokens, layers, stats = generate(model, idx, 20, exit_layer=exit_layer, prompt_mask=mask, speculative=k,
+    full, *_ = generate(model, idx, 20, attention_mask=mask)
+    tokens, layers, _, stats = generate(model, idx, 20, exit_layer=exit_layer, attention_mask=mask, speculative=k,
                                      return_stats=True)
     assert torch.equal(tokens, full)
     assert layers.shape == (4, 20) and (layers == n_layers).all()
@@ -33,7 +33,7 @@ def test_greedy_equals_full_depth_greedy(n_layers, exit_layer, k):
 
 def test_unpadded_batch_equals_recomputation():
     model, (idx, _) = make_model(4, block_scale=2.0), batch(3, 6)
-    tokens, _ = model.generate(idx, 15, exit_layer=2, speculative=3)
+    tokens, *_ = model.generate(idx, 15, exit_layer=2, speculative=3)
     assert torch.equal(tokens, greedy_reference(model, idx, 15))
 
 
@@ -56,7 +56,7 @@ def speculation_reference(model, prompt, n, k, exit_layer):
 def test_rows_accept_what_they_would_alone(n_layers, exit_layer, k):
     """Per-row acceptance lengths in a left-padded batch are those of each row's own rounds."""
     model, (idx, mask) = make_model(n_layers, block_scale=2.0), padded_prompts()
-    tokens, _, stats = generate(model, idx, 16, exit_layer=exit_layer, prompt_mask=mask, speculative=k,
+    tokens, _, _, stats = generate(model, idx, 16, exit_layer=exit_layer, attention_mask=mask, speculative=k,
                                 return_stats=True)
     for r in range(idx.shape[0]):
         ref, accepted, drafted = speculation_reference(model, idx[r:r + 1, mask[r]], 16, k, exit_layer)
@@ -69,8 +69,8 @@ def test_rows_accept_what_they_would_alone(n_layers, exit_layer, k):
 def test_rows_stop_at_max_new_tokens(max_new_tokens):
     """Drafts may run past the end (k > max_new_tokens): they are cut, and done rows stay put."""
     model, (idx, mask) = make_model(2, block_scale=2.0), padded_prompts()
-    full, _ = generate(model, idx, max_new_tokens, prompt_mask=mask)
-    tokens, _, stats = generate(model, idx, max_new_tokens, prompt_mask=mask, speculative=4, return_stats=True)
+    full, *_ = generate(model, idx, max_new_tokens, attention_mask=mask)
+    tokens, _, _, stats = generate(model, idx, max_new_tokens, attention_mask=mask, speculative=4, return_stats=True)
     assert torch.equal(tokens, full)
     rounds = stats["drafted_per_row"] / 4  # every round yields at least one token per row
     assert (rounds == 0).all() if max_new_tokens == 1 else ((1 <= rounds) & (rounds <= max_new_tokens - 1)).all()
@@ -79,8 +79,8 @@ def test_rows_stop_at_max_new_tokens(max_new_tokens):
 def test_top_k_one_sampling_is_greedy():
     """p and q one-hot: the sampled accept/reject/residual path must reproduce greedy decoding."""
     model, (idx, mask) = make_model(4, block_scale=2.0), padded_prompts()
-    full, _ = generate(model, idx, 14, prompt_mask=mask)
-    sampled, _ = generate(model, idx, 14, exit_layer=1, temperature=0.7, top_k=1, prompt_mask=mask, speculative=2,
+    full, *_ = generate(model, idx, 14, attention_mask=mask)
+    sampled, *_ = generate(model, idx, 14, exit_layer=1, temperature=0.7, top_k=1, attention_mask=mask, speculative=2,
                           generator=torch.Generator().manual_seed(0))
     assert torch.equal(sampled, full)
 
@@ -88,8 +88,8 @@ def test_top_k_one_sampling_is_greedy():
 @needs_triton
 def test_triton_backend_matches_torch():
     model, (idx, mask) = make_model(4, block_scale=2.0), padded_prompts()
-    ref = generate(model, idx, 10, exit_layer=2, prompt_mask=mask, speculative=2, backend="torch")
-    out = generate(model, idx, 10, exit_layer=2, prompt_mask=mask, speculative=2, backend="triton")
+    ref = generate(model, idx, 10, exit_layer=2, attention_mask=mask, speculative=2, backend="torch")
+    out = generate(model, idx, 10, exit_layer=2, attention_mask=mask, speculative=2, backend="triton")
     assert torch.equal(out[0], ref[0])
 
 
@@ -139,7 +139,7 @@ def test_sampling_matches_the_full_model_distribution(k, temperature, top_k):
     rejection and bonus tokens all occur) against the full model's exact distribution. Sampling
     from the draft q instead gives chi2 > 100x this bound."""
     model, prompt, n, rows = tiny_model(), torch.tensor([1, 3, 0]), 3, 20000
-    tokens, _, stats = generate(model, prompt.expand(rows, 3).clone(), n, exit_layer=1, temperature=temperature,
+    tokens, _, _, stats = generate(model, prompt.expand(rows, 3).clone(), n, exit_layer=1, temperature=temperature,
                                 top_k=top_k, speculative=k, generator=torch.Generator().manual_seed(0),
                                 return_stats=True)
     assert 0.5 < stats["acceptance_rate"] < 0.9
@@ -173,5 +173,5 @@ def test_speculative_bad_input(kwargs, names):
 
 def test_speculative_fits_max_seq_len_exactly():
     model, idx = make_model(3, block_scale=2.0), torch.randint(0, VOCAB, (2, 5))
-    tokens, _ = generate(model, idx, 56, speculative=4)  # 5 + 56 + 4 - 1 = 64 positions
+    tokens, *_ = generate(model, idx, 56, speculative=4)  # 5 + 56 + 4 - 1 = 64 positions
     assert torch.equal(tokens, generate(model, idx, 56)[0])
