@@ -452,7 +452,7 @@ def test_cli_flags_build_the_method_and_resume_compares_them():
     assert changes["method.exit_layers"] == [1, 3] and changes["method.routing_thresholds"] == [0.9, 0.7]
     assert changes["method.confidence"] == "margin"
     sweep = build_parser().parse_args(["sweep", "--run", "r", "--routing-thresholds", "0,0.5"])
-    assert sweep.routing_thresholds == "0,0.5"  # sweep's flag keeps its meaning: thresholds to sweep
+    assert sweep.sweep_thresholds == "0,0.5"  # sweep's old spelling (deprecated) still names the candidates
 
 
 @pytest.mark.parametrize("flags,name", [(["--exit-layers", "1,x"], "--exit-layers"),
