@@ -41,7 +41,7 @@ from typing import Any, Dict, Optional, Set, Union
 import numpy as np
 import torch
 
-from . import distributed
+from . import distributed, hf
 from .atomic import atomic_write
 from .config import ModelConfig, RunConfig
 from .model import EarlyExitTransformer
@@ -395,7 +395,6 @@ def save_hf_checkpoint(run_dir: PathLike, *, model: torch.nn.Module, run_config:
     """Write ``run_dir/model``: ``fastexit.hf.save(model, ..., run_config.method)``, the
     transformers ``tokenizer`` (if any, its ``save_pretrained``) and ``ckpt.pt`` without the
     weights; all into a temporary folder first, then swapped in. Returns the folder."""
-    from . import hf
     final = Path(run_dir) / HF_DIR
     tmp, old = final.with_name(f".{HF_DIR}.tmp"), final.with_name(f".{HF_DIR}.old")
     shutil.rmtree(tmp, ignore_errors=True)  # left by a save that failed
