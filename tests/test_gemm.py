@@ -53,3 +53,55 @@ def test_linear_fp32_result_dtype(dtype):
     out = gemm.linear_fp32(a, b)
     assert out.dtype == gemm.acc_dtype(a)
     assert rel_err(out, a.double() @ b.double().T) <= FP32_TOL  # bf16 operands multiply exactly in fp32
+
+
+# ----------------------------------------------------------------------------- the fused loss's GEMMs
+def padded_out(rows, cols, pad=5):
+    """(rows, cols) fp32 view of a NaN-filled (rows, cols + pad) buffer: a strided out=."""
+    return torch.full((rows, cols + pad), float("nan"))[:, :cols]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_mm_into_a_strided_view(dtype):
+    a, b = torch.randn(13, 24).to(dtype), torch.randn(24, 29).to(dtype)
+    out = padded_out(13, 29)
+    result = gemm.mm_into(out, a, b)
+    assert result.data_ptr() == out.data_ptr() and out.dtype == torch.float32
+    assert rel_err(out, a.double() @ b.double()) <= FP32_TOL  # 16-bit products are exact in fp32
+    assert torch.isnan(torch.as_strided(out, (13, 5), (34, 1), 29)).all()  # the padding is untouched
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_accumulate_dw_over_chunks(monkeypatch, dtype, onednn):
+    """dW = sum over chunks of dlogits^T @ x in fp32: the first chunk stores it, the later ones
+    add in place (the same tensor comes back), except oneDNN's fused add on CPU fp32. Where
+    torch lacks the out_dtype addmm (here: every CPU build), 16-bit operands add slice by
+    slice (DW_SLICE_ROWS made small so that the last slice is partial)."""
+    if not onednn:
+        monkeypatch.setattr(gemm, "use_onednn", lambda t: False)
+    monkeypatch.setattr(gemm, "DW_SLICE_ROWS", 7)
+    chunks = [(torch.randn(r, 31).to(dtype), torch.randn(r, 12).to(dtype)) for r in (9, 16, 3)]  # (R, V), (R, d)
+    dw = None
+    for dlogits, x in chunks:
+        before = dw
+        dw = gemm.accumulate_dw(dw, dlogits, x)
+        in_place = before is None or dw.data_ptr() == before.data_ptr()
+        assert in_place or (onednn and gemm.use_onednn(x))
+    exact = sum(dl.double().T @ x.double() for dl, x in chunks)  # (V, d)
+    assert dw.shape == (31, 12) and dw.dtype == torch.float32
+    assert rel_err(dw, exact) <= FP32_TOL
+
+
+def test_out_dtype_forms_are_probed_once_per_device_and_dtype():
+    """The probe says a form is there exactly when it runs and is right (CPU builds of torch
+    2.13 have neither for 16-bit operands), and answers later calls from its cache."""
+    gemm.out_dtype_forms.cache_clear()
+    a, b = torch.randn(4, 6).bfloat16(), torch.randn(6, 5).bfloat16()
+    try:
+        runs = torch.allclose(torch.mm(a, b, out_dtype=torch.float32), a.double() @ b.double(), atol=1e-4)
+    except (RuntimeError, TypeError, NotImplementedError):
+        runs = False
+    assert gemm.out_dtype_forms("cpu", torch.bfloat16).mm == runs
+    gemm.out_dtype_forms("cpu", torch.bfloat16)
+    assert gemm.out_dtype_forms.cache_info().hits == 1
