@@ -1,4 +1,6 @@
-"""Backend choice shared by every op: 'auto' | 'triton' | 'torch'."""
+"""Backend choice shared by every op: 'auto' | 'triton' | 'triton_gemm' | 'torch'; the device
+guard around every Triton launch; the GPU generation that per-arch tile choices key on."""
+import contextlib
 import os
 
 import torch
@@ -10,7 +12,8 @@ try:
 except ImportError:  # Triton is an optional extra: every op has a PyTorch path.
     HAS_TRITON = False
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "triton_gemm", "torch")
+TRITON_BACKENDS = ("triton", "triton_gemm")
 
 
 def interpreting() -> bool:
@@ -19,22 +22,45 @@ def interpreting() -> bool:
 
 
 def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
-    """Map a user's backend name to 'triton' or 'torch' for these tensors.
+    """Map a user's backend name to 'triton', 'triton_gemm' or 'torch' for these tensors.
 
-    'auto' picks Triton when it imports and the tensors live on CUDA; 'triton' forces it
-    (CPU tensors need TRITON_INTERPRET=1); 'torch' forces the PyTorch path.
+    'auto' picks 'triton' when Triton imports and the tensors live on CUDA; 'triton' (vendor
+    GEMMs around our Triton row kernel) and 'triton_gemm' (our own Triton GEMMs as well) force
+    Triton (CPU tensors need TRITON_INTERPRET=1); 'torch' forces the PyTorch path. An op with
+    no GEMM of its own to choose (exit_confidence, compaction) runs 'triton_gemm' as 'triton'.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     on_cuda = all(t.is_cuda for t in tensors)
     if backend == "auto":
         return "triton" if HAS_TRITON and on_cuda else "torch"
-    if backend == "triton":
+    if backend in TRITON_BACKENDS:
         if not HAS_TRITON:
-            raise ValueError("backend='triton' needs the triton package: pip install 'fastexit[triton]'")
+            raise ValueError(f"backend={backend!r} needs the triton package: pip install 'fastexit[triton]'")
         if not on_cuda and not interpreting():
-            raise ValueError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
+            raise ValueError(f"backend={backend!r} needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
     return backend
+
+
+def device_guard(t: torch.Tensor):
+    """The context every Triton launch runs in: t's CUDA device made current, so that a launch
+    on tensors of cuda:1 while cuda:0 is current runs on cuda:1 (Triton launches on the current
+    device and its stream). A no-op for CPU tensors (the interpreter) and meta tensors."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def cuda_capability(device: torch.device) -> tuple:
+    """(major, minor) compute capability of a CUDA device: what per-arch tile choices key on."""
+    return tuple(torch.cuda.get_device_capability(device))
+
+
+def is_hopper(capability: tuple) -> bool:
+    """sm_90: 128x128 tiles of exit_confidence's split kernel run as two warpgroups of wgmma
+    with their accumulator and the online max/argmax in registers. Every other generation
+    compiled ahead of time spills there (sm_80/86/89/120 run mma.sync; sm_100's tcgen05 leaves
+    the tile in tensor memory, and loading it back for the reductions spills) and takes half
+    the classes per tile (tests/test_aot_compile.py, docs/aot-large-shape.md)."""
+    return capability[0] == 9
 
 
 def fp32_matmul_is_tf32() -> bool:

@@ -15,7 +15,7 @@ the host: one device-to-host sync per call, inherent to running a smaller dense 
 """
 import torch
 
-from .backend import HAS_TRITON, resolve_backend
+from .backend import HAS_TRITON, device_guard, resolve_backend
 from .checks import check_device, check_dtype, check_index, check_same, check_shape, check_tensor
 
 if HAS_TRITON:
@@ -85,18 +85,21 @@ def _triton_compact_indices(flat: torch.Tensor) -> torch.Tensor:
     m = flat.view(torch.uint8)
     n_blocks = triton.cdiv(n, BLOCK_MASK)
     counts = torch.empty(n_blocks, dtype=torch.int64, device=flat.device)
-    _block_count_kernel[(n_blocks,)](m, counts, n, BLOCK=BLOCK_MASK)
+    with device_guard(flat):
+        _block_count_kernel[(n_blocks,)](m, counts, n, BLOCK=BLOCK_MASK)
     ends = counts.cumsum(0)  # (n_blocks,)
     out = torch.empty(int(ends[-1]), dtype=torch.int64, device=flat.device)  # the one host sync
-    _block_positions_kernel[(n_blocks,)](m, ends - counts, out, n, BLOCK=BLOCK_MASK)
+    with device_guard(flat):
+        _block_positions_kernel[(n_blocks,)](m, ends - counts, out, n, BLOCK=BLOCK_MASK)
     return out
 
 
 def _triton_copy_rows(src: torch.Tensor, dst: torch.Tensor, idx: torch.Tensor, gather: bool) -> None:
     src2, dst2 = src.view(src.shape[0], -1), dst.view(dst.shape[0], -1)  # (rows, C)
     grid = (idx.numel(), triton.cdiv(src2.shape[1], BLOCK_COLS))
-    _copy_rows_kernel[grid](src2, src2.stride(0), dst2, dst2.stride(0), idx, src2.shape[1],
-                            GATHER=gather, BLOCK_COLS=BLOCK_COLS)
+    with device_guard(dst):
+        _copy_rows_kernel[grid](src2, src2.stride(0), dst2, dst2.stride(0), idx, src2.shape[1],
+                                GATHER=gather, BLOCK_COLS=BLOCK_COLS)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -115,7 +118,7 @@ def compact_indices(mask: torch.Tensor, *, backend: str = "auto") -> torch.Tenso
     flat = mask.reshape(-1)
     if flat.numel() == 0:
         return torch.empty(0, dtype=torch.int64, device=mask.device)
-    if resolve_backend(backend, mask) == "triton":
+    if resolve_backend(backend, mask) != "torch":  # 'triton_gemm' too: no GEMM to choose here
         return _triton_compact_indices(flat.contiguous())
     return flat.nonzero().squeeze(1)
 
@@ -123,8 +126,9 @@ def compact_indices(mask: torch.Tensor, *, backend: str = "auto") -> torch.Tenso
 def gather_rows(x: torch.Tensor, idx: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """Rows ``x[idx]``: x (N, ...), idx (k,) int64 in [0, N) -> (k, ...)."""
     _check_rows("x", x)
+    check_tensor("idx", idx)
+    check_device("idx", idx, x, "x")  # before check_index reads idx
     check_index(idx, x.shape[0], "x")
-    check_device("idx", idx, x, "x")
     if resolve_backend(backend, x, idx) == "torch":
         return x.index_select(0, idx)
     x = x.contiguous()
@@ -138,10 +142,11 @@ def scatter_rows(out: torch.Tensor, idx: torch.Tensor, values: torch.Tensor, *, 
     """In place ``out[idx] = values`` and return ``out``: out (N, ...), idx (k,) int64 unique
     in [0, N), values (k, ...) of out's dtype. Rows not in idx keep their values."""
     _check_rows("out", out)
-    check_index(idx, out.shape[0], "out")
-    check_device("idx", idx, out, "out")
+    check_tensor("idx", idx)
+    check_device("idx", idx, out, "out")  # before check_index reads idx
     check_same("values", values, out, "out")
     check_shape("values", values, (idx.numel(),) + out.shape[1:])
+    check_index(idx, out.shape[0], "out")
     if resolve_backend(backend, out, idx, values) == "torch":
         return out.index_copy_(0, idx, values)
     if not out.is_contiguous():

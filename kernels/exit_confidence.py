@@ -14,22 +14,27 @@ vocabulary per row:
   logit on the way, writing [n_splits, N] partials; a second small kernel merges them in
   vocabulary order, with no host sync. A decode step (1-64 rows) would otherwise have one or
   a few programs each read all of W; split, programs on every SM share one read of it. Large
-  N takes 128-row blocks, so tl.dot runs as Hopper's wgmma. Every tl.dot takes
-  backend.dot_precision (fp32 is not silently TF32).
+  N takes 128-row blocks, so tl.dot runs as Hopper's wgmma; tiles are chosen per GPU
+  generation (_tiles). Every tl.dot takes backend.dot_precision (fp32 is not silently TF32).
+  The split kernel computes its logit tiles itself (no logits ever reach memory), so there is
+  no vendor-GEMM variant: backend='triton_gemm' runs the same kernels as 'triton'.
 
 The margin (CALM's softmax-response difference) is opt-in (want_margin, the HAS_MARGIN
 constexpr): it costs two more reductions per logits tile, an [n_splits, N] partial and a
 top-2 pass per PyTorch chunk; without it none of that work is done.
 
-Inference only: no autograd graph is built.
+Inference only: no autograd graph is built. Registered with torch.library
+(fastexit::exit_confidence, with a fake implementation), so torch.compile(fullgraph=True)
+keeps it as one op; the target range check, which reads values, runs inside it.
 """
 import functools
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
 from . import gemm
-from .backend import HAS_TRITON, autocast_inputs, dot_precision, interpreting, resolve_backend
+from .backend import (HAS_TRITON, autocast_inputs, cuda_capability, device_guard, dot_precision, interpreting,
+                      is_hopper, resolve_backend)
 from .checks import check_matrix, check_same, check_target_range, check_targets
 
 if HAS_TRITON:
@@ -51,8 +56,10 @@ class Tiles(NamedTuple):
 DECODE_ROWS = 64  # up to this many rows (a decode step) take the decode tiles
 CUDA_DECODE_TILES = Tiles(16, 128, 64, num_warps=4, num_stages=4)  # bandwidth-bound: deep W pipeline
 CUDA_TILES = Tiles(128, 128, 64, num_warps=8, num_stages=3)  # two warpgroups of m64 wgmma on Hopper
-PRE_HOPPER_BLOCK_V = 64  # mma.sync keeps the 128x128 accumulator and the online max/argmax in registers:
-# 255 registers and spills on sm_80 (ahead-of-time compile, tests/test_aot_compile.py); half the classes fit
+NON_HOPPER_BLOCK_V = 64  # everywhere but sm_90 the 128x128 tile and the online max/argmax spill
+# (mma.sync on sm_80/86/89/120: 255 registers; sm_100: the tile loaded back from tensor memory;
+# ahead-of-time compile, tests/test_aot_compile.py); half the classes fit, and their 16-bit
+# stages (48 KB) fit the ~99 KB per block of sm_86/89/120
 FP32_BLOCK_D = 32  # fp32 operands: half the model-dim tile, the same shared memory per stage
 INTERPRET_DECODE_TILES = Tiles(16, 16, 16, num_warps=1, num_stages=1)  # the interpreter is slow:
 INTERPRET_TILES = Tiles(32, 16, 16, num_warps=1, num_stages=1)  # small tiles, many splits on test shapes
@@ -82,13 +89,13 @@ class ExitStats(NamedTuple):
 
 
 # ----------------------------------------------------------------------------- validation
-def _check_inputs(hidden, weight, targets, ignore_index: int) -> None:
+def _check_inputs(hidden, weight, targets) -> None:
+    """Shapes, dtypes and devices; the targets' range is checked inside the op (it reads them)."""
     check_matrix("hidden", hidden)
     check_matrix("weight", weight, n_cols=hidden.shape[1])
     check_same("weight", weight, hidden, "hidden")
     if targets is not None:
         check_targets(targets, hidden.shape[0], hidden, "hidden")
-        check_target_range(targets, weight.shape[0], ignore_index)
 
 
 # ----------------------------------------------------------------------------- PyTorch path
@@ -277,15 +284,17 @@ if HAS_TRITON:
 
 
 def _tiles(n: int, dtype: torch.dtype, device: torch.device) -> Tiles:
-    """Tiles of the split kernel for n rows of ``dtype`` operands on ``device``."""
+    """Tiles of the split kernel for n rows of ``dtype`` operands on ``device``: per GPU
+    generation, Hopper (sm_90) takes 128x128 tiles, every other one 128x64 (backend.is_hopper:
+    sm_100 and sm_120 are no Hopper)."""
     if interpreting():
         return INTERPRET_DECODE_TILES if n <= DECODE_ROWS else INTERPRET_TILES
     if n <= DECODE_ROWS:
         tiles = CUDA_DECODE_TILES
-    elif torch.cuda.get_device_capability(device)[0] < 9:
-        tiles = CUDA_TILES._replace(block_v=PRE_HOPPER_BLOCK_V)
-    else:
+    elif is_hopper(cuda_capability(device)):
         tiles = CUDA_TILES
+    else:
+        tiles = CUDA_TILES._replace(block_v=NON_HOPPER_BLOCK_V)
     return tiles._replace(block_d=FP32_BLOCK_D) if dtype == torch.float32 else tiles
 
 
@@ -326,22 +335,48 @@ def _triton_exit_confidence(hidden, weight, targets, ignore_index, want_margin):
     margin = torch.empty(n, device=device) if want_margin else None
     tgt = targets.contiguous() if has_targets else pred  # dummy pointer when HAS_TARGETS=False
     t = plan.tiles
-    _split_partials_kernel[(plan.n_row_blocks, plan.n_splits)](
-        hidden, hidden.stride(0), weight, weight.stride(0), tgt,
-        part_max, part_arg, part_sum, part_second, part_tgt,
-        n, n_classes, d, plan.split_v,
-        HAS_TARGETS=has_targets, HAS_MARGIN=want_margin, PRECISION=dot_precision(hidden.dtype),
-        BLOCK_M=t.block_m, BLOCK_V=t.block_v, BLOCK_D=t.block_d,
-        num_warps=t.num_warps, num_stages=t.num_stages,
-    )
-    _combine_splits_kernel[(triton.cdiv(n, COMBINE_BLOCK_M),)](
-        part_max, part_arg, part_sum, part_second, part_tgt, tgt,
-        conf, pred, lse, margin if want_margin else conf, nll if has_targets else conf,
-        n, plan.n_splits, ignore_index,
-        HAS_TARGETS=has_targets, HAS_MARGIN=want_margin,
-        BLOCK_S=COMBINE_BLOCK_S, BLOCK_M=COMBINE_BLOCK_M, num_warps=COMBINE_WARPS,
-    )
+    with device_guard(hidden):
+        _split_partials_kernel[(plan.n_row_blocks, plan.n_splits)](
+            hidden, hidden.stride(0), weight, weight.stride(0), tgt,
+            part_max, part_arg, part_sum, part_second, part_tgt,
+            n, n_classes, d, plan.split_v,
+            HAS_TARGETS=has_targets, HAS_MARGIN=want_margin, PRECISION=dot_precision(hidden.dtype),
+            BLOCK_M=t.block_m, BLOCK_V=t.block_v, BLOCK_D=t.block_d,
+            num_warps=t.num_warps, num_stages=t.num_stages,
+        )
+        _combine_splits_kernel[(triton.cdiv(n, COMBINE_BLOCK_M),)](
+            part_max, part_arg, part_sum, part_second, part_tgt, tgt,
+            conf, pred, lse, margin if want_margin else conf, nll if has_targets else conf,
+            n, plan.n_splits, ignore_index,
+            HAS_TARGETS=has_targets, HAS_MARGIN=want_margin,
+            BLOCK_S=COMBINE_BLOCK_S, BLOCK_M=COMBINE_BLOCK_M, num_warps=COMBINE_WARPS,
+        )
     return ExitStats(conf, pred, lse, nll, margin)
+
+
+# ----------------------------------------------------------------------------- the registered op
+@torch.library.custom_op("fastexit::exit_confidence", mutates_args=())
+def _exit_confidence_op(hidden: torch.Tensor, weight: torch.Tensor, targets: Optional[torch.Tensor],
+                        ignore_index: int, want_margin: bool, backend: str
+                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(conf, pred, lse, nll or (0,), margin or (0,)) of checked inputs; backend 'triton' or 'torch'."""
+    if targets is not None:
+        check_target_range(targets, weight.shape[0], ignore_index)  # reads values: inside the op
+    run = _triton_exit_confidence if backend == "triton" else _torch_exit_confidence
+    with torch.autocast(hidden.device.type, enabled=False):
+        stats = run(hidden, weight, targets, ignore_index, want_margin)
+    empty = hidden.new_empty(0, dtype=torch.float32)
+    return (stats.conf, stats.pred, stats.lse, empty if stats.nll is None else stats.nll,
+            empty.clone() if stats.margin is None else stats.margin)  # outputs never alias
+
+
+@_exit_confidence_op.register_fake
+def _exit_confidence_op_fake(hidden, weight, targets, ignore_index, want_margin, backend):
+    n = hidden.shape[0]
+    rows = hidden.new_empty(n, dtype=torch.float32)
+    return (rows, hidden.new_empty(n, dtype=torch.int64), torch.empty_like(rows),
+            torch.empty_like(rows) if targets is not None else rows.new_empty(0),
+            torch.empty_like(rows) if want_margin else rows.new_empty(0))
 
 
 # ----------------------------------------------------------------------------- public
@@ -356,12 +391,14 @@ def exit_confidence(hidden: torch.Tensor, weight: torch.Tensor, targets: Optiona
     ignored), and with ``want_margin`` margin = top-1 minus top-2 softmax probability (0 where
     the top logit occurs twice, conf for V = 1), else None; statistics are computed in fp32.
     Never holds the logits of all N rows at once. Under ``torch.autocast`` hidden and weight
-    are first cast to its dtype, as ``F.linear`` would be.
+    are first cast to its dtype, as ``F.linear`` would be. backend: 'auto' | 'triton' |
+    'triton_gemm' (the same kernels as 'triton' here) | 'torch'.
     Bad input (kernels/checks.py): TypeError for a wrong dtype, ValueError for a wrong shape,
     an empty batch, a device mismatch or a target out of range (on CUDA an async device assert).
     """
     hidden, weight = autocast_inputs(hidden, weight)
-    _check_inputs(hidden, weight, targets, ignore_index)
-    if resolve_backend(backend, hidden, weight) == "triton":
-        return _triton_exit_confidence(hidden, weight, targets, ignore_index, want_margin)
-    return _torch_exit_confidence(hidden, weight, targets, ignore_index, want_margin)
+    _check_inputs(hidden, weight, targets)
+    chosen = "torch" if resolve_backend(backend, hidden, weight) == "torch" else "triton"
+    conf, pred, lse, nll, margin = _exit_confidence_op(hidden, weight, targets, int(ignore_index), bool(want_margin),
+                                                      chosen)
+    return ExitStats(conf, pred, lse, nll if targets is not None else None, margin if want_margin else None)

@@ -61,9 +61,13 @@ def test_empty_index(backend):
 
 
 @NEEDS_TRITON
-def test_backends_agree_on_a_large_mask():
+@pytest.mark.parametrize("backend", ["triton", "triton_gemm"])  # no GEMM here: 'triton_gemm' runs the Triton kernels
+def test_backends_agree_on_a_large_mask(backend):
     mask = torch.rand(20_000) < 0.5
-    assert torch.equal(compact_indices(mask, backend="triton"), compact_indices(mask, backend="torch"))
+    idx = compact_indices(mask, backend=backend)
+    assert torch.equal(idx, compact_indices(mask, backend="torch"))
+    x = torch.randn(20_000, 3)
+    assert torch.equal(gather_rows(x, idx, backend=backend), x[idx])
 
 
 @pytest.mark.parametrize("call,error,name", [

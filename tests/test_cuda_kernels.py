@@ -3,11 +3,12 @@
     TRITON_INTERPRET=0 python -m pytest -q tests/test_cuda_kernels.py
 
 The rest of tests/ checks every Triton kernel through the interpreter on CPU tensors (CI has
-no GPU). This file runs both backends on CUDA tensors at shapes where the GPU tile sizes and
+no GPU). This file runs every backend on CUDA tensors at shapes where the GPU tile sizes and
 the bf16/fp16 tensor-core paths are used, against fp64 references, and checks that the
 training loss, a whole training step and routed evaluation never synchronise with the host
-beyond what docs/design.md allows. Without CUDA (or under the interpreter) it is skipped as a
-whole.
+beyond what docs/design.md allows. Sized for an 80 GB GPU (the offsets past 2**31 included).
+Without CUDA (or under the interpreter) it is skipped as a whole. `bash bench/gpu_check.sh`
+runs it first, its most important tests first.
 """
 import math
 
@@ -19,14 +20,15 @@ from fastexit import EarlyExitTransformer, ModelConfig, UniversalConfig, Univers
 from fastexit.config import LayerDropout
 from fastexit.kernels import HAS_TRITON, compact_indices, exit_confidence, gather_rows, scatter_rows
 from fastexit.kernels.backend import dot_precision, interpreting
-from fastexit.kernels import weighted_ce
+from fastexit.kernels import gemm, weighted_ce
 from fastexit.kernels.weighted_ce import weighted_linear_cross_entropy
 from fastexit.routing import compact_routed_forward, exact_routed_forward
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or interpreting(),
                                 reason="compiled GPU kernels: needs CUDA and TRITON_INTERPRET=0")
 NEEDS_TRITON = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
-BACKENDS = [pytest.param("triton", marks=NEEDS_TRITON), "torch"]
+BACKENDS = [pytest.param("triton", marks=NEEDS_TRITON), pytest.param("triton_gemm", marks=NEEDS_TRITON), "torch"]
+TRITON_BACKENDS = ["triton", "triton_gemm"]
 IGNORE = -100
 HEAD_WEIGHTS = (0.7, 0.0, 0.3)
 TOL = {torch.float32: 1e-4, torch.bfloat16: None, torch.float16: None}  # None: 2x PyTorch's own error
@@ -48,7 +50,7 @@ def inputs(dtype, n=1500, d=256, v=5003, seed=0):
 def value_and_grads(fn, hs, weight, targets):
     leaves = [t.detach().clone().requires_grad_() for t in (weight, *hs)]
     out = fn(leaves[1:], leaves[0], targets)
-    g = torch.linspace(0.5, 3.0, out.numel(), device="cuda").view(out.shape)  # grad_output != 1
+    g = torch.linspace(0.5, 3.0, out.numel(), device=out.device).view(out.shape)  # grad_output != 1
     return [out.detach().double(), *(x.double() for x in torch.autograd.grad((out * g).sum(), leaves))]
 
 
@@ -125,17 +127,24 @@ def test_distill_on_gpu(backend, dtype, reduction, teacher):
 
 
 @NEEDS_TRITON
+@pytest.mark.parametrize("backend", TRITON_BACKENDS)
 @pytest.mark.parametrize("teacher", ["head", "tensor"])
-def test_distill_never_syncs_with_the_host(teacher):
+def test_distill_never_syncs_with_the_host(teacher, backend):
     hs, weight, targets = inputs(torch.bfloat16)
     leaves = [t.requires_grad_() for t in (weight, *hs)]
     t_hidden = 2 if teacher == "head" else torch.randn_like(hs[0])
+
+    def step():
+        loss = weighted_linear_cross_entropy(leaves[1:], leaves[0], targets, HEAD_WEIGHTS, distill_weight=0.5,
+                                             distill_temperature=2.0, teacher=t_hidden, backend=backend)
+        loss.backward()
+        return loss
+
+    step()  # compiles; the out_dtype probe reads its result once per process
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        loss = weighted_linear_cross_entropy(leaves[1:], leaves[0], targets, HEAD_WEIGHTS, distill_weight=0.5,
-                                             distill_temperature=2.0, teacher=t_hidden, backend="triton")
-        loss.backward()
+        loss = step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss).item()
@@ -192,16 +201,24 @@ def test_head_weights_on_the_device(backend, reduction):
 
 
 @NEEDS_TRITON
+@pytest.mark.parametrize("backend", TRITON_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("weights_on_device", [False, True])
-def test_weighted_ce_never_syncs_with_the_host(weights_on_device):
-    hs, weight, targets = inputs(torch.bfloat16)
+def test_weighted_ce_never_syncs_with_the_host(weights_on_device, dtype, backend):
+    hs, weight, targets = inputs(dtype)
     leaves = [t.requires_grad_() for t in (weight, *hs)]
     head_weights = torch.tensor(HEAD_WEIGHTS, device="cuda") if weights_on_device else HEAD_WEIGHTS
+
+    def step():
+        loss = weighted_linear_cross_entropy(leaves[1:], leaves[0], targets, head_weights, backend=backend)
+        loss.backward()
+        return loss
+
+    step()  # compiles; the out_dtype probe reads its result once per process
     torch.cuda.synchronize()  # the copy above may sync; the loss must not
     torch.cuda.set_sync_debug_mode("error")
     try:
-        loss = weighted_linear_cross_entropy(leaves[1:], leaves[0], targets, head_weights, backend="triton")
-        loss.backward()
+        loss = step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss).item()
@@ -293,25 +310,57 @@ def test_compaction_on_gpu():
 
 
 # ----------------------------------------------------------------------------- offsets past 2**31
-REF_CHUNK = 2048
-# (N, d, V, chunk bytes). Chunks bound every per-chunk buffer (2**30 bytes by default), so:
-# "logits": one chunk of 17000 x 128256 fp32 logits (8.7 GB, flat offsets to 2.2e9), the chunk
-# budget raised for it; "weight": a 152064 x 16384 head (Qwen's vocabulary at d=16384): W and
-# its fp32 gradient hold 2.5e9 entries at the default budget.
+REF_ROWS, REF_CLASSES = 2048, 8192  # the fp64 reference's blocks: never all of W, or all logits, in fp64
+# (N, d, V, chunk bytes). Chunks bound every per-chunk buffer (2**31 bytes by default), so:
+# "logits": one chunk of 17000 x 128256 fp32 logits (8.7 GB, flat offsets to 2.2e9; their 16-bit
+# dlogits view to 4.4e9), the chunk budget raised for it; "weight": a 152064 x 16384 head (Qwen's
+# vocabulary at d=16384): W and its fp32 gradient hold 2.5e9 entries at the default budget.
+# About 35 GB at most: W (5 GB bf16), its copy and gradients, our fp32 dW (10 GB); the
+# references compare dW on CHECKED_CLASSES rows only.
 OFFSET_CASES = {"logits": (17000, 64, 128256, 2**34), "weight": (512, 16384, 152064, None)}
+CHECKED_CLASSES = 4096  # dW rows compared: the first and the last (past 2**31 / d) CHECKED_CLASSES // 2
 
 
-def chunked_rows_and_grads(h, weight, targets, g, dtype):
-    """Per-row NLL (N,) and the grads of sum(g * nll) to (h, weight), as fp64: the logits in
-    ``dtype`` (16-bit: cross_entropy in fp32, as autocast runs it), REF_CHUNK rows at a time."""
+def checked_classes(n_classes: int) -> torch.Tensor:
+    half = CHECKED_CLASSES // 2
+    return torch.cat([torch.arange(half), torch.arange(n_classes - half, n_classes)]).cuda()
+
+
+def blockwise_exact(h, weight, targets, g, classes):
+    """fp64 per-row NLL (N,), dh (N, d) and dW[classes] of sum(g * nll), REF_ROWS rows x
+    REF_CLASSES classes at a time: an online logsumexp, then the softmax gradient."""
+    n, n_classes = h.shape[0], weight.shape[0]
+    rows, dh = torch.zeros(n, dtype=torch.float64, device="cuda"), torch.zeros(h.shape, dtype=torch.float64, device="cuda")
+    dw = torch.zeros(classes.numel(), h.shape[1], dtype=torch.float64, device="cuda")
+    valid = targets != IGNORE
+    for r in range(0, n, REF_ROWS):
+        h64, tgt, gr = h[r:r + REF_ROWS].double(), targets[r:r + REF_ROWS], g[r:r + REF_ROWS].double()
+        blocks = [(v, weight[v:v + REF_CLASSES].double()) for v in range(0, n_classes, REF_CLASSES)]
+        lse = torch.stack([(h64 @ w.T).logsumexp(1) for _, w in blocks]).logsumexp(0)  # (R,)
+        scale = torch.where(valid[r:r + REF_ROWS], gr, 0.0)[:, None]
+        for v, w in blocks:
+            logits = h64 @ w.T  # (R, C)
+            is_target = (tgt[:, None] == torch.arange(v, v + w.shape[0], device="cuda")[None, :])
+            rows[r:r + REF_ROWS] -= torch.where(is_target, logits, 0.0).sum(1)
+            dlogits = scale * ((logits - lse[:, None]).exp() - is_target.double())
+            dh[r:r + REF_ROWS] += dlogits @ w
+            inside = (classes >= v) & (classes < v + w.shape[0])
+            dw[inside] += dlogits[:, classes[inside] - v].T @ h64
+        rows[r:r + REF_ROWS] = torch.where(valid[r:r + REF_ROWS], rows[r:r + REF_ROWS] + lse, 0.0)
+    return [rows, dh, dw]
+
+
+def chunked_rows_and_grads(h, weight, targets, g, dtype, classes):
+    """PyTorch's own in ``dtype`` (16-bit: cross_entropy in fp32, as autocast runs it),
+    REF_ROWS rows at a time: per-row NLL (N,), dh and dW[classes] of sum(g * nll), as fp64."""
     h, weight = (t.detach().to(dtype).requires_grad_() for t in (h, weight))
     rows = []
-    for i in range(0, h.shape[0], REF_CHUNK):
-        logits = (h[i:i + REF_CHUNK] @ weight.T).to(torch.promote_types(dtype, torch.float32))
-        nll = F.cross_entropy(logits, targets[i:i + REF_CHUNK], ignore_index=IGNORE, reduction="none")
-        (nll * g[i:i + REF_CHUNK]).sum().backward()
+    for i in range(0, h.shape[0], REF_ROWS):
+        logits = (h[i:i + REF_ROWS] @ weight.T).to(torch.promote_types(dtype, torch.float32))
+        nll = F.cross_entropy(logits, targets[i:i + REF_ROWS], ignore_index=IGNORE, reduction="none")
+        (nll * g[i:i + REF_ROWS]).sum().backward()
         rows.append(nll.detach())
-    return [torch.cat(rows).double(), h.grad.double(), weight.grad.double()]
+    return [torch.cat(rows).double(), h.grad.double(), weight.grad[classes].double()]
 
 
 @pytest.mark.parametrize("case", list(OFFSET_CASES))
@@ -326,21 +375,23 @@ def test_weighted_ce_past_int32_offsets(backend, case, monkeypatch):
     hs, weight, targets = inputs(torch.bfloat16, n=n, d=d, v=v)
     assert (n if case == "logits" else d) * v > 2**31
     targets[-1] = v - 1  # the very last logit is a target
-    g = torch.linspace(0.5, 3.0, n, device="cuda")
+    g, classes = torch.linspace(0.5, 3.0, n, device="cuda"), checked_classes(v)
     leaves = [t.detach().clone().requires_grad_() for t in (hs[0], weight)]
     rows = weighted_linear_cross_entropy([leaves[0]], leaves[1], targets, (1.0,), reduction="none",
                                          backend=backend).reshape(-1)
-    ours = [rows.detach().double(), *(x.double() for x in torch.autograd.grad((rows * g).sum(), leaves))]
-    exact = chunked_rows_and_grads(hs[0], weight, targets, g, torch.float64)
-    same_dtype = chunked_rows_and_grads(hs[0], weight, targets, g, torch.bfloat16)
+    dh, dw = torch.autograd.grad((rows * g).sum(), leaves)
+    if case == "weight":  # every class past the boundary got its softmax gradient
+        assert dw[2**31 // d:].abs().amax(1).gt(0).all()
+    ours = [rows.detach().double(), dh.double(), dw[classes].double()]
+    del leaves, dw
+    exact = blockwise_exact(hs[0], weight, targets, g, classes)
+    same_dtype = chunked_rows_and_grads(hs[0], weight, targets, g, torch.bfloat16, classes)
     for name, a, r, p in zip(("rows", "dh", "dW"), ours, exact, same_dtype):
         bound = 2 * rel_err(p, r) + 1e-3
         assert torch.isfinite(a).all() and rel_err(a, r) <= bound, f"{name}: {rel_err(a, r):.3g} > {bound:.3g}"
     if case == "logits":  # the rows past the boundary were scored
         past = (torch.arange(n, device="cuda") * v >= 2**31) & (targets != IGNORE)
         assert past.sum() > 100 and (ours[0][past] > 0).all()
-    else:  # every class past the boundary got its softmax gradient
-        assert ours[2][2**31 // d:].abs().sum(1).gt(0).all()
 
 
 # ----------------------------------------------------------------------------- host syncs in training
@@ -412,3 +463,55 @@ def test_compact_matches_exact_on_gpu(dtype, exits):
     assert torch.equal(compact.layers_run == exits[0], first)
     assert torch.equal(compact.pred[first], exact.pred[first])
     assert torch.allclose(compact.nll[first], exact.nll[first], rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- in-place dW, devices, compile
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_accumulate_dw_in_place_on_gpu(dtype):
+    """The fused loss's dW update on this torch: the out_dtype addmm where the probe finds it
+    (then dW is updated in place: the same tensor comes back), the sliced fallback elsewhere;
+    fp32 sums of 16-bit products against fp64 either way."""
+    forms = gemm.out_dtype_forms("cuda", dtype)
+    chunks = [(torch.randn(r, 5003, device="cuda").to(dtype), torch.randn(r, 256, device="cuda").to(dtype))
+              for r in (700, 1024, 33)]  # (R, V), (R, d)
+    dw = None
+    for dlogits, x in chunks:
+        before = dw
+        dw = gemm.accumulate_dw(dw, dlogits, x)
+        assert before is None or dw.data_ptr() == before.data_ptr()
+    exact = sum(dl.double().T @ x.double() for dl, x in chunks)
+    assert dw.dtype == torch.float32 and rel_err(dw.double(), exact) <= 1e-5
+    print(f"out_dtype forms for {dtype}: {forms}")  # the check's log records what this torch has
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ops_on_a_second_gpu(backend):
+    """Tensors on cuda:1 while cuda:0 is current: every launch runs on cuda:1 (the device guard),
+    with the results of the same call on cuda:0."""
+    hs, weight, targets = inputs(torch.bfloat16)
+    on = lambda device: value_and_grads(lambda h, w, y: weighted_linear_cross_entropy(  # noqa: E731
+        h, w, y, HEAD_WEIGHTS, backend=backend), [h.to(device) for h in hs], weight.to(device), targets.to(device))
+    with torch.cuda.device(0):
+        first, second = on("cuda:0"), on("cuda:1")
+        stats = exit_confidence(hs[0].to("cuda:1"), weight.to("cuda:1"), targets.to("cuda:1"), backend=backend)
+    for a, b in zip(first, second):
+        assert b.device == torch.device("cuda:1") and torch.allclose(a, b.to("cuda:0"), rtol=1e-5, atol=1e-6)
+    assert stats.conf.device == torch.device("cuda:1")
+
+
+@NEEDS_TRITON
+def test_compiled_step_on_gpu():
+    """torch.compile(fullgraph=True) of a bf16 step calling the fused loss (the default backend)
+    and exit_confidence: the same value and gradients as eager."""
+    hs, weight, targets = inputs(torch.bfloat16)
+
+    def step(h, w, y):
+        loss = weighted_linear_cross_entropy([torch.tanh(x) for x in h], w, y, HEAD_WEIGHTS)
+        return loss + exit_confidence(h[0].detach(), w.detach(), y).nll.sum() * 0
+
+    eager = value_and_grads(step, hs, weight, targets)
+    torch._dynamo.reset()
+    compiled = value_and_grads(torch.compile(step, fullgraph=True), hs, weight, targets)
+    for i, (a, b) in enumerate(zip(compiled, eager)):
+        assert rel_err(a, b) <= 1e-2, f"tensor {i}: {rel_err(a, b):.3g}"  # tanh fused in bf16 rounds apart

@@ -388,3 +388,28 @@ def test_same_bad_input_same_exception_in_both_ops(kind):
         exit_confidence(hidden, weight, targets)
     with pytest.raises(error, match=name):
         weighted_linear_cross_entropy([hidden], weight, targets, [1.0])
+
+
+# ----------------------------------------------------------------------------- backends and arches
+@NEEDS_TRITON
+def test_triton_gemm_runs_the_triton_kernels():
+    """exit_confidence computes its logit tiles inside its own kernel (no logits in memory, so no
+    vendor-GEMM variant): backend='triton_gemm' gives 'triton''s results bit for bit."""
+    hidden, weight, targets = make(19, 40, 77)
+    ours = exit_confidence(hidden, weight, targets, want_margin=True, backend="triton_gemm")
+    same = exit_confidence(hidden, weight, targets, want_margin=True, backend="triton")
+    assert all(torch.equal(a, b) for a, b in zip(ours, same))
+    assert_matches(ours, reference(hidden, weight, targets))
+
+
+@NEEDS_TRITON
+@pytest.mark.parametrize("capability, block_v", [((8, 0), 64), ((8, 6), 64), ((8, 9), 64), ((9, 0), 128),
+                                                 ((10, 0), 64), ((12, 0), 64)])
+def test_batch_tiles_per_gpu_generation(monkeypatch, capability, block_v):
+    """Hopper takes 128-class tiles; every other generation, Blackwell's sm_100 and sm_120
+    included, half of them (the AOT matrix checks that none spills)."""
+    monkeypatch.setattr(ec, "interpreting", lambda: False)
+    monkeypatch.setattr(ec, "cuda_capability", lambda device: capability)
+    tiles = ec._tiles(4096, torch.bfloat16, torch.device("cpu"))
+    assert (tiles.block_m, tiles.block_v) == (128, block_v)
+    assert ec._tiles(8, torch.bfloat16, torch.device("cpu")) == ec.CUDA_DECODE_TILES  # decode: every arch

@@ -1,5 +1,5 @@
 """weighted_linear_cross_entropy(return_argmax=True): each head's row argmax against fp64 logits,
-and the loss and every gradient bit for bit those of return_argmax=False, both backends.
+and the loss and every gradient bit for bit those of return_argmax=False, every backend.
 
 The Triton backend runs through TRITON_INTERPRET=1 (tests/conftest.py), so its shapes stay tiny:
 37 rows (no multiple of a row tile) and V = 67 (three 32-class tiles of the row kernel, the
@@ -14,7 +14,7 @@ from fastexit.kernels.weighted_ce import weighted_linear_cross_entropy
 
 IGNORE = -100
 NEEDS_TRITON = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
-BACKENDS = ["torch", pytest.param("triton", marks=NEEDS_TRITON)]
+BACKENDS = ["torch", pytest.param("triton", marks=NEEDS_TRITON), pytest.param("triton_gemm", marks=NEEDS_TRITON)]
 DTYPES = [torch.float32, torch.bfloat16]
 TORCH_CHUNK_BYTES = 4096  # many row chunks in both paths at test sizes
 FP32_SUM_ERROR = 2.0 ** -23  # bound on |fp32 dot - exact| per unit of d * sum_i |h_i w_i|, with a factor 2
@@ -27,7 +27,7 @@ def _small_chunks(monkeypatch):
 
 def sizes(backend):
     """(N, d, V): N and V no multiple of any block or chunk."""
-    return (37, 32, 67) if backend == "triton" else (203, 48, 1000)
+    return (37, 32, 67) if backend != "torch" else (203, 48, 1000)
 
 
 def make_inputs(n_heads, n, d, n_classes, dtype, ignore_every):
@@ -101,13 +101,16 @@ def test_argmax_matches_fp64_and_leaves_loss_and_grads_unchanged(backend, dtype,
             assert_argmax(arg, h, weight, targets)
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=NEEDS_TRITON)])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_torch_path_running_every_row_returns_ignore_index_there(reduction, monkeypatch):
-    """On CUDA the PyTorch path runs every row (zeroed where ignored): forced here on CPU."""
+def test_running_every_row_returns_ignore_index_there(backend, reduction, monkeypatch):
+    """On CUDA the 'torch' and 'triton' paths run every row (zeroed where ignored): forced here
+    on CPU."""
     monkeypatch.setattr(weighted_ce, "_kept_rows", lambda targets, ignore_index: None)
-    hs, weight, targets = make_inputs(2, 203, 48, 1000, torch.float32, ignore_every=3)
+    n, d, n_classes = sizes(backend)
+    hs, weight, targets = make_inputs(2, n, d, n_classes, torch.float32, ignore_every=3)
     _, argmax = weighted_linear_cross_entropy(hs, weight, targets, [0.5, 1.0], reduction=reduction,
-                                              backend="torch", return_argmax=True)
+                                              backend=backend, return_argmax=True)
     for h, arg in zip(hs, argmax):
         assert_argmax(arg, h, weight, targets)
 

@@ -1,6 +1,9 @@
-"""weighted_linear_cross_entropy against an fp64 full-logits reference, both backends.
+"""weighted_linear_cross_entropy against an fp64 full-logits reference, every backend: 'torch',
+'triton' (torch GEMMs around the Triton row kernel) and 'triton_gemm' (Triton GEMMs too).
 
-The Triton backend runs through TRITON_INTERPRET=1 (tests/conftest.py), so its shapes stay tiny.
+The Triton backends run through TRITON_INTERPRET=1 (tests/conftest.py), so their shapes stay
+tiny. 16-bit operands, which CPU GEMMs upcast, are multiplied as on CUDA where a test says
+`cuda_operands` (the 'triton' path then stores 16-bit dlogits over its fp32 logits).
 """
 import math
 
@@ -15,7 +18,8 @@ from fastexit.kernels.weighted_ce import weighted_linear_cross_entropy
 
 IGNORE = -100
 NEEDS_TRITON = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
-BACKENDS = ["torch", pytest.param("triton", marks=NEEDS_TRITON)]
+TRITON_BACKENDS = [pytest.param("triton", marks=NEEDS_TRITON), pytest.param("triton_gemm", marks=NEEDS_TRITON)]
+BACKENDS = ["torch", *TRITON_BACKENDS]
 FP32_TOL = 2e-5  # max abs error relative to the reference's max abs value
 FP64_TOL = 1e-10
 CONFIDENT_TOL = 2e-3  # fp32 logits near 50 carry ~1e-6 absolute error; p - 1 ~ 1e-6 as well
@@ -78,7 +82,7 @@ def _small_torch_chunks(monkeypatch):
 
 def sizes(backend, n_classes_torch, n_classes_triton):
     """(N, d, V): N not a multiple of any block or chunk; the interpreter gets tiny shapes."""
-    return (37, 32, n_classes_triton) if backend == "triton" else (203, 48, n_classes_torch)
+    return (37, 32, n_classes_triton) if backend != "torch" else (203, 48, n_classes_torch)
 
 
 # ----------------------------------------------------------------------------- correctness
@@ -109,11 +113,12 @@ def test_matches_reference(backend, case):
 
 def odd_vocab_sizes(backend, n_classes):
     """(N, d, V) at a vocabulary that is no multiple of 16; the interpreter gets few rows."""
-    return (21, 16, n_classes) if backend == "triton" else (203, 48, n_classes)
+    return (21, 16, n_classes) if backend != "torch" else (203, 48, n_classes)
 
 
-@pytest.mark.parametrize("n_classes", ODD_VOCABS)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend, n_classes", [  # 'triton' also at V = 131 below (the interpreter is slow)
+    *(("torch", v) for v in ODD_VOCABS), *(pytest.param("triton_gemm", v, marks=NEEDS_TRITON) for v in ODD_VOCABS),
+    pytest.param("triton", ODD_VOCABS[0], marks=NEEDS_TRITON)])
 def test_odd_vocab(backend, n_classes):
     """Rows of V classes where V % 16 != 0 (the Triton path pads the row stride): values and
     every gradient equal the fp64 reference's, with and without label smoothing and z-loss."""
@@ -127,12 +132,12 @@ def test_odd_vocab(backend, n_classes):
                        FP32_TOL)
 
 
-@NEEDS_TRITON
+@pytest.mark.parametrize("backend", TRITON_BACKENDS)
 @pytest.mark.parametrize("n_classes", [131, 1000])
-def test_triton_row_padding_is_never_read_as_logits(monkeypatch, n_classes):
-    """The Triton path's logits rows are padded to an aligned stride. Filled with NaN before
-    every chunk, the padding must reach neither the loss (it is no logit) nor the gradients
-    (the dH and dW GEMMs read it only after the row kernel has zeroed it)."""
+def test_triton_row_padding_is_never_read_as_logits(monkeypatch, backend, n_classes):
+    """The Triton paths' logits rows are padded to an aligned stride. Filled with NaN when the
+    buffer is made, the padding must reach neither the loss (it is no logit) nor the gradients
+    (the 'triton_gemm' dH and dW GEMMs read it only after the row kernel has zeroed it)."""
     new_buffer = weighted_ce._logits_buffer
 
     def poisoned(*args, **kwargs):
@@ -144,7 +149,7 @@ def test_triton_row_padding_is_never_read_as_logits(monkeypatch, n_classes):
     monkeypatch.setattr(weighted_ce, "_logits_buffer", poisoned)
     hs, weight, targets = make_inputs(2, 37, 16, n_classes, ignore_every=6)
     for kw in (dict(reduction="mean"), dict(reduction="none", label_smoothing=0.1, z_loss=1e-3)):
-        fn = lambda h, w, y: weighted_linear_cross_entropy(h, w, y, [0.6, 0.4], backend="triton", **kw)  # noqa: E731
+        fn = lambda h, w, y: weighted_linear_cross_entropy(h, w, y, [0.6, 0.4], backend=backend, **kw)  # noqa: E731
         ref = lambda h, w, y: reference(h, w, y, [0.6, 0.4], **kw)  # noqa: E731
         assert_matches(loss_and_grads(fn, hs, weight, targets, 12), loss_and_grads(ref, hs, weight, targets, 12),
                        FP32_TOL)
@@ -165,16 +170,16 @@ def test_triton_gemm_tiles_of_three_sizes(monkeypatch, tiles):
     model-dim blocks; the interpreter's default tiles are all 16, where a mix-up is invisible."""
     monkeypatch.setattr(weighted_ce, "INTERPRET_GEMM_TILES", weighted_ce.GemmTiles(*tiles))
     hs, weight, targets = make_inputs(2, 37, 48, 131, ignore_every=6)
-    fn = lambda h, w, y: weighted_linear_cross_entropy(h, w, y, [0.6, 0.4], backend="triton")  # noqa: E731
+    fn = lambda h, w, y: weighted_linear_cross_entropy(h, w, y, [0.6, 0.4], backend="triton_gemm")  # noqa: E731
     ref = lambda h, w, y: reference(h, w, y, [0.6, 0.4])  # noqa: E731
     assert_matches(loss_and_grads(fn, hs, weight, targets, 11), loss_and_grads(ref, hs, weight, targets, 11), FP32_TOL)
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
-def test_fp64_needs_the_torch_backend():
+@pytest.mark.parametrize("backend", TRITON_BACKENDS)
+def test_fp64_needs_the_torch_backend(backend):
     hs, weight, targets = make_inputs(2, 9, 8, 11, dtype=torch.float64)
     with pytest.raises(TypeError, match="backend='torch'"):
-        weighted_linear_cross_entropy(hs, weight, targets, [0.5, 0.5], backend="triton")
+        weighted_linear_cross_entropy(hs, weight, targets, [0.5, 0.5], backend=backend)
 
 
 def test_fp64_inputs_stay_fp64():
@@ -237,12 +242,14 @@ def test_ignored_rows_are_never_read(backend, reduction):
     assert all(not g[targets == IGNORE].any() for g in ours[1][1:])  # dH of ignored rows is exactly 0
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=NEEDS_TRITON)])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_torch_path_running_every_row_ignores_nan_in_ignored_rows(reduction, monkeypatch):
-    """On CUDA the PyTorch path runs every row (skipping needs the live count on the host): the
-    ignored rows' NaN must still reach neither the loss nor any gradient. Forced here on CPU."""
+def test_running_every_row_ignores_nan_in_ignored_rows(backend, reduction, monkeypatch):
+    """On CUDA the 'torch' and 'triton' paths run every row (skipping needs the live count on
+    the host): the ignored rows' NaN must still reach neither the loss nor any gradient, and
+    their dH is exactly 0. Forced here on CPU."""
     monkeypatch.setattr(weighted_ce, "_kept_rows", lambda targets, ignore_index: None)
-    test_ignored_rows_are_never_read("torch", reduction)
+    test_ignored_rows_are_never_read(backend, reduction)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -352,8 +359,10 @@ def emulate_cuda_operands(monkeypatch):
 
 LOSS_SCALE_CASES = [  # (backend, cuda_operands, dtype); the interpreter's tl.dot has no bf16
     pytest.param(backend, False, dtype, marks=marks, id=f"{backend}-{str(dtype)[6:]}")
-    for backend, marks in (("torch", ()), ("triton", NEEDS_TRITON)) for dtype in (torch.float16, torch.bfloat16)
-] + [pytest.param("triton", True, torch.float16, marks=NEEDS_TRITON, id="triton-float16-cuda_operands")]
+    for backend, marks in (("torch", ()), ("triton", NEEDS_TRITON), ("triton_gemm", NEEDS_TRITON))
+    for dtype in (torch.float16, torch.bfloat16)
+] + [pytest.param(backend, True, torch.float16, marks=NEEDS_TRITON, id=f"{backend}-float16-cuda_operands")
+     for backend in ("triton", "triton_gemm")]
 
 
 @pytest.mark.parametrize("loss_scale", LOSS_SCALES)
@@ -366,7 +375,7 @@ def test_loss_scaled_grads_elementwise(monkeypatch, backend, cuda_operands, dtyp
     until the scale is applied."""
     if cuda_operands:
         emulate_cuda_operands(monkeypatch)
-    n, d, n_classes = (64, 32, 256) if backend == "triton" else (512, 64, 2048)
+    n, d, n_classes = (64, 32, 256) if backend != "torch" else (512, 64, 2048)
     hs, weight, targets = make_inputs(2, n, d, n_classes, dtype=dtype, ignore_every=5)
     ws = [1e-3, 5e-4]
     ours = scaled_grads(lambda h, w, y: weighted_linear_cross_entropy(h, w, y, ws, backend=backend),
@@ -383,7 +392,8 @@ def test_loss_scaled_grads_elementwise(monkeypatch, backend, cuda_operands, dtyp
 
 @pytest.mark.parametrize("backend, cuda_operands", [
     ("torch", False), pytest.param("triton", False, marks=NEEDS_TRITON),
-    pytest.param("triton", True, marks=NEEDS_TRITON, id="triton-cuda_operands")])
+    pytest.param("triton", True, marks=NEEDS_TRITON, id="triton-cuda_operands"),
+    pytest.param("triton_gemm", True, marks=NEEDS_TRITON, id="triton_gemm-cuda_operands")])
 def test_grad_scaler_step_under_fp16_autocast(monkeypatch, backend, cuda_operands):
     """One real torch.amp.GradScaler step (initial scale 2**16, above fp16's max) on fp32
     parameters under fp16 autocast, the fused loss on the autocast hiddens: the step is taken
@@ -391,7 +401,7 @@ def test_grad_scaler_step_under_fp16_autocast(monkeypatch, backend, cuda_operand
     by entry (the updates themselves round to the parameters' fp32 resolution)."""
     if cuda_operands:
         emulate_cuda_operands(monkeypatch)
-    n, d, n_classes = (48, 32, 131) if backend == "triton" else (512, 64, 1000)
+    n, d, n_classes = (48, 32, 131) if backend != "torch" else (512, 64, 1000)
     proj = torch.nn.Linear(d, d)
     head = torch.nn.Parameter(torch.randn(n_classes, d) / math.sqrt(d))
     x, targets = torch.randn(n, d), torch.randint(0, n_classes, (n,))
@@ -410,6 +420,116 @@ def test_grad_scaler_step_under_fp16_autocast(monkeypatch, backend, cuda_operand
         assert torch.equal(p.detach(), p0.detach().float().add(p.grad, alpha=-SCALER_STEP_LR)), f"param {i} not updated"
         median, zeros = elementwise_error(p.grad, g)
         assert median <= SCALER_STEP_TOL and zeros <= ZERO_SHARE_FLOOR, f"param {i}: {median:.3g}, {zeros:.3g} at 0"
+
+
+# ----------------------------------------------------------------------------- 'triton' as on CUDA
+def reference_distill(hs, weight, targets, head_weights, *, reduction, teacher, distill_weight, temperature):
+    """reference() plus distill_weight * w_k * T^2 * KL(softmax(z_t / T) || softmax(z_k / T)) per
+    valid row of every head but the teacher (a head index, or hiddens [N, d]); z_t detached."""
+    valid = targets != IGNORE
+    z_t = ((hs[teacher] if isinstance(teacher, int) else teacher).double() @ weight.double().T).detach()
+    rows = []
+    for k, (h, w) in enumerate(zip(hs, head_weights)):
+        z = h.double() @ weight.double().T
+        row = F.cross_entropy(z, targets, ignore_index=IGNORE, reduction="none")
+        if not (isinstance(teacher, int) and k == teacher):
+            kl = F.kl_div(F.log_softmax(z / temperature, 1), F.log_softmax(z_t / temperature, 1), reduction="none",
+                          log_target=True).sum(1)
+            row = row + torch.where(valid, distill_weight * temperature ** 2 * kl, 0.0)
+        rows.append(w * row)
+    rows = torch.stack(rows)
+    return {"none": rows, "sum": rows.sum(), "mean": rows.sum() / valid.sum()}[reduction]
+
+
+TRITON_CASES = {  # name: (head_weights, reduction, teacher): K = 1..4, distillation from a head or a tensor
+    "one_head": ((1.0,), "mean", None),
+    "two_heads_sum": ((0.7, 0.3), "sum", None),
+    "three_heads_teacher_head": ((0.5, 0.0, 0.5), "mean", 2),
+    "four_heads_teacher_tensor_none": ((0.25, 0.25, 0.0, 0.5), "none", "tensor"),
+}
+TRITON_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+ODD_TRITON_VOCAB = 131  # three 32-class row tiles and a partial one; rows padded to 160 columns
+
+
+@NEEDS_TRITON
+@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=lambda t: str(t)[6:])
+@pytest.mark.parametrize("case", list(TRITON_CASES))
+def test_triton_path_with_cuda_operands(monkeypatch, case, dtype):
+    """backend='triton' with 16-bit operands multiplied as on CUDA (bf16/fp16 dlogits written
+    over the fp32 logits, fp16 ones times a power of two; reduction='none' keeps fp16 dlogits
+    in fp32): loss, argmax and every gradient against fp64, at an odd V, with ignored rows
+    scattered through the chunks and NaN in their hiddens. 16-bit results may be at most ~2x
+    as wrong as PyTorch's own in that dtype."""
+    emulate_cuda_operands(monkeypatch)
+    head_weights, reduction, teacher = TRITON_CASES[case]
+    n, d = 37, 32
+    hs, weight, targets = make_inputs(len(head_weights), n, d, ODD_TRITON_VOCAB, dtype=dtype, logit_scale=4.0)
+    targets[torch.randperm(n)[: n // 4]] = IGNORE
+    ignored = (targets == IGNORE).unsqueeze(1)
+    t_hidden = torch.randn(n, d).to(dtype) if teacher == "tensor" else None
+    kw = dict(reduction=reduction)
+    if teacher is not None:
+        kw.update(distill_weight=0.8, temperature=2.0)
+    ours_teacher = teacher if t_hidden is None else t_hidden.masked_fill(ignored, float("nan"))
+    argmaxes = []
+
+    def ours(h, w, y):
+        extra = {} if teacher is None else dict(teacher=ours_teacher, distill_weight=0.8, distill_temperature=2.0)
+        out, arg = weighted_linear_cross_entropy([x.masked_fill(ignored, float("nan")) for x in h], w, y,
+                                                 head_weights, reduction=reduction, backend="triton",
+                                                 return_argmax=True, **extra)
+        argmaxes.append(arg)
+        return out
+
+    def naive(h, w, y):  # in h's dtype (the logits too), or fp64
+        if teacher is None:
+            return reference(h, w, y, head_weights, reduction=reduction) if h[0].dtype == torch.float64 else \
+                _same_dtype_reference(h, w, y, head_weights, reduction)
+        t = teacher if t_hidden is None else t_hidden.to(h[0].dtype)
+        return reference_distill(h, w, y, head_weights, teacher=t, **kw)
+
+    got = loss_and_grads(ours, hs, weight, targets, 14)
+    exact = loss_and_grads(naive, [h.double() for h in hs], weight.double(), targets, 14)
+    own = loss_and_grads(naive, hs, weight, targets, 14) if dtype != torch.float32 else None
+    for i, (a, r) in enumerate(zip([got[0], *got[1]], [exact[0], *exact[1]])):
+        bound = FP32_TOL if own is None else 2 * rel_err([own[0], *own[1]][i], r) + LOW_PRECISION_FLOOR
+        assert torch.isfinite(a).all() and rel_err(a, r) <= bound, f"tensor {i}: {rel_err(a, r):.3g} > {bound:.3g}"
+    logits = torch.stack([h.double() @ weight.double().T for h in hs])  # (K, N, V)
+    for k, arg in enumerate(argmaxes[0]):
+        if head_weights[k] == 0:
+            assert arg is None
+            continue
+        assert (arg[targets == IGNORE] == IGNORE).all()
+        picked = logits[k].gather(1, arg.clamp(min=0)[:, None]).squeeze(1)
+        top = logits[k].amax(1)
+        assert ((top - picked) <= 1e-4 * top.abs().clamp(min=1))[targets != IGNORE].all()
+
+
+def _same_dtype_reference(hs, weight, targets, head_weights, reduction):
+    """PyTorch in the inputs' dtype: 16-bit logits and cross_entropy on them."""
+    per_head = [w * F.cross_entropy(h @ weight.T, targets, ignore_index=IGNORE, reduction=reduction)
+                for h, w in zip(hs, head_weights)]
+    return torch.stack(per_head) if reduction == "none" else sum(per_head)
+
+
+@NEEDS_TRITON
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=lambda t: str(t)[6:])
+def test_triton_path_stores_16bit_dlogits_over_its_logits(monkeypatch, dtype):
+    """The dH GEMM of backend='triton' reads dlogits in the operand dtype from the storage the
+    logits GEMM wrote its fp32 result to (no second buffer)."""
+    emulate_cuda_operands(monkeypatch)
+    calls, mm_into = [], gemm.mm_into
+
+    def spy(out, a, b):
+        calls.append((out.untyped_storage().data_ptr(), a.dtype, a.untyped_storage().data_ptr()))
+        return mm_into(out, a, b)
+
+    monkeypatch.setattr(gemm, "mm_into", spy)
+    hs, weight, targets = make_inputs(2, 21, 16, 67, dtype=dtype, ignore_every=4)
+    leaves = [t.requires_grad_() for t in (weight, *hs)]
+    weighted_linear_cross_entropy(leaves[1:], leaves[0], targets, [0.6, 0.4], backend="triton").backward()
+    logits_storage = calls[0][0]  # the first chunk's logits GEMM
+    assert any(dt == dtype and ptr == logits_storage for _, dt, ptr in calls[1:])
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -480,7 +600,15 @@ def test_bad_input_names_the_argument(kw, error, match):
         _call(**kw)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="device mismatch needs a second device (CUDA)")
-def test_device_mismatch_names_the_argument():
-    with pytest.raises(ValueError, match="weight"):
-        _call(weight=torch.randn(11, 8, device="cuda"))
+@pytest.mark.parametrize("kw, name", [
+    (dict(weight=torch.randn(11, 8, device="meta")), "weight"),
+    (dict(targets=torch.zeros(9, dtype=torch.long, device="meta")), "targets"),
+    (dict(hs=[torch.randn(9, 8), torch.randn(9, 8, device="meta")]), "hiddens"),
+    (dict(head_weights=torch.tensor([0.7, 0.3], device="meta")), "head_weights"),
+    (dict(teacher=torch.randn(9, 8, device="meta"), distill_weight=0.5), "teacher"),
+])
+def test_device_mismatch_names_the_argument(kw, name):
+    """Inputs on two devices (a meta tensor stands for the second one here) are a ValueError
+    naming the argument, before any kernel could run on the wrong device."""
+    with pytest.raises(ValueError, match=name):
+        _call(**kw)
