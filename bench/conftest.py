@@ -5,6 +5,11 @@ peak_mem_mb, (where a FLOP count is known) tflops, and load_1m, the 1-minute loa
 when it finished (other jobs on a shared box skew CPU timings); bench/report.py turns them
 into tables.
 
+With BENCH_RESULTS_JSONL=FILE set, each benchmark's result (or the reason it was skipped) is
+appended to FILE as one JSON line the moment its test ends, after a first line describing the
+machine: a run stopped by a time limit keeps every result it reached (pytest-benchmark's own
+--benchmark-json is written only at the end). `python -m bench.report --jsonl FILE` renders it.
+
 Peak memory (`peak_mem_mb`) is the memory one fwd+bwd step adds on top of its inputs:
 - CUDA: torch.cuda.max_memory_allocated() during the step minus memory_allocated() before it.
 - CPU: torch keeps no CPU allocator statistics, so the step runs in a fresh child process
@@ -16,10 +21,12 @@ FLOP counts (block_flops, causal_block_flops, head_flops) are matmul FLOPs only:
 softmax and the exp over the vocabulary are not in them, so a speedup "ideal" built from them
 is the matmul ratio, not a wall-time prediction.
 """
+import datetime
 import gc
 import importlib.metadata
 import json
 import os
+import platform
 import resource
 import subprocess
 import sys
@@ -29,6 +36,8 @@ import pytest
 import torch
 
 REPO_ROOT = __file__.rsplit("/bench/", 1)[0]
+RESULTS_ENV = "BENCH_RESULTS_JSONL"
+SHAPES_ENV = "BENCH_SHAPES"  # "tiny": each suite's tiny shapes (bash bench/gpu_check.sh --dry-run)
 TIMED_ROUNDS = 5
 RSS_SAMPLE_S = 0.0005
 MMAP_THRESHOLD = 64 * 1024  # bytes
@@ -37,6 +46,12 @@ MMAP_THRESHOLD = 64 * 1024  # bytes
 def dtype_name(dtype) -> str:
     """torch.bfloat16 -> "bfloat16", for shape labels."""
     return str(dtype).removeprefix("torch.")
+
+
+def tiny_shapes() -> bool:
+    """Whether the suites run their tiny shapes: the GPU check's dry run on CPU, which only
+    shows that every step of bench/gpu_check.sh still runs and writes its results."""
+    return os.environ.get(SHAPES_ENV) == "tiny"
 
 
 def bench_device() -> torch.device:
@@ -71,6 +86,42 @@ def pytest_runtest_logreport(report):
         reason = report.longrepr[2].removeprefix("Skipped: ")
         if not reason.startswith("Skipping non-benchmark"):  # --benchmark-only's own skips
             _SKIPPED.append(dict(test=report.nodeid.split("::")[-1], reason=reason))
+            _append_result(skipped=_SKIPPED[-1])
+
+
+def _append_result(**line) -> None:
+    """One JSON line into $BENCH_RESULTS_JSONL (if set), flushed at once."""
+    path = os.environ.get(RESULTS_ENV)
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(line, default=str) + "\n")
+
+
+def pytest_sessionstart(session):
+    device = bench_device()
+    _append_result(machine_info=dict(device=device_name(device), torch=torch.__version__, triton=_version("triton"),
+                                     python_version=platform.python_version(), loadavg=list(os.getloadavg()),
+                                     cpu_count=os.cpu_count()),
+                   commit_info=_commit(), datetime=datetime.datetime.now(datetime.timezone.utc).isoformat())
+
+
+def _commit() -> dict:
+    """HEAD and whether the tree differs from it; unknown outside a git checkout (a device copy)."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO_ROOT, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=REPO_ROOT)
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+    return dict(id=sha.stdout.strip(), dirty=bool(dirty.stdout.strip()))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Append a benchmark's result the moment its test has run (see the module docstring)."""
+    outcome = yield
+    bench = item.funcargs.get("benchmark") if hasattr(item, "funcargs") else None
+    if call.when == "call" and outcome.get_result().passed and getattr(bench, "stats", None) is not None:
+        _append_result(benchmark=bench.stats.as_dict(include_data=False))
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
@@ -151,11 +202,12 @@ def head_flops(cfg, n_tokens: int) -> int:
 
 
 def run_timed(benchmark, step, device: torch.device, rounds: int = TIMED_ROUNDS) -> float:
-    """Time step() (synchronised on CUDA) with one warm-up round; returns the median seconds."""
+    """Time step() (synchronised on CUDA) with one warm-up round; returns the median seconds.
+    Tiny shapes (tiny_shapes()) take one round: their times mean nothing."""
     def synced():
         step()
         synchronize(device)
-    benchmark.pedantic(synced, rounds=rounds, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(synced, rounds=1 if tiny_shapes() else rounds, iterations=1, warmup_rounds=1)
     return benchmark.stats.stats.median
 
 

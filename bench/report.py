@@ -1,10 +1,11 @@
 """Markdown tables from pytest-benchmark JSON: one table per `benchmark.group`.
 
-    python -m bench.report [--json FILE] [--out bench/results/<device>.md] [--baseline NAME ...]
-                           [-- PYTEST ARGS]
+    python -m bench.report [--json FILE | --jsonl FILE] [--out bench/results/<device>.md]
+                           [--baseline NAME ...] [-- PYTEST ARGS]
 
 Without --json it first runs `pytest bench/ --benchmark-only` (plus PYTEST ARGS, e.g. `-k loss`)
-and reads the JSON it writes. Columns come from each benchmark's extra_info: provider,
+and reads the JSON it writes. --jsonl reads the lines bench/conftest.py appends per benchmark
+under BENCH_RESULTS_JSONL (what a run cut short by a time limit leaves). Columns come from each benchmark's extra_info: provider,
 tokens_per_s, peak_mem_mb, tflops, then any other numeric keys, so every suite in bench/ is
 reported the same way. Speed-ups (baseline median / median) are given against every --baseline
 provider present in a group (default: naive, linear_ce, fastexit; else the group's first row); peak
@@ -54,6 +55,20 @@ def run_benchmarks(pytest_args: list) -> dict:
         if done.returncode:  # some benchmark failed: the others still make their tables
             print(f"pytest exited with {done.returncode}: the tables hold the benchmarks that ran", file=sys.stderr)
         return json.loads(out.read_text())
+
+
+def read_jsonl(path: Path) -> dict:
+    """pytest-benchmark's JSON layout from bench/conftest.py's per-benchmark lines."""
+    data = dict(machine_info={}, benchmarks=[], skipped=[])
+    for line in path.read_text().splitlines():
+        entry = json.loads(line)
+        if "machine_info" in entry:
+            data.update(entry)
+        elif "benchmark" in entry:
+            data["benchmarks"].append(entry["benchmark"])
+        elif "skipped" in entry:
+            data["skipped"].append(entry["skipped"])
+    return data
 
 
 def fmt(value) -> str:
@@ -172,12 +187,17 @@ def default_out(data: dict) -> Path:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", type=Path, help="pytest-benchmark JSON to read instead of running bench/")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--json", type=Path, help="pytest-benchmark JSON to read instead of running bench/")
+    source.add_argument("--jsonl", type=Path, help="bench/conftest.py's per-benchmark lines (BENCH_RESULTS_JSONL)")
     parser.add_argument("--out", type=Path, help="markdown file to write (default bench/results/<device>.md)")
     parser.add_argument("--baseline", action="append", help="provider to compare against (repeatable)")
     parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments when running bench/")
     args = parser.parse_args(argv)
-    data = json.loads(args.json.read_text()) if args.json else run_benchmarks(args.pytest_args)
+    if args.jsonl:
+        data = read_jsonl(args.jsonl)
+    else:
+        data = json.loads(args.json.read_text()) if args.json else run_benchmarks(args.pytest_args)
     out = args.out or default_out(data)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render(data, args.baseline or list(DEFAULT_BASELINES)))

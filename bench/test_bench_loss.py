@@ -1,12 +1,17 @@
 """Weighted multi-head linear cross-entropy, fwd+bwd: every provider in one run.
 
-Providers: naive (full logits per weighted head + F.cross_entropy), torch.compile of naive,
-F.linear_cross_entropy with LinearCrossEntropyOptions() per weighted head, ours (torch and
-Triton), Liger-Kernel and Apple's cut-cross-entropy (CCE) per head when installed (CUDA only;
-on a machine without them, carry their wheels: bench/gpu_session.md), and matmul-only floors: the three GEMMs of
-fwd+bwd (logits, dH, dW) per weighted head and nothing else, through torch.mm (MKL on CPU)
-and, on CPU, through oneDNN (what ours_torch uses there). test_loss_distill: ours with and
-without self-distillation (teacher head, teacher tensor).
+Providers: ours (backend 'triton', the CUDA default: cuBLAS GEMMs around our Triton row kernel;
+'triton_gemm', our own Triton GEMMs; 'torch'), the matmul-only floors: the three GEMMs of
+fwd+bwd (logits, dH, dW) per weighted head and nothing else, through torch.mm (cuBLAS; MKL on
+CPU) and, on CPU, through oneDNN (what ours_torch uses there), Liger-Kernel and Apple's
+cut-cross-entropy (CCE) per head when installed (CUDA only; bench/fetch_wheels.sh fetches
+Liger's wheel for the GPU image), F.linear_cross_entropy with LinearCrossEntropyOptions() per
+weighted head (torch >= 2.13), naive (full logits per weighted head + F.cross_entropy) and
+torch.compile of naive. test_loss_distill: ours with and without self-distillation (teacher
+head, teacher tensor).
+
+BENCH_SHAPES=tiny selects one tiny shape on any device, where the Triton providers run under
+TRITON_INTERPRET=1 on CPU and peak memory is not measured: `bash bench/gpu_check.sh --dry-run`.
 """
 import importlib.util
 import math
@@ -16,8 +21,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.conftest import bench_device, cpu_peak_extra_mb, cuda_peak_extra_mb, dtype_name, record, run_timed
+from bench.conftest import (bench_device, cpu_peak_extra_mb, cuda_peak_extra_mb, dtype_name, record, run_timed,
+                            tiny_shapes)
 from fastexit.kernels import HAS_TRITON
+from fastexit.kernels.backend import interpreting
 from fastexit.kernels.weighted_ce import weighted_linear_cross_entropy
 
 GEMMS_FWD_BWD = 3  # logits, dH, dW: 2*N*d*V FLOPs each per weighted head
@@ -46,7 +53,9 @@ CPU_SHAPES = [LossShape(4096, 256, 32000, (0.7, 0.0, 0.3), torch.float32)]
 GPU_SHAPES = [LossShape(16384, 2048, 128256, (0.7, 0.0, 0.3), torch.bfloat16),
               LossShape(16384, 2048, 128256, (0.25, 0.25, 0.25, 0.25), torch.bfloat16),
               LossShape(8192, 4096, 128256, (0.7, 0.0, 0.3), torch.bfloat16)]  # Llama-3-8B's head
-SHAPES = GPU_SHAPES if torch.cuda.is_available() else CPU_SHAPES
+TINY_SHAPES = [LossShape(16, 16, 37, (0.7, 0.0, 0.3), torch.float32)]  # the dry run's: the interpreter is slow
+TINY = tiny_shapes()
+SHAPES = TINY_SHAPES if TINY else GPU_SHAPES if torch.cuda.is_available() else CPU_SHAPES
 
 
 # ----------------------------------------------------------------------------- providers
@@ -72,7 +81,13 @@ def ours_torch(hs, weight, targets, head_weights):
 
 
 def ours_triton(hs, weight, targets, head_weights):
+    """The CUDA default: cuBLAS GEMMs around our Triton row kernel."""
     return weighted_linear_cross_entropy(hs, weight, targets, head_weights, backend="triton")
+
+
+def ours_triton_gemm(hs, weight, targets, head_weights):
+    """The all-Triton path: our own GEMM kernels too."""
+    return weighted_linear_cross_entropy(hs, weight, targets, head_weights, backend="triton_gemm")
 
 
 def liger(hs, weight, targets, head_weights):
@@ -107,17 +122,18 @@ def matmul_floor_onednn(hs, weight, targets, head_weights):
             linear(h.detach().T, logits.T, None, "none", [], "")  # dW^T
 
 
-PROVIDERS = {"naive": naive, "compiled_naive": compiled_naive, "linear_ce": linear_ce,
-             "ours_torch": ours_torch, "ours_triton": ours_triton, "liger": liger, "cce": cce,
-             "matmul_floor": matmul_floor, "matmul_floor_onednn": matmul_floor_onednn}
+PROVIDERS = {"ours_triton": ours_triton, "matmul_floor": matmul_floor, "liger": liger, "linear_ce": linear_ce,
+             "ours_triton_gemm": ours_triton_gemm, "ours_torch": ours_torch, "cce": cce, "naive": naive,
+             "compiled_naive": compiled_naive, "matmul_floor_onednn": matmul_floor_onednn}  # the GPU check's order
+TRITON_PROVIDERS = {"ours_triton": "triton", "ours_triton_gemm": "triton_gemm"}
 
 
 PEER_PACKAGES = {"liger": "liger_kernel", "cce": "cut_cross_entropy"}
 
 
 def skip_reason(provider: str, device: torch.device):
-    if provider == "ours_triton" and not (HAS_TRITON and device.type == "cuda"):
-        return "ours_triton benchmarks need CUDA and triton"
+    if provider in TRITON_PROVIDERS and not (HAS_TRITON and (device.type == "cuda" or interpreting())):
+        return f"{provider} benchmarks need CUDA and triton (or TRITON_INTERPRET=1: tiny shapes only)"
     if provider in PEER_PACKAGES:
         package = PEER_PACKAGES[provider]
         if importlib.util.find_spec(package) is None:
@@ -169,19 +185,25 @@ def test_loss_fwd_bwd(benchmark, provider, shape_index):
             raise
         pytest.skip(f"{provider} failed on this machine: {type(err).__name__}: {str(err)[:200]}")
     seconds = run_timed(benchmark, step, device)
-    peak = (cuda_peak_extra_mb(step, device) if device.type == "cuda"
-            else cpu_peak_extra_mb("bench.test_bench_loss", "make_step", provider, shape_index, "cpu"))
     record(benchmark, provider=provider, shape=shape.label, seconds=seconds, tokens=shape.n_tokens,
-           peak_mem_mb=peak, flops=shape.flops)
+           peak_mem_mb=peak_mb(step, device, "make_step", provider, shape_index, "cpu"), flops=shape.flops)
+
+
+def peak_mb(step, device, make: str, *args):
+    """Peak memory of one step (CUDA), of make(*args)() in a fresh process (CPU), None for tiny shapes."""
+    if device.type == "cuda":
+        return cuda_peak_extra_mb(step, device)
+    return None if TINY else cpu_peak_extra_mb("bench.test_bench_loss", make, *args)
 
 
 IGNORED_FRACTIONS = (0.0, 0.5)
 
 
 @pytest.mark.parametrize("ignored", IGNORED_FRACTIONS)
-@pytest.mark.parametrize("provider", ["ours_torch", "ours_triton"])
+@pytest.mark.parametrize("provider", ["ours_torch", "ours_triton", "ours_triton_gemm"])
 def test_loss_ignored_rows(benchmark, provider, ignored):
-    """Ignored rows enter no GEMM: half the rows ignored should take about half the time."""
+    """Ignored rows enter no GEMM on CPU and with 'triton_gemm': half the rows ignored should take
+    about half the time there ('torch' and 'triton' on CUDA run every row: no host sync)."""
     device, shape = bench_device(), SHAPES[0]
     if (reason := skip_reason(provider, device)) is not None:
         pytest.skip(reason)
@@ -212,14 +234,14 @@ def make_distill_step(provider: str, shape_index: int, device_type: str, teacher
         kw["teacher"] = torch.randn(shape.n_tokens, shape.d_model, generator=gen, device=device, dtype=shape.dtype)
     else:
         kw = {}
-    backend = "torch" if provider == "ours_torch" else "triton"
+    backend = TRITON_PROVIDERS.get(provider, "torch")
     wrt = [weight] + [h for h, w in zip(hs, shape.head_weights) if w > 0]
     return lambda: torch.autograd.grad(
         weighted_linear_cross_entropy(hs, weight, targets, shape.head_weights, backend=backend, **kw), wrt)
 
 
 @pytest.mark.parametrize("teacher", DISTILL_TEACHERS)
-@pytest.mark.parametrize("provider", ["ours_torch", "ours_triton"])
+@pytest.mark.parametrize("provider", ["ours_torch", "ours_triton", "ours_triton_gemm"])
 def test_loss_distill(benchmark, provider, teacher):
     """Self-distillation in the same pass: a teacher head should cost only the row step's extra
     reads and exps, a teacher tensor one logits GEMM more (counted in the FLOPs)."""
@@ -230,8 +252,7 @@ def test_loss_distill(benchmark, provider, teacher):
     step = make_distill_step(provider, 0, device.type, teacher)
     step()
     seconds = run_timed(benchmark, step, device)
-    peak = (cuda_peak_extra_mb(step, device) if device.type == "cuda"
-            else cpu_peak_extra_mb("bench.test_bench_loss", "make_distill_step", provider, 0, "cpu", teacher))
+    peak = peak_mb(step, device, "make_distill_step", provider, 0, "cpu", teacher)
     extra_gemm = 2 * shape.n_tokens * shape.d_model * shape.vocab if teacher == "tensor" else 0
     record(benchmark, provider=f"{provider} teacher={teacher}", shape=shape.label, seconds=seconds,
            tokens=shape.n_tokens, peak_mem_mb=peak, flops=shape.flops + extra_gemm, teacher=teacher)
