@@ -1,20 +1,23 @@
 """Ahead-of-time compile of every Triton kernel configuration the launchers choose, for GPUs
-that are not here (sm_90, sm_80), and what each compiled kernel needs: shared memory,
-registers, spills, TF32 MMA instructions.
+that are not here (sm_80, sm_86, sm_89, sm_90, sm_100, sm_120: every generation whose tiles the
+launchers choose apart), and what each compiled kernel needs: shared memory, registers,
+spills, TF32 MMA instructions.
 
 How, per target arch, in a child process with TRITON_INTERPRET=0 (so the launchers pick their
 CUDA tiles; the interpreter's kernels could not be compiled anyway):
 1. each op's public function runs on `meta` tensors with every kernel launch recorded instead
-   of run (JITFunction.run), the kernels' backend choice answering "triton", torch.cuda
-   describing the target GPU, and host reads of meta tensors answered (checks pass, a count);
+   of run (JITFunction.run), the kernels' backend choice answering "triton" (or "triton_gemm"
+   for the op weighted_ce_gemm), torch.cuda describing the target GPU, host reads of meta
+   tensors answered (checks pass, a count), and the ops' registered torch.library ops called
+   as plain functions (a registered op on meta tensors would run its fake implementation);
 2. each recorded launch is compiled by ``kernel.warmup(*args, grid=grid, **kwargs)``, triton's
    own binding and specialisation, for the target (a compile-only driver: no GPU);
 3. shared memory comes from the compile metadata; registers and spills from the log of the
    ``ptxas -v`` that triton runs (printed with TRITON_DUMP_PTXAS_LOG, every kernel compiled
    with TRITON_ALWAYS_COMPILE so a disk-cache hit cannot hide it); TF32 MMA from the PTX.
 
-    python tests/aot_report.py                        # markdown table, large shape, sm_90 and sm_80
-    python tests/aot_report.py --shape odd --arch 90
+    python tests/aot_report.py                        # markdown table, large shape, every arch
+    python tests/aot_report.py --shape odd --arch 90 86
 
 tests/test_aot_compile.py asserts on the same reports. Compiled files go to a temporary
 directory here, to the session's pytest tmp dir there: never to ~/.triton.
@@ -63,18 +66,29 @@ class Gpu(NamedTuple):
     shared_per_block: int  # bytes: the opt-in maximum per block (what triton checks at load)
 
 
-GPUS = {90: Gpu("NVIDIA H100 80GB HBM3", 132, 232_448), 80: Gpu("NVIDIA A100-SXM4-80GB", 108, 166_912)}
+GPUS = {  # the opt-in shared memory per block of each generation (CUDA programming guide, compute capabilities)
+    80: Gpu("NVIDIA A100-SXM4-80GB", 108, 166_912),
+    86: Gpu("NVIDIA A10", 72, 101_376),
+    89: Gpu("NVIDIA L4", 58, 101_376),
+    90: Gpu("NVIDIA H100 80GB HBM3", 132, 232_448),
+    100: Gpu("NVIDIA B200", 148, 232_448),
+    120: Gpu("NVIDIA GeForce RTX 5090", 170, 101_376),
+}
 
 # dtype name -> (torch dtype, torch's fp32 matmul precision while the launchers run)
 DTYPES = {"fp32": ("float32", "ieee"), "tf32": ("float32", "tf32"), "bf16": ("bfloat16", "ieee"),
           "fp16": ("float16", "ieee")}
 
-# the options each op exposes; every subset of them is a variant
+# the options each op exposes; every subset of them is a variant. weighted_ce is the default
+# backend ('triton': vendor GEMMs, our row kernel), weighted_ce_gemm backend='triton_gemm'.
 OPTIONS = {
     "weighted_ce": ("grad", "smoothing", "zloss", "distill", "argmax"),
+    "weighted_ce_gemm": ("grad", "smoothing", "zloss", "distill", "argmax"),
     "exit_confidence": ("targets", "margin"),
     "compaction": (),
 }
+MODULES = {"weighted_ce_gemm": "weighted_ce"}  # the module that defines an op's kernels, where not its name
+BACKENDS = {"weighted_ce": "triton", "weighted_ce_gemm": "triton_gemm"}
 HEADS = 2  # exits sharing the head in weighted_ce
 LABEL_SMOOTHING, Z_LOSS, DISTILL_WEIGHT = 0.1, 1e-4, 0.5  # nonzero values switch the options on
 TF32_MMA = re.compile(r"^\s*(?:wgmma\.mma_async|mma)\.[\w.]*\btf32\b", re.MULTILINE)
@@ -143,16 +157,14 @@ def _run_op(v: Variant) -> None:
         return torch.empty(size, dtype=dtype, device="meta", requires_grad=grad)
 
     targets = meta(n, dtype=torch.int64)
-    if v.op == "weighted_ce":
+    if v.op in BACKENDS:  # with "grad", the forward pass computes the gradients (backward only scales them)
         grad = "grad" in opts
-        loss = K.weighted_linear_cross_entropy(
+        K.weighted_linear_cross_entropy(
             [meta(n, d, grad=grad) for _ in range(HEADS)], meta(n_classes, d, grad=grad), targets, [1.0] * HEADS,
             label_smoothing=LABEL_SMOOTHING if "smoothing" in opts else 0.0,
             z_loss=Z_LOSS if "zloss" in opts else 0.0, teacher=HEADS - 1,
-            distill_weight=DISTILL_WEIGHT if "distill" in opts else 0.0, return_argmax="argmax" in opts)
-        loss = loss[0] if "argmax" in opts else loss
-        if grad:
-            loss.backward()
+            distill_weight=DISTILL_WEIGHT if "distill" in opts else 0.0, return_argmax="argmax" in opts,
+            backend=BACKENDS[v.op])
     elif v.op == "exit_confidence":
         K.exit_confidence(meta(n, d), meta(n_classes, d), targets if "targets" in opts else None,
                           want_margin="margin" in opts)
@@ -191,8 +203,12 @@ class _Autocast(torch.amp.autocast):
 
 @contextlib.contextmanager
 def _meta_as_cuda(v: Variant):
-    """Meta tensors stand for CUDA tensors on v's GPU: the kernels' backend choice says 'triton',
-    torch.cuda describes that GPU, host reads are answered (_HostReads), autocast takes CUDA's."""
+    """Meta tensors stand for CUDA tensors on v's GPU: the kernels' backend choice says Triton
+    (the name asked for, 'triton' for 'auto'), torch.cuda describes that GPU, host reads are
+    answered (_HostReads), autocast takes CUDA's, and the ops' registered torch.library ops run
+    their Python implementations (on meta tensors the dispatcher would call the fake ones)."""
+    from torch._library.custom_ops import CustomOpDef
+
     from fastexit.kernels import backend
     gpu, choose = GPUS[v.arch], backend.resolve_backend
     props = types.SimpleNamespace(name=gpu.name, major=v.arch // 10, minor=v.arch % 10,
@@ -200,7 +216,11 @@ def _meta_as_cuda(v: Variant):
     with contextlib.ExitStack() as stack:
         for module in [m for name, m in sys.modules.items() if name.startswith("fastexit.kernels")]:
             if getattr(module, "resolve_backend", None) is choose:
-                stack.enter_context(mock.patch.object(module, "resolve_backend", lambda name, *tensors: "triton"))
+                stack.enter_context(mock.patch.object(
+                    module, "resolve_backend", lambda name, *tensors: "triton" if name == "auto" else name))
+            for name, op in list(vars(module).items()):
+                if isinstance(op, CustomOpDef):  # run below autograd, as the dispatcher runs it
+                    stack.enter_context(mock.patch.object(module, name, torch.no_grad()(op._init_fn)))
         stack.enter_context(mock.patch.object(torch.cuda, "get_device_properties", lambda device=None: props))
         stack.enter_context(mock.patch.object(torch.cuda, "get_device_capability", lambda device=None: divmod(v.arch, 10)))
         stack.enter_context(mock.patch.object(torch, "autocast", _Autocast))
@@ -290,8 +310,8 @@ def _launched_kernels(module) -> list:
 
 def _compile_variant(v: Variant, measured: dict) -> dict:
     """The variant's report; `measured` {compiled hash: kernel dict} is shared across variants."""
-    report = dict(variant=v.id, error=None, kernels=[],
-                  defined=_launched_kernels(importlib.import_module(f"fastexit.kernels.{v.op}")))
+    module = importlib.import_module(f"fastexit.kernels.{MODULES.get(v.op, v.op)}")
+    report = dict(variant=v.id, error=None, kernels=[], defined=_launched_kernels(module))
     try:
         launches = _record_launches(v)
     except Exception as e:  # the launcher itself failed: report it, go on with the next variant
@@ -360,11 +380,12 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="AOT compile table of the Triton kernels (markdown)")
     parser.add_argument("--shape", choices=SHAPES, default="large")
     parser.add_argument("--arch", type=int, nargs="+", choices=sorted(GPUS), default=sorted(GPUS, reverse=True))
+    parser.add_argument("--op", nargs="+", choices=sorted(OPTIONS), default=list(OPTIONS))
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)  # arch, variants in, reports out
     args = parser.parse_args(argv)
     if args.child:
         return _child(int(args.child[0]), *args.child[1:])
-    todo = variants(shapes=(args.shape,), archs=tuple(args.arch))
+    todo = variants(ops=tuple(args.op), shapes=(args.shape,), archs=tuple(args.arch))
     with tempfile.TemporaryDirectory() as tmp:
         reports = compile_variants(todo, tmp)
     s = SHAPES[args.shape]

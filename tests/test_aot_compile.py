@@ -1,4 +1,5 @@
-"""Ahead-of-time compile for Hopper (sm_90) and Ampere (sm_80), without a GPU.
+"""Ahead-of-time compile for every GPU generation the launchers choose tiles for (sm_80, sm_86,
+sm_89, sm_90, sm_100, sm_120: tests/aot_report.py's GPUS), without a GPU.
 
 Every Triton kernel configuration the launchers choose (every dtype, option and shape of
 tests/aot_report.py) must compile, fit the target's shared memory per block and, with tensor
@@ -7,9 +8,10 @@ vocabulary no multiple of 16 once cost the dW kernel its vectorised loads and 16
 fp32 on CUDA cores may spill: a warning. fp32 dots follow torch's fp32 matmul precision: no TF32 MMA under "ieee", TF32 MMA
 under "tf32".
 
-The default run compiles the large shape, each dtype for one arch (DEFAULT_ARCH); `--runslow`
-adds the other arch and the odd and decode shapes. Compiles go to the session's pytest tmp dir,
-never to ~/.triton.
+The default run compiles the large shape: each dtype with every option subset for one arch
+(DEFAULT_ARCH), and the 16-bit dtypes' corners (no option, every option) for every arch, so
+each generation's tiles are compiled in CI; `--runslow` adds every other combination and the
+odd and decode shapes. Compiles go to the session's pytest tmp dir, never to ~/.triton.
 """
 import warnings
 from pathlib import Path
@@ -20,13 +22,15 @@ pytest.importorskip("triton")
 
 import aot_report as aot  # noqa: E402  (tests/aot_report.py)
 
-DEFAULT_ARCH = {"fp32": 80, "tf32": 90, "bf16": 90, "fp16": 80}  # both archs, each dtype once
+DEFAULT_ARCH = {"fp32": 80, "tf32": 90, "bf16": 90, "fp16": 86}  # each dtype's full option matrix once
+CORNER_DTYPES = ("bf16", "fp16")  # tensor-core dtypes whose corners compile for every arch by default
 NO_SPILL_DTYPES = ("bf16", "fp16", "tf32")  # tensor-core dtypes: a spill at NO_SPILL_SHAPES fails
 NO_SPILL_SHAPES = ("large", "odd")
 
 
 def _in_default_run(v: aot.Variant) -> bool:
-    return v.arch == DEFAULT_ARCH[v.dtype] and v.shape == "large"
+    corner = v.dtype in CORNER_DTYPES and len(v.options) in (0, len(aot.OPTIONS[v.op]))
+    return v.shape == "large" and (v.arch == DEFAULT_ARCH[v.dtype] or corner)
 
 
 def _param(v: aot.Variant):
@@ -86,7 +90,7 @@ def test_ieee_fp32_has_no_tf32_mma(variants, reports):
         "\n".join(tf32)
 
 
-@pytest.mark.parametrize("variants", _ptx_params("tf32", ("weighted_ce", "exit_confidence")))
+@pytest.mark.parametrize("variants", _ptx_params("tf32", ("weighted_ce_gemm", "exit_confidence")))
 def test_tf32_dots_use_tf32_mma(variants, reports):
     dots = [(k, v) for v in variants for k in reports[v.id]["kernels"] if k.get("calls_dot")]
     assert dots, "no kernel calling tl.dot was compiled"
