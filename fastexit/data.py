@@ -477,20 +477,44 @@ def prepare_data(paths: PathLike | Sequence[PathLike] | None = None,
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
+def transformers_source(path: PathLike) -> tuple[Path, dict]:
+    """(folder, ``from_pretrained`` keyword arguments) of a transformers model: a folder, or a
+    .gguf file, which transformers reads from its folder with ``gguf_file=`` (and dequantises)."""
+    path = Path(path)
+    return (path.parent, dict(gguf_file=path.name)) if path.suffix == ".gguf" else (path, {})
+
+
+def _gguf_has_tokenizer(path: Path) -> bool:
+    try:
+        from gguf import GGUFReader  # optional (the hf extra): only .gguf models get here
+    except ImportError:
+        raise ValueError(f"{path}: reading a .gguf file needs the gguf package (pip install gguf)") from None
+    try:
+        return "tokenizer.ggml.model" in GGUFReader(path).fields
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable GGUF file ({str(err).splitlines()[0]})") from None
+
+
 def has_tokenizer(folder: PathLike) -> bool:
-    """Whether a transformers model folder ships tokenizer files."""
-    return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
+    """Whether a transformers model folder ships tokenizer files (a .gguf file: tokenizer metadata)."""
+    path = Path(folder)
+    if path.suffix == ".gguf":
+        return path.is_file() and _gguf_has_tokenizer(path)
+    return any((path / name).is_file() for name in TOKENIZER_FILES)
 
 
 def load_hf_tokenizer(folder: PathLike):
-    """``AutoTokenizer.from_pretrained(folder)``, offline; ValueError naming the folder when
-    it has no tokenizer, it does not load, or it is a slow (Python-only) tokenizer."""
+    """``AutoTokenizer.from_pretrained(folder)``, offline (folder: a transformers model folder
+    or a .gguf file); ValueError naming it when it has no tokenizer, it does not load, or it is
+    a slow (Python-only) tokenizer."""
     folder = Path(folder)
     if not has_tokenizer(folder):
-        raise ValueError(f"tokenizer: {folder} holds no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+        raise ValueError(f"tokenizer: {folder} holds no tokenizer files ({', '.join(TOKENIZER_FILES)}) "
+                         f"or GGUF tokenizer metadata")
     from transformers import AutoTokenizer
+    directory, kwargs = transformers_source(folder)
     try:
-        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(directory, local_files_only=True, **kwargs)
     except (OSError, ValueError, TypeError, KeyError, ImportError) as err:
         raise ValueError(f"tokenizer: the tokenizer in {folder} does not load: {str(err).splitlines()[0]}") from None
     if not getattr(tok, "is_fast", False):

@@ -396,9 +396,10 @@ def _train_parser(sub) -> None:
                                    "what early exit buys at a handful of routing thresholds.")
     _add_method_flags(p)
     _add_training_flags(p)
-    p.add_argument("--hf-model", metavar="DIR",
-                   help="train a local transformers model folder (config.json, optional weights and tokenizer; "
-                        "llama, mistral, qwen2, qwen3, gpt2) instead of fastexit's own model")
+    p.add_argument("--hf-model", metavar="DIR|FILE.gguf",
+                   help="train a local transformers model folder (config.json, optional weights and tokenizer) or "
+                        "a .gguf file (weights dequantised, its tokenizer; llama, mistral, qwen2, qwen3, gpt2) "
+                        "instead of fastexit's own model; checkpoints are transformers folders")
     p.add_argument("--out", help="run folder (default runs/<preset>); never overwritten")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its ckpt.pt")
     p.add_argument("--stop-at", type=int, metavar="STEP",

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from .atomic import write_json
 from .config import UniversalConfig, get_preset
+from .data import transformers_source
 from .layers import KVCache, QueryGrid
 from .model import EarlyExitModel
 from .trainer import UniversalTrainer
@@ -527,19 +528,22 @@ def _read_metadata(path: Path) -> Optional[dict]:
 
 # ----------------------------------------------------------------------------- model folders
 def read_config(directory):
-    """The transformers config of a local model folder (never downloads); ValueError when the
-    folder has no config.json or its model_type is not in ``FAMILIES``."""
-    from transformers import AutoConfig
-    directory = Path(directory)
-    if not (directory / "config.json").is_file():
-        raise ValueError(f"{directory} has no config.json (give a transformers model folder, e.g. one written by "
-                         f"save_pretrained)")
+    """The transformers config of a local model folder or .gguf file (never downloads);
+    ValueError naming it when there is no config.json (or the .gguf file does not read) or its
+    model_type is not in ``FAMILIES``."""
+    from transformers import AutoConfig  # optional dependency (the hf extra)
+    path = Path(directory)
+    folder, kwargs = transformers_source(path)
+    if not (path.is_file() if kwargs else (path / "config.json").is_file()):
+        raise ValueError(f"{path} has no config.json (give a transformers model folder, e.g. one written by "
+                         f"save_pretrained, or a .gguf file)" if not kwargs else f"{path}: no such .gguf file")
+    source = path if kwargs else path / "config.json"
     try:
-        config = AutoConfig.from_pretrained(directory, local_files_only=True)
-    except (OSError, ValueError, KeyError) as err:
-        raise ValueError(f"{directory / 'config.json'} does not load: {str(err).splitlines()[0]}") from None
+        config = AutoConfig.from_pretrained(folder, local_files_only=True, **kwargs)
+    except (OSError, ValueError, KeyError, ImportError) as err:
+        raise ValueError(f"{source} does not load: {str(err).splitlines()[0]}") from None
     if config.model_type not in FAMILIES:
-        raise ValueError(f"{directory}: model_type {config.model_type!r} is not supported; supported model types: "
+        raise ValueError(f"{path}: model_type {config.model_type!r} is not supported; supported model types: "
                          f"{sorted(FAMILIES)}")
     return config
 
@@ -554,14 +558,30 @@ def shape_of(config) -> dict:
 
 
 def has_weights(directory) -> bool:
-    return any((Path(directory) / name).is_file() for name in WEIGHT_FILES)
+    """Whether a model folder holds weights (a .gguf file always does)."""
+    path = Path(directory)
+    return path.suffix == ".gguf" or any((path / name).is_file() for name in WEIGHT_FILES)
 
 
 def from_folder(directory, dtype: torch.dtype = torch.float32) -> HFEarlyExit:
-    """The model of a local transformers folder as an ``HFEarlyExit``: its weights when it has
-    some, else initialised from its config.json with the current torch RNG."""
-    from transformers import AutoModelForCausalLM
+    """The model of a local transformers folder, or of a .gguf file (its weights dequantised to
+    ``dtype``), as an ``HFEarlyExit``: its weights when it has some, else initialised from its
+    config.json with the current torch RNG."""
+    from transformers import AutoModelForCausalLM  # optional dependency (the hf extra)
     config = read_config(directory)
     if has_weights(directory):
-        return from_hf(AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=dtype))
+        folder, kwargs = transformers_source(directory)
+        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype, **kwargs)
+        return from_hf(_dequantised(model) if kwargs else model)
     return from_hf(AutoModelForCausalLM.from_config(config, dtype=dtype))
+
+
+def _dequantised(model: nn.Module) -> nn.Module:
+    """A model loaded from a .gguf file as the ordinary model it is. transformers dequantises a
+    GGUF's weights on load (to plain tensors of the asked dtype) but keeps its "gguf" quantizer
+    attached, which refuses ``save_pretrained`` and would write a quantization_config that the
+    saved folder does not need: the run's checkpoints must be plain transformers folders."""
+    model.hf_quantizer, model.is_quantized, model.quantization_method = None, False, None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
