@@ -410,7 +410,13 @@ class _FlatConfig:
 
 @dataclass
 class ModelConfig(_FlatConfig):
-    """Shape of an ``EarlyExitTransformer`` (pre-norm causal decoder, learned positions)."""
+    """Shape of an ``EarlyExitTransformer`` (pre-norm causal decoder, learned positions).
+
+    Mixture-of-Depths (docs/design.md §7): ``mod_layers`` (1-indexed, ascending) are routed
+    blocks, each of which processes only a share ``mod_capacity`` in (0, 1] of the tokens
+    (``fastexit.mod``); None (the default) is the plain model, whose config and checkpoints
+    carry no trace of these fields.
+    """
     vocab_size: int
     n_layers: int = 3
     d_model: int = 256
@@ -420,6 +426,8 @@ class ModelConfig(_FlatConfig):
     dropout: float = 0.0
     tie_embeddings: bool = True
     norm_eps: float = 1e-5
+    mod_layers: Optional[List[int]] = None
+    mod_capacity: float = 1.0
 
     def __post_init__(self):
         for name in ("vocab_size", "n_layers", "d_model", "n_heads", "max_seq_len"):
@@ -434,10 +442,40 @@ class ModelConfig(_FlatConfig):
             raise ValueError(f"ModelConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
         if not isinstance(self.tie_embeddings, bool):
             raise ValueError(f"ModelConfig.tie_embeddings must be a bool, got {self.tie_embeddings!r}")
+        check_mod("ModelConfig.", self.mod_layers, self.mod_capacity, self.n_layers)
+        if self.mod_layers is not None:
+            self.mod_layers = list(self.mod_layers)
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    def to_dict(self) -> Dict[str, Any]:
+        """asdict, without the Mixture-of-Depths fields while they are off: a plain model's
+        config (and so its checkpoint) is what it was before they existed."""
+        d = asdict(self)
+        if self.mod_layers is None and self.mod_capacity == 1.0:
+            del d["mod_layers"], d["mod_capacity"]
+        return d
+
+
+def check_mod(prefix: str, mod_layers, mod_capacity, n_layers: int) -> None:
+    """ValueError naming the field unless ``mod_layers`` is None or an ascending list of
+    distinct layers in 1..n_layers and ``mod_capacity`` a number in (0, 1]; a capacity below 1
+    needs routed layers (alone it would change nothing)."""
+    if isinstance(mod_capacity, bool) or not isinstance(mod_capacity, (int, float)) \
+            or not 0 < mod_capacity <= 1:  # NaN fails too
+        raise ValueError(f"{prefix}mod_capacity must be a number in (0, 1], got {mod_capacity!r}")
+    if mod_layers is None:
+        if mod_capacity != 1:
+            raise ValueError(f"{prefix}mod_capacity={mod_capacity} needs {prefix}mod_layers (the routed blocks); "
+                             f"without them every block runs every token")
+        return
+    if not isinstance(mod_layers, (list, tuple)) or not mod_layers \
+            or any(isinstance(i, bool) or not isinstance(i, int) or not 1 <= i <= n_layers for i in mod_layers) \
+            or any(a >= b for a, b in zip(mod_layers, mod_layers[1:])):
+        raise ValueError(f"{prefix}mod_layers must be None or an ascending list of distinct layers in "
+                         f"1..n_layers={n_layers}, got {mod_layers!r}")
 
 
 # ----------------------------------------------------------------------------- a run
@@ -533,6 +571,9 @@ class RunConfig:
             if not isinstance(getattr(self, name), kind):
                 raise TypeError(f"RunConfig.{name} must be a {kind.__name__}, got {type(getattr(self, name)).__name__}")
         self.method.validate_for(self.model.n_layers)
+        if self.hf_model is not None and self.model.mod_layers is not None:
+            raise ValueError("model.mod_layers: a run from a transformers model (hf_model) trains without routed "
+                             "blocks; tune routers on it with fastexit.hf.router_tuning")
         if self.train.seq_len > self.model.max_seq_len:
             raise ValueError(f"seq_len={self.train.seq_len} exceeds the model's max_seq_len={self.model.max_seq_len}")
 

@@ -17,7 +17,7 @@ from typing import ContextManager, Dict, List, NamedTuple, Optional, Sequence, T
 import torch
 import torch.nn as nn
 
-from . import distributed, routing
+from . import distributed, mod, routing
 from .config import EVAL_MODES, UniversalConfig
 
 __all__ = ["confidence_head_flops", "evaluate"]
@@ -38,7 +38,13 @@ def evaluate(model: nn.Module, val_batches: Sequence[Batch], mode: str = "exact"
     exit), ``exit_ratio_L{i}`` for every exit i (the share leaving there), ``compute_cost``
     (mean layers run / n_layers), ``flop_cost`` (forward matmul FLOPs of the rule / those of
     full depth), ``tokens_per_s`` and ``seconds`` (of the timed pass), ``n_tokens``; with
-    ``per_layer`` also ``ppl_L{i}`` / ``acc_L{i}`` of every layer's exit.
+    ``per_layer`` also ``ppl_L{i}`` / ``acc_L{i}`` of every layer's exit. A model with
+    Mixture-of-Depths routed blocks (``fastexit.mod``) adds, for each routed layer i,
+    ``mod_ratio_L{i}`` (the share of tokens its predictor sent through it) and
+    ``mod_agreement_L{i}`` (the share whose predictor decision equals the top-k decision
+    training would have made on the same states); its compute_cost counts the blocks a token
+    ran (a routed block only where it was chosen) and flop_cost their FLOPs, routers and
+    predictors included.
     - ``mode='exact'``: one pass through every layer; per_layer (default on) scores every
       layer's exit in that same pass (one head pass per layer, timed with it).
     - ``mode='compact'``: only the compact routed forward runs (the fast path). per_layer
@@ -126,16 +132,25 @@ class _EvalSums:
         self.n_layers, self.exits, self.seconds = model.n_layers, list(rule.exit_layers), 0.0
         self.flops = _TokenFlops.of(model, rule.confidence)
         self.scored_exits = [e for e, t in zip(rule.exit_layers, rule.routing_thresholds) if t > 0]  # exits that are on
-        # nll, correct, easy, layers_run, n, routed FLOPs, full-depth FLOPs, then the tokens leaving at each exit
-        self.routed = torch.zeros(7 + len(self.exits), dtype=torch.float64, device=device)
+        routers = mod.routers_of(model)
+        self.mod_layers = routers.layers if routers is not None else []
+        # nll, correct, easy, blocks run, n, routed FLOPs, full-depth FLOPs, then the tokens leaving at each exit,
+        # then per routed layer the tokens it ran, those whose decision agreed with top-k, and those it decided
+        self.routed = torch.zeros(7 + len(self.exits) + 3 * len(self.mod_layers), dtype=torch.float64, device=device)
         self.layers = torch.zeros(self.n_layers, 2, dtype=torch.float64, device=device)  # (L, [nll, correct])
         self.has_layers = False
 
     def add(self, out: routing.RoutedOutput, y: torch.Tensor, ignore_index: int) -> None:
         valid, flat_y = y != ignore_index, y.reshape(-1)
-        self.routed += _masked_sums(valid, out.nll, out.pred == y, out.easy, out.layers_run, valid,
-                                    *self.flops.routed_and_full(out.layers_run, self.scored_exits, self.n_layers),
-                                    *(out.easy & (out.layers_run == i) for i in self.exits))
+        routes = out.mod_routes or {}
+        decided = [routes.get(i) for i in self.mod_layers]  # a routed layer no token reached has no route
+        mod_sums = [(r.chosen, r.chosen == r.top_k, torch.ones_like(valid)) if r is not None else
+                    (torch.zeros_like(valid),) * 3 for r in decided]
+        self.routed += _masked_sums(valid, out.nll, out.pred == y, out.easy, mod.blocks_run(out.layers_run, routes),
+                                    valid, *self.flops.routed_and_full(out.layers_run, self.scored_exits, self.n_layers,
+                                                                       routes),
+                                    *(out.easy & (out.layers_run == i) for i in self.exits),
+                                    *(t for sums in mod_sums for t in sums))
         for i, s in (out.layer_stats or {}).items():  # (B*T,) rows per layer
             self.has_layers = True
             self.layers[i - 1] += _masked_sums(valid.reshape(-1), s.nll, s.pred == flat_y)
@@ -145,8 +160,9 @@ class _EvalSums:
         rank's seconds)."""
         sums = torch.cat([self.routed, self.layers.reshape(-1), self.routed.new_tensor([self.has_layers])])
         values = distributed.sum_over_ranks(sums).tolist()  # the sync
-        n_routed = self.routed.numel()
-        (nll, correct, easy, layers_run, n, flops, full_flops), left = values[:7], values[7:n_routed]
+        n_routed, n_exit_sums = self.routed.numel(), 7 + len(self.exits)
+        (nll, correct, easy, layers_run, n, flops, full_flops), left = values[:7], values[7:n_exit_sums]
+        mod_sums = values[n_exit_sums:n_routed]
         has_layers = values[-1] > 0
         layers = [values[n_routed + 2 * i:n_routed + 2 + 2 * i] for i in range(self.n_layers)]  # (L, [nll, correct])
         seconds = distributed.max_over_ranks(self.seconds, self.routed.device)
@@ -157,6 +173,9 @@ class _EvalSums:
                    tokens_per_s=n / seconds,
                    seconds=seconds, n_tokens=int(n))
         out.update({f"exit_ratio_L{i}": count / n for i, count in zip(self.exits, left)})
+        for i, (ran, agreed, decided) in zip(self.mod_layers, zip(*[iter(mod_sums)] * 3)):
+            out.update({f"mod_ratio_L{i}": ran / decided if decided else math.nan,
+                        f"mod_agreement_L{i}": agreed / decided if decided else math.nan})
         for i, (layer_nll, layer_correct) in enumerate(layers if has_layers else [], start=1):
             out.update({f"ppl_L{i}": math.exp(layer_nll / n), f"acc_L{i}": layer_correct / n})
         return out
@@ -175,22 +194,32 @@ class _TokenFlops(NamedTuple):
     GEMMs (2 x its matrices' parameters), attention per key attended (4 d: scores and values),
     the shared head (2 d V) and a learned confidence head (``confidence_head_flops``), or 0 for
     max_prob and margin, which score with a head pass at every exit reached; a learned score
-    needs the head pass only where the token leaves."""
+    needs the head pass only where the token leaves. ``router``: a Mixture-of-Depths router's
+    score and predictor (2 x their matrices' parameters), paid by every token reaching a
+    routed block, which costs a block only for the tokens it runs, each attending to the
+    earlier tokens it ran."""
     block: float
     attention_per_key: float
     head: float
     confidence_head: float
+    router: float = 0.0
 
     @classmethod
     def of(cls, model: nn.Module, confidence: str) -> "_TokenFlops":
         vocab, d = model.lm_head.weight.shape
         block = 2 * sum(p.numel() for p in model.blocks[0].parameters() if p.dim() == 2)
-        return cls(float(block), 4.0 * d, 2.0 * d * vocab, confidence_head_flops(d) if confidence == "learned" else 0.0)
+        routers = mod.routers_of(model)
+        router = 0.0 if routers is None else 2.0 * sum(p.numel() for p in next(iter(routers.values())).parameters()
+                                                        if p.dim() == 2)
+        return cls(float(block), 4.0 * d, 2.0 * d * vocab, confidence_head_flops(d) if confidence == "learned" else 0.0,
+                   router)
 
-    def routed_and_full(self, layers_run: torch.Tensor, exits: Sequence[int], n_layers: int):
+    def routed_and_full(self, layers_run: torch.Tensor, exits: Sequence[int], n_layers: int,
+                        routes: Optional[Dict[int, "mod.Route"]] = None):
         """(B, T) FLOPs of each token as routed (the blocks up to its exit layer, the scores at
         each of ``exits``, the exits that are on, that it reaches, and its head passes) and at
-        full depth (every block, the final head); the token at position t attends to t + 1 keys."""
+        full depth (every block, the final head); the token at position t attends to t + 1 keys.
+        ``routes``: the decisions of the routed blocks that ran (``RoutedOutput.mod_routes``)."""
         keys = torch.arange(1, layers_run.shape[-1] + 1, device=layers_run.device, dtype=torch.float64)
         per_block = self.block + self.attention_per_key * keys  # (T,)
         reached = sum(((layers_run >= e) & (e < n_layers)).double() for e in exits)  # up to the one it left at
@@ -198,7 +227,12 @@ class _TokenFlops(NamedTuple):
             heads = reached * self.confidence_head + self.head
         else:  # a head pass to score each exit reached, and the final head for tokens that run to the end
             heads = reached * self.head + (layers_run == n_layers).double() * self.head
-        return layers_run.double() * per_block + heads, (n_layers * per_block + self.head).expand(layers_run.shape)
+        blocks = layers_run.double() * per_block
+        for layer, route in (routes or {}).items():  # a routed block: the router, and the block where chosen
+            ran = self.block + self.attention_per_key * route.chosen.double().cumsum(-1)  # keys: the chosen so far
+            routed = self.router + torch.where(route.chosen, ran, 0.0)
+            blocks = blocks + torch.where(layers_run >= layer, routed - per_block, 0.0)
+        return blocks + heads, (n_layers * per_block + self.head).expand(layers_run.shape)
 
 
 def _masked_sums(valid: torch.Tensor, *values: torch.Tensor) -> torch.Tensor:

@@ -201,6 +201,9 @@ def given_fields(args) -> Dict[str, Any]:
     ``method_flags``) as {dotted RunConfig field: value in ``RunConfig.to_dict`` form}."""
     fields = {f"train.{f}": getattr(args, f) for f in TRAIN_FLAGS}
     fields.update({f"model.{k}": getattr(args, k, None) for k in RUN_MODEL_DEFAULTS})
+    if getattr(args, "mod_layers", None) is not None:  # Mixture-of-Depths routed blocks
+        fields["model.mod_layers"] = parse_number_list(args.mod_layers, "--mod-layers", int)
+    fields["model.mod_capacity"] = getattr(args, "mod_capacity", None)
     fields.update({"data.paths": [str(Path(p).resolve()) for p in args.data] if args.data else None,
                    "data.vocab_size": args.vocab_size, "data.train_fraction": args.train_fraction,
                    "data.cache_dir": str(Path(args.cache_dir).resolve()) if args.cache_dir else None,
@@ -267,7 +270,7 @@ def _hf_model_and_data(args, fields: Dict[str, Any], train: TrainConfig):
         shape = hf.shape_of(hf.read_config(src))
     except ValueError as err:
         raise ValueError(f"--hf-model: {err}") from None
-    for name in RUN_MODEL_DEFAULTS:
+    for name in (*RUN_MODEL_DEFAULTS, "mod_layers", "mod_capacity"):
         if getattr(args, name, None) is not None:
             raise ValueError(f"--{name.replace('_', '-')}: the model's shape comes from --hf-model ({src}); "
                              f"leave it out")
@@ -337,6 +340,9 @@ def _add_training_flags(p) -> None:
     t, g = TrainConfig(), p.add_argument_group("model and training")
     for name, default in RUN_MODEL_DEFAULTS.items():
         g.add_argument(f"--{name.replace('_', '-')}", type=int, help=f"(default {default})")
+    g.add_argument("--mod-layers", metavar="L,...", help="Mixture-of-Depths routed blocks, e.g. 2,4,6 (default: none)")
+    g.add_argument("--mod-capacity", type=float, metavar="C",
+                   help="share of tokens a routed block processes, in (0, 1] (default 1)")
     helps = dict(steps="optimizer steps", batch_size="sequences per step", seq_len="tokens per sequence",
                  lr="peak learning rate, cosine-decayed", eval_every="evaluate on val every N steps, 0 = never",
                  eval_batches="val batches per periodic evaluation (the final one uses all)",

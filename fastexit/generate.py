@@ -9,6 +9,9 @@ the LM head runs there only on the rows leaving it (their greedy picks; sampling
 step from each row's exit state). An exit whose threshold is 0 is not scored (no row leaves
 it), but for the last exit when ``return_conf`` reports its confidence. The arithmetic is the model's own:
 ``Block.forward_cached`` for dense steps, ``Block.kv`` + ``Block.forward_rows`` for the running rows.
+A Mixture-of-Depths routed block (``fastexit.mod``) decides per row from its causal predictor:
+the rows it chooses write their keys/values at their own slot of its cache (which records the
+slots written) and attend over the slots it processed; the other rows pass it unchanged.
 
 ``speculative=k`` replaces routing by lossless self-speculative decoding (LayerSkip): the
 layers up to ``exit_layer`` (the first exit when there are several) draft k tokens and the
@@ -20,6 +23,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
+from . import mod
 from .config import UniversalConfig
 from .kernels import compact_indices, exit_confidence, gather_rows, scatter_rows
 from .layers import QueryGrid, padding_layout
@@ -94,24 +98,33 @@ def _prompt_layout(idx, attention_mask: Optional[torch.Tensor], max_new_tokens) 
     return _Prompt(positions, real.sum(1), prefill, key_ok)
 
 
-def _decode_shallow(model, tok: torch.Tensor, caches, slot, positions, mask) -> torch.Tensor:
+def _decode_shallow(model, tok: torch.Tensor, caches, slot, positions, mask, backend="auto") -> torch.Tensor:
     """Token ids tok (B,) at cache slot ``slot`` (an int, or (B,) int64 per row; positions
     (B, 1) int64) through the first len(caches) blocks -> (B, d)."""
     x = model.embed(tok[:, None], positions=positions)  # (B, 1, d)
-    for block, cache in zip(model.blocks, caches):
-        x = block.forward_cached(x, cache, slot, mask)
+    every_row = torch.arange(x.shape[0], device=x.device)
+    for layer, (block, cache) in enumerate(zip(model.blocks, caches), start=1):
+        router = mod.router_at(model, layer)
+        if router is None:
+            x = block.forward_cached(x, cache, slot, mask)
+        else:  # every row is running here
+            x = mod.decode_step(block, router, cache, x[:, 0], x[:, 0], every_row, slot, backend)[0][:, None]
     return x.squeeze(1)
 
 
-def _decode_deeper(blocks, caches, x, xh, rows, pos: int, mask, backend):
-    """Blocks for one decode position: x (B, d) current states of all rows, xh (n, d) those of
-    the running rows (n,). Every row's keys/values at ``pos`` are written from its current
-    state (carried for rows that left); only running rows run q/out/MLP, and their attention
-    reads only their own rows of the cache (decode attention is memory-bound: the gathered
-    copy costs less than reading every row's keys and values). mask: (B, 1, 1, pos+1) bool
-    keys to attend for padded prompts, else None. Returns (x, xh) after the blocks."""
+def _decode_deeper(model, layers, caches, x, xh, rows, pos: int, mask, backend):
+    """The blocks of ``layers`` for one decode position: x (B, d) current states of all rows,
+    xh (n, d) those of the running rows (n,). Every row's keys/values at ``pos`` are written
+    from its current state (carried for rows that left); only running rows run q/out/MLP, and
+    their attention reads only their own rows of the cache (decode attention is memory-bound:
+    the gathered copy costs less than reading every row's keys and values). A routed block
+    (``mod.decode_step``) writes and runs only the rows its predictor chooses. mask:
+    (B, 1, 1, pos+1) bool keys to attend for padded prompts, else None. Returns (x, xh)
+    after the blocks."""
     B = x.shape[0]
-    if rows.numel() == B:
+    blocks = [model.blocks[layer - 1] for layer in layers]
+    routers = [mod.router_at(model, layer) for layer in layers]
+    if rows.numel() == B and all(router is None for router in routers):
         x = x.unsqueeze(1)  # (B, 1, d)
         for block, cache in zip(blocks, caches):
             x = block.forward_cached(x, cache, pos, mask)
@@ -119,7 +132,10 @@ def _decode_deeper(blocks, caches, x, xh, rows, pos: int, mask, backend):
     hard_mask = mask.index_select(0, rows) if mask is not None else None  # (n, 1, 1, pos+1)
     grid = QueryGrid(torch.arange(rows.numel(), device=x.device), 1, hard_mask)  # one query per cache row
     x = x.clone()  # refreshed in place with the running rows' states below
-    for block, cache in zip(blocks, caches):
+    for block, router, cache in zip(blocks, routers, caches):
+        if router is not None:
+            x, xh = mod.decode_step(block, router, cache, x, xh, rows, pos, backend)
+            continue
         cache.write(pos, *block.kv(x.unsqueeze(1)))
         if rows.numel():
             xh = block.forward_rows(xh, *cache.upto(pos + 1, rows), grid)  # (n, H, pos+1, hd) keys
@@ -155,8 +171,13 @@ def _prefill(model, idx, caches, prompt: _Prompt, layers) -> list:
     """Every layer for every prompt position (B, T0), filling ``caches`` from slot 0; returns
     the last position's states (B, d) after each of ``layers``."""
     x, states = model.embed(idx, positions=prompt.positions), {}
+    real = prompt.key_ok[:, :idx.shape[1]] if prompt.key_ok is not None else None
     for i, (block, cache) in enumerate(zip(model.blocks, caches), start=1):
-        x = block.forward_cached(x, cache, 0, prompt.prefill_mask)
+        router = mod.router_at(model, i)
+        if router is None:
+            x = block.forward_cached(x, cache, 0, prompt.prefill_mask)
+        else:
+            x = mod.prefill(block, router, cache, x, real)
         states[i] = x[:, -1]
     return [states[i] for i in layers]
 
@@ -190,8 +211,8 @@ class _Decoder:
             if i and prefill is not None:
                 xh = gather_rows(prefill[i - 1], rows, backend=backend)
             elif i:  # rows that left still write these blocks' caches, from their carried state
-                x, xh = _decode_deeper(model.blocks[bounds[i - 1]:layer], self.caches[bounds[i - 1]:layer], x, xh,
-                                       rows, pos - 1, mask, backend)
+                x, xh = _decode_deeper(model, range(bounds[i - 1] + 1, layer + 1), self.caches[bounds[i - 1]:layer],
+                                       x, xh, rows, pos - 1, mask, backend)
             final = i == len(bounds) - 1
             if not rows.numel() or not (final or self.scored[i]):
                 continue
@@ -234,7 +255,7 @@ class _Decoder:
         mask = self.prompt.key_ok[:, None, None, :pos] if self.prompt.key_ok is not None else None
         positions = (self.prompt.lengths + s - 1)[:, None]
         return _decode_shallow(self.model, self.tokens[:, pos - 1], self.caches[:self.rule.exit_layers[0]], pos - 1,
-                               positions, mask)
+                               positions, mask, self.backend)
 
 
 # ----------------------------------------------------------------------------- speculative decoding
@@ -408,7 +429,7 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, routing_threshold: O
              generator: Optional[torch.Generator] = None, *, attention_mask: Optional[torch.Tensor] = None,
              config: Optional[UniversalConfig] = None, return_conf: bool = False, backend: str = "auto",
              speculative: Optional[int] = None, return_stats: bool = False, confidence: Optional[str] = None,
-             prompt_mask: Optional[torch.Tensor] = None) -> Generation:
+             prompt_mask: Optional[torch.Tensor] = None, return_routes: bool = False) -> Generation:
     """Early-exit decoding with a per-layer KV cache; rows of the batch exit independently.
 
     idx: (B, T0) int64 prompt; the prefill runs every layer for every position. Routing
@@ -447,6 +468,12 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, routing_threshold: O
     ``return_stats`` gives stats {accepted_per_row (B,) int64, drafted_per_row (B,) int64,
     acceptance_rate float (nan when nothing was drafted)}, counting every round each row took
     part in (drafts past max_new_tokens included); else stats is None.
+
+    Mixture-of-Depths routed blocks (``fastexit.mod``) decide per token from their causal
+    predictors, in the prefill and at every step; ``return_routes`` gives stats
+    {"mod_routes": {layer: (B, T0 + max_new_tokens - 1) bool}}, whether each position that ran
+    through the blocks (the last new token never does) ran that routed block. Self-speculative
+    decoding verifies drafts at per-row cache slots, which routed blocks do not support: refused.
     """
     if prompt_mask is not None:
         if attention_mask is not None:
@@ -462,6 +489,12 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, routing_threshold: O
                            confidence="max_prob" if speculative is not None else confidence)
     _check_sampling(model, temperature, top_k)
     T0, sampling = idx.shape[1], (temperature, top_k, generator)
+    routers = mod.routers_of(model)
+    if routers is not None and (speculative is not None or return_stats):
+        raise ValueError(f"speculative={speculative}: self-speculative decoding is not supported on a model with "
+                         f"routed (Mixture-of-Depths) blocks at layers {routers.layers}; generate without it")
+    if return_routes and routers is None:
+        raise ValueError("return_routes: the model has no routed (Mixture-of-Depths) blocks")
     if speculative is not None or return_stats:
         _check_speculative(model, speculative, max(rule.routing_thresholds), rule.exit_layers[0], T0, max_new_tokens,
                            return_conf)
@@ -473,4 +506,8 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, routing_threshold: O
     dec.step(0, T0, x_first, prefill)
     for s in range(1, max_new_tokens):  # the token emitted at pos is predicted from position pos - 1
         dec.step(s, T0 + s, dec.shallow(s, T0 + s))
-    return Generation(dec.tokens, dec.layers_run, dec.confs if return_conf else None)
+    stats = None
+    if return_routes:
+        end = T0 + max_new_tokens - 1
+        stats = dict(mod_routes={layer: dec.caches[layer - 1].written[:, :end] for layer in routers.layers})
+    return Generation(dec.tokens, dec.layers_run, dec.confs if return_conf else None, stats)

@@ -38,10 +38,11 @@ from .model import EarlyExitModel
 from .trainer import UniversalTrainer
 
 __all__ = ["FAMILIES", "Family", "HFEarlyExit", "RotaryKVCache", "apply_early_exit", "from_folder", "from_hf", "load",
-           "packaged_gguf", "read_config", "save"]
+           "packaged_gguf", "read_config", "router_tuning", "save"]
 
 METADATA = "fastexit.json"
 HEADS_FILE = "confidence_heads.safetensors"  # learned confidence heads, beside the transformers files
+ROUTERS_FILE = "mod_routers.safetensors"  # Mixture-of-Depths routers (router_tuning), beside them too
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 FORMAT = "fastexit-hf/1"
 # rope types whose frequencies grow with the sequence (inv_freq changes at run time): a cached
@@ -121,23 +122,28 @@ class _Block(nn.Module):
                                            scale=self.scale, enable_gqa=q.shape[1] != k.shape[1])
         return y.transpose(1, 2).flatten(2)
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The layer on x (B, T, d) from slot 0; mask (B, 1, T, T) bool (padding), None = causal."""
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The layer on x (B, T, d) from slot 0, or at positions (B, T) int64 (a routed block's
+        gathered tokens keep their own); mask (B, 1, T, T) bool (padding), None = causal."""
         a, T = self.attn_norm(x), x.shape[1]
-        q = self.queries(a, torch.arange(T, device=x.device)[None])
+        q = self.queries(a, positions if positions is not None else torch.arange(T, device=x.device)[None])
         p = self.attn_dropout if self.layer.training else 0.0
-        x = x + self.out(self._attention(q, *self.keys_values(a), mask, is_causal=mask is None, dropout_p=p))
+        kv = self.keys_values(a, positions)
+        x = x + self.out(self._attention(q, *kv, mask, is_causal=mask is None, dropout_p=p))
         return x + self.mlp(self.mlp_norm(x))
 
-    def kv(self, x: torch.Tensor):
-        """Keys and values (B, Hkv, t, hd) from residual states x (B, t, d), as a sequence from slot 0."""
-        return self.keys_values(self.attn_norm(x))
+    def kv(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None):
+        """Keys and values (B, Hkv, t, hd) from residual states x (B, t, d), as a sequence from
+        slot 0, or at positions (B, t) int64."""
+        return self.keys_values(self.attn_norm(x), positions)
 
     def forward_rows(self, xh: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: QueryGrid) -> torch.Tensor:
         """The layer on n rows xh (n, d) -> (n, d), their queries placed in ``grid`` over k, v
         (B, Hkv, Tk, hd) of every position; only these rows pay for q, out and the MLP."""
         B, Tk = k.shape[0], k.shape[2]
-        q = self.queries(self.attn_norm(xh)[None], _query_slots(grid, B, Tk)[None])[0].transpose(0, 1)  # (n, H, hd)
+        slots = grid.positions if grid.positions is not None else _query_slots(grid, B, Tk)
+        q = self.queries(self.attn_norm(xh)[None], slots[None])[0].transpose(0, 1)  # (n, H, hd)
         q = q.new_zeros(B * grid.n_slots, *q.shape[1:]).index_copy_(0, grid.slot, q)
         y = self._attention(q.view(B, grid.n_slots, *q.shape[1:]).transpose(1, 2), k, v, grid.mask)  # (B, S, H*hd)
         xh = xh + self.out(y.flatten(0, 1).index_select(0, grid.slot))
@@ -189,9 +195,10 @@ class RotaryBlock(_Block):
         """Queries (B, H, t, hd) of normed states a (B, t, d) at slots (B or 1, t)."""
         return self.rope.rotate(self._heads(self.attn.q_proj, a, getattr(self.attn, "q_norm", None)), slots)
 
-    def keys_values(self, a: torch.Tensor):
+    def keys_values(self, a: torch.Tensor, slots: Optional[torch.Tensor] = None):
+        """Keys (rotated to slots (B or 1, t), by default 0..t-1) and values (B, Hkv, t, hd)."""
         k = self._heads(self.attn.k_proj, a, getattr(self.attn, "k_norm", None))
-        k = self.rope.rotate(k, torch.arange(a.shape[1], device=a.device)[None])
+        k = self.rope.rotate(k, slots if slots is not None else torch.arange(a.shape[1], device=a.device)[None])
         return k, self.split_heads(self.attn.v_proj(a))
 
     def out(self, y: torch.Tensor) -> torch.Tensor:
@@ -220,7 +227,7 @@ class GPT2Block(_Block):
     def queries(self, a: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         return self.split_heads(self._project(a, slice(0, self.attn.split_size)))
 
-    def keys_values(self, a: torch.Tensor):
+    def keys_values(self, a: torch.Tensor, slots: Optional[torch.Tensor] = None):  # slots unused: learned positions
         k, v = self._project(a, slice(self.attn.split_size, None)).split(self.attn.split_size, dim=-1)
         return self.split_heads(k), self.split_heads(v)
 
@@ -358,6 +365,23 @@ def from_hf(model: nn.Module) -> HFEarlyExit:
     return model if isinstance(model, HFEarlyExit) else HFEarlyExit(model)
 
 
+def router_tuning(model: nn.Module, layers, capacity: float) -> HFEarlyExit:
+    """Router-tuning (docs/design.md §7): a transformers causal LM (or an ``HFEarlyExit``) whose
+    decoder layers ``layers`` (1-indexed) become Mixture-of-Depths routed blocks of
+    ``capacity`` in (0, 1] (``EarlyExitModel.add_routers``), with every parameter of the
+    transformers model frozen (requires_grad False), so that training (``UniversalTrainer``,
+    whose optimizer holds only trainable parameters) learns the routers and their causal
+    predictors alone. The routers start at zero, where a block processes its chosen tokens
+    exactly as before. Returns the ``HFEarlyExit`` in the transformers model's train/eval mode
+    (routers pick by top-k in training mode, by their predictors in eval mode); ``save`` /
+    ``load`` keep the routers."""
+    view = from_hf(model)
+    view.add_routers(list(layers), capacity)
+    for p in view.hf.parameters():
+        p.requires_grad_(False)
+    return view.train(view.hf.training)
+
+
 # ----------------------------------------------------------------------------- in transformers' own forward
 METHOD_KEY = "fastexit_method"  # the config.json entry apply_early_exit writes (save_pretrained keeps it)
 
@@ -467,16 +491,20 @@ def save(model: nn.Module, directory, config: Optional[UniversalConfig] = None, 
         config.validate_for(model.n_layers)
     directory = Path(directory)
     model.hf.save_pretrained(directory, **save_pretrained_kwargs)
-    heads = getattr(model, "confidence_heads", None)
+    heads, routers = getattr(model, "confidence_heads", None), getattr(model, "mod_routers", None)
     if heads is not None:
         from safetensors.torch import save_file
         save_file({k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()}, directory / HEADS_FILE)
+    if routers is not None:
+        from safetensors.torch import save_file
+        save_file({k: v.detach().cpu().contiguous() for k, v in routers.state_dict().items()}, directory / ROUTERS_FILE)
     write_json(directory / METADATA, dict(
         format=FORMAT, model_type=model.cfg.model_type, n_layers=model.n_layers, vocab_size=model.cfg.vocab_size,
         method=None if config is None else config.to_dict(),
         exit_layers=None if config is None else config.exits,
         routing_thresholds=None if config is None else config.exit_thresholds,
-        confidence_heads=None if heads is None else sorted(int(k) for k in heads)))
+        confidence_heads=None if heads is None else sorted(int(k) for k in heads),
+        **({} if routers is None else dict(mod_routers=routers.capacities()))))  # a plain model's file is unchanged
     return directory
 
 
@@ -496,6 +524,8 @@ def load(directory, **from_pretrained_kwargs):
             raise ValueError(f"{directory / METADATA}: {key}={meta.get(key)!r} does not match the model's {value!r}")
     if meta.get("confidence_heads"):
         _load_confidence_heads(model, meta["confidence_heads"], directory / HEADS_FILE)
+    if meta.get("mod_routers"):
+        _load_routers(model, meta["mod_routers"], directory / ROUTERS_FILE)
     config = None if meta.get("method") is None else UniversalConfig.from_dict(meta["method"])
     if config is not None:
         config.validate_for(model.n_layers)
@@ -513,6 +543,19 @@ def _load_confidence_heads(model: HFEarlyExit, layers, path: Path) -> None:
     except (OSError, RuntimeError, SafetensorError) as err:
         raise ValueError(f"{path}: confidence heads at layers {layers} do not load ({str(err).splitlines()[0]})") \
             from None
+
+
+def _load_routers(model: HFEarlyExit, spec: dict, path: Path) -> None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    for layer, capacity in spec.items():  # {str(layer): capacity}, as Routers.capacities wrote it
+        model.add_routers([int(layer)], capacity)
+    model.train(model.hf.training)  # routers pick by their predictors in eval mode, as from_pretrained leaves it
+    try:
+        model.mod_routers.load_state_dict(load_file(path, device=str(model.lm_head.weight.device)))
+    except (OSError, RuntimeError, SafetensorError) as err:
+        raise ValueError(f"{path}: routers at layers {sorted(spec, key=int)} do not load "
+                         f"({str(err).splitlines()[0]})") from None
 
 
 def _read_metadata(path: Path) -> Optional[dict]:

@@ -3,9 +3,11 @@
 ``Block`` is the native pre-norm block; a transformers decoder layer gets the same interface
 from ``fastexit.hf``'s adapters. The block interface routing and generation call:
 
-- ``block(x, mask)``: the block on (B, T, d) residual states (mask: ``padding_layout``'s, or
-  None for plain causal attention);
-- ``kv(x)``: keys/values (B, H, t, hd) the block computes from residual states x;
+- ``block(x, mask, positions=None)``: the block on (B, T, d) residual states (mask:
+  ``padding_layout``'s, or None for plain causal attention); positions (B, T) int64: each
+  token's own slot where it is not its column (a routed block's gathered tokens), for blocks
+  whose attention is positional (rotary); the native block adds positions at the embedding;
+- ``kv(x, positions=None)``: keys/values (B, H, t, hd) the block computes from residual states x;
 - ``forward_rows(xh, k, v, grid)``: the block on n rows only (their q/out projections and
   MLP), their queries placed in a padded ``QueryGrid`` over the keys of every position;
 - ``forward_cached(x, cache, start, mask)``: a prefill, one decode step, or a verify pass over
@@ -41,18 +43,23 @@ class QueryGrid(NamedTuple):
 
     slot: (n,) int64 flat positions in the (B * S) grid; n_slots: S; mask: (B, 1, S, Tk) bool
     keys each query may attend to, or None for all. Padded slots hold zero queries whose
-    outputs are dropped.
+    outputs are dropped. positions: (n,) int64 slot of each query for positional (rotary)
+    attention, or None: the last key its mask lets it see (keys at their own columns).
     """
     slot: torch.Tensor
     n_slots: int
     mask: Optional[torch.Tensor]
+    positions: Optional[torch.Tensor] = None
 
 
 class KVCache:
-    """Keys and values of one layer for decoding, each (B, H, T_max, hd)."""
+    """Keys and values of one layer for decoding, each (B, H, T_max, hd). ``written``: None, or
+    for a routed block's cache (B, T_max) bool, the slots that hold keys (the tokens the block
+    processed; the others are never attended to)."""
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor):
         self.k, self.v = k, v
+        self.written: Optional[torch.Tensor] = None
 
     def write(self, start, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v (B, H, t, hd) at slots start..start+t-1; start: an int, or (B,) int64 slots
@@ -64,6 +71,11 @@ class KVCache:
         slots = start[:, None] + torch.arange(k.shape[2], device=k.device)  # (B, t)
         index = slots[:, None, :, None].expand_as(k)
         self.k.scatter_(2, index, k), self.v.scatter_(2, index, v)
+
+    def put(self, rows: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v (..., H, hd) at (rows, slots), int64 index tensors of k's leading shape,
+        as given: keys already at their own positions (``Block.kv(x, positions)``)."""
+        self.k[rows, :, slots], self.v[rows, :, slots] = k, v
 
     def upto(self, end: int, rows: Optional[torch.Tensor] = None):
         """Keys and values of slots 0..end-1: (B, H, end, hd), or (n, ...) of the given rows."""
@@ -163,12 +175,15 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:  # (B, T, d)
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                positions: Optional[torch.Tensor] = None) -> torch.Tensor:  # (B, T, d)
+        """positions: unused (learned positions are added at the embedding)."""
         x = x + self.resid_dropout(self.attn(self.attn_norm(x), mask))
         return x + self.resid_dropout(self.mlp(self.mlp_norm(x)))
 
-    def kv(self, x: torch.Tensor):
-        """Keys and values (B, H, t, hd) this block computes from the residual states x (B, t, d)."""
+    def kv(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None):
+        """Keys and values (B, H, t, hd) this block computes from the residual states x (B, t, d)
+        (positions unused, as in ``forward``)."""
         return self.attn.kv(self.attn_norm(x))
 
     def forward_rows(self, xh: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: QueryGrid) -> torch.Tensor:

@@ -8,11 +8,12 @@ i exits through its own norm into the shared head: ``lm_head(exit_norms[i-1](h_i
 ``fastexit.hf.HFEarlyExit`` is the transformers kind.
 """
 import math
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
+from . import mod
 from .config import ModelConfig
 from .generate import Generation, generate
 from .kernels import replace_rows, select_rows
@@ -57,9 +58,20 @@ class EarlyExitModel(nn.Module):
         model without them has neither the attribute nor its state-dict keys."""
         add_confidence_heads(self, layers)
 
+    def add_routers(self, layers: Sequence[int], capacity: float) -> None:
+        """Make the blocks at ``layers`` (1-indexed) Mixture-of-Depths routed blocks of
+        ``capacity`` in (0, 1] (``fastexit.mod``): a ``Router`` each, in ``model.mod_routers``.
+        A model without routers has neither the attribute nor its state-dict keys."""
+        layers = list(layers)
+        mod.check_router_layers(layers, capacity, self.n_layers)
+        if not hasattr(self, "mod_routers"):
+            self.mod_routers = mod.Routers()
+        self.mod_routers.add(layers, capacity, self.lm_head.weight)
+
     def exit_hidden_states(self, idx: torch.Tensor, layers: Sequence[int],
                            drops: Optional[Sequence[Sequence[bool]]] = None, *,
-                           attention_mask: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+                           attention_mask: Optional[torch.Tensor] = None,
+                           routes: Optional[Dict[int, "mod.Route"]] = None) -> List[torch.Tensor]:
         """Exit-normed hidden states (B, T, d) after each of ``layers`` (1-indexed), in the
         order given; no block deeper than ``max(layers)`` runs.
 
@@ -68,6 +80,9 @@ class EarlyExitModel(nn.Module):
         only, compacted into a smaller batch, so dropped rows cost it no work.
         ``attention_mask`` (B, T), True/1 on real tokens (``padding_layout``): pads are never
         attended to and positions count from each row's first real token.
+        Routed blocks (``mod_routers``) run the tokens top-k picks in training mode and those
+        their predictor picks otherwise (``fastexit.mod``); ``routes``, a dict, receives each
+        routed block's decisions {layer: mod.Route}.
         """
         self.check_idx(idx)
         layers = list(layers)
@@ -76,9 +91,11 @@ class EarlyExitModel(nn.Module):
             raise ValueError(f"layers must be a non-empty list of ints in 1..{self.n_layers}, got {layers!r}")
         self._check_drops(drops, idx.shape[0])
         positions, mask = padding_layout(attention_mask, idx) if attention_mask is not None else (None, None)
+        real = attention_mask.bool() if attention_mask is not None else None
         x, states = self.embed(idx, positions=positions), {}
-        for i, block in enumerate(self.blocks[:max(layers)], start=1):
-            x = block(x, mask) if drops is None else _run_kept_rows(block, x, drops[i - 1], mask)
+        for i in range(1, max(layers) + 1):
+            run = lambda x, mask, real, i=i: mod.run_block(self, i, x, mask, real, routes)  # noqa: E731
+            x = run(x, mask, real) if drops is None else _run_kept_rows(run, x, drops[i - 1], mask, real)
             if i in layers:
                 states[i] = self.exit_norms[i - 1](x)
         return [states[i] for i in layers]
@@ -102,8 +119,14 @@ class EarlyExitModel(nn.Module):
 
     def new_kv_caches(self, batch: int, max_len: int, layers: Sequence[int], zeroed: bool = False) -> List[KVCache]:
         """KV caches (B, H, max_len, hd) for the given blocks (1-indexed); ``zeroed`` where masked
-        slots may be read before they are written (a masked NaN key still poisons attention)."""
-        return [self.blocks[i - 1].new_cache(batch, max_len, zeroed) for i in layers]
+        slots may be read before they are written (a masked NaN key still poisons attention).
+        A routed block's cache is zeroed and records the slots it writes (``KVCache.written``)."""
+        caches = []
+        for i in layers:
+            routed = mod.router_at(self, i) is not None
+            cache = self.blocks[i - 1].new_cache(batch, max_len, zeroed or routed)
+            caches.append(mod.track_writes(cache) if routed else cache)
+        return caches
 
     def generate(self, idx: torch.Tensor, max_new_tokens: int, routing_threshold=None, exit_layer=None,
                  **kwargs) -> Generation:
@@ -113,16 +136,18 @@ class EarlyExitModel(nn.Module):
         return generate(self, idx, max_new_tokens, routing_threshold, exit_layer, **kwargs)
 
 
-def _run_kept_rows(block: nn.Module, x: torch.Tensor, dropped: Sequence[bool],
-                   mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``block`` on the rows of x (B, T, d) that ``dropped`` keeps; dropped rows pass through."""
+def _run_kept_rows(run, x: torch.Tensor, dropped: Sequence[bool], mask: Optional[torch.Tensor] = None,
+                   real: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``run(x, mask, real)`` (a block on every token) on the rows of x (B, T, d) that
+    ``dropped`` keeps; dropped rows pass through."""
     kept = [b for b, drop in enumerate(dropped) if not drop]
     if len(kept) == x.shape[0]:
-        return block(x, mask)
+        return run(x, mask, real)
     # No kept row still runs the block on zero rows: under FSDP2 every rank must take part
     # in the block's all-gather, whatever its own draws (and the gradient is a true zero).
     rows = torch.tensor(kept, dtype=torch.long).to(x.device, non_blocking=True)  # (k,)
-    return replace_rows(x, rows, block(select_rows(x, rows), None if mask is None else mask[rows]))
+    pick = lambda t: None if t is None else t[rows]  # noqa: E731
+    return replace_rows(x, rows, run(select_rows(x, rows), pick(mask), pick(real)))
 
 
 class EarlyExitTransformer(EarlyExitModel):
@@ -149,6 +174,8 @@ class EarlyExitTransformer(EarlyExitModel):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        if cfg.mod_layers is not None:  # after the initialisation above: the plain model draws the same numbers
+            self.add_routers(cfg.mod_layers, cfg.mod_capacity)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

@@ -22,11 +22,18 @@ running attend to every earlier position. The first block after the first exit i
 exact; deeper blocks see carried (not recomputed) keys for positions that left and differ
 slightly from exact mode. The arithmetic is the model's own (``Block.kv`` /
 ``Block.forward_rows``); dropout is not applied (inference).
+
+Mixture-of-Depths routed blocks (``fastexit.mod``) take part in both forwards: their
+predictors decide per token which tokens run them, and ``RoutedOutput.mod_routes`` holds the
+decisions. In compact mode a routed block after an exit takes keys/values from every token its
+predictor chooses (from carried states for tokens that left), and only the running chosen
+tokens run it.
 """
 from typing import Dict, List, NamedTuple, Optional, Sequence, Union
 
 import torch
 
+from . import mod
 from .config import CONFIDENCE_KINDS, UniversalConfig, check_exit_layers, check_exit_thresholds
 from .kernels import ExitStats, compact_indices, exit_confidence, gather_rows, scatter_rows
 from .layers import QueryGrid, padding_layout
@@ -43,7 +50,8 @@ class RoutedOutput(NamedTuple):
     target is ignored); conf fp32: confidence at the deepest exit the token reached (the one
     it left at, else the last exit); easy bool: left at an exit; layers_run int64: the exit
     layer the token left at, n_layers for hard ones;
-    layer_stats: {layer: ExitStats of (B*T,) rows} of every layer that was asked for, or None.
+    layer_stats: {layer: ExitStats of (B*T,) rows} of every layer that was asked for, or None;
+    mod_routes: {layer: mod.Route} of every routed block that ran (Mixture-of-Depths), or None.
     """
     pred: torch.Tensor
     nll: Optional[torch.Tensor]
@@ -51,6 +59,7 @@ class RoutedOutput(NamedTuple):
     easy: torch.Tensor
     layers_run: torch.Tensor
     layer_stats: Optional[Dict[int, ExitStats]] = None
+    mod_routes: Optional[Dict[int, mod.Route]] = None
 
 
 class Routing(NamedTuple):
@@ -156,7 +165,7 @@ def exit_layer_of_tokens(confs: Sequence[torch.Tensor], rule: Routing, n_layers:
     return at
 
 
-def _select(idx, rule, exit_stats, confs, final_stats, n_layers, layer_stats=None) -> RoutedOutput:
+def _select(idx, rule, exit_stats, confs, final_stats, n_layers, layer_stats=None, mod_routes=None) -> RoutedOutput:
     """Per token, the result of the exit it left at, else the final layer's; all (B, T).
     exit_stats, confs: of each exit reached, in order (rows that left earlier hold any value)."""
     at = exit_layer_of_tokens(confs, rule, n_layers)
@@ -167,7 +176,7 @@ def _select(idx, rule, exit_stats, confs, final_stats, n_layers, layer_stats=Non
         nll = torch.where(here, stats.nll, nll) if nll is not None else None
     view = lambda t: t.view(idx.shape)  # noqa: E731
     return RoutedOutput(view(pred), None if nll is None else view(nll), view(conf), view(at < n_layers), view(at),
-                        layer_stats)
+                        layer_stats, mod_routes)
 
 
 @torch.no_grad()
@@ -187,12 +196,14 @@ def exact_routed_forward(model, idx: torch.Tensor, exit_layer: Layers, routing_t
     model.check_idx(idx)
     tgt, weight, L, exits = _flat_targets(targets, idx), model.lm_head.weight, model.n_layers, rule.exit_layers
     layers = list(range(1, L + 1)) if all_layers else sorted({*exits, L})
-    hidden = dict(zip(layers, model.exit_hidden_states(idx, layers, attention_mask=attention_mask)))
+    routes = {} if mod.routers_of(model) is not None else None
+    kwargs = dict(routes=routes) if routes is not None else {}
+    hidden = dict(zip(layers, model.exit_hidden_states(idx, layers, attention_mask=attention_mask, **kwargs)))
     stats = {i: exit_confidence(h.reshape(-1, h.shape[-1]), weight, tgt, ignore_index=ignore_index,
                                 want_margin=confidence == "margin" and i in exits, backend=backend)
              for i, h in hidden.items()}  # (B*T,) rows each
     confs = [exit_score(stats[i], confidence, model, i, hidden[i]) for i in exits]
-    return _select(idx, rule, [stats[i] for i in exits], confs, stats[L], L, stats if all_layers else None)
+    return _select(idx, rule, [stats[i] for i in exits], confs, stats[L], L, stats if all_layers else None, routes)
 
 
 # ----------------------------------------------------------------------------- compact mode
@@ -244,14 +255,15 @@ def compact_routed_forward(model, idx: torch.Tensor, exit_layer: Layers, routing
     tgt, L, exits = _flat_targets(targets, idx), model.n_layers, rule.exit_layers
     positions, mask = padding_layout(attention_mask, idx) if attention_mask is not None else (None, None)
     real = attention_mask.bool() if attention_mask is not None else None
+    routes = {} if mod.routers_of(model) is not None else None
     x = model.embed(idx, positions=positions)
-    for block in model.blocks[:exits[0]]:
-        x = block(x, mask)  # (B, T, d)
+    for i in range(1, exits[0] + 1):
+        x = mod.run_block(model, i, x, mask, real, routes)  # (B, T, d)
     (N, d), dev = (idx.numel(), x.shape[-1]), idx.device
     # (N,) per token, rewritten while it runs: pred, nll, conf and layers_run (easy is set at the end)
     nll = None if tgt is None else torch.empty(N, device=dev)
     out = RoutedOutput(torch.empty(N, dtype=torch.int64, device=dev), nll, torch.empty(N, device=dev), None,
-                       torch.full((N,), L, device=dev))
+                       torch.full((N,), L, device=dev), mod_routes=routes)
     # xh: states of the running tokens at the flat rows (n,), (B, T, d) while every token runs (grid
     # None), then (n, d) with their query grid; x: (B*T, d) states of every token once some have left
     xh, rows, grid = x, torch.arange(N, device=dev), None
@@ -266,10 +278,10 @@ def compact_routed_forward(model, idx: torch.Tensor, exit_layer: Layers, routing
                 rows, xh = gather_rows(rows, stay, backend=backend), gather_rows(flat, stay, backend=backend)
                 grid = _padded_layout(rows, idx.shape, real)
         if grid is None:  # nobody has left yet: dense blocks
-            for block in model.blocks[layer:end]:
-                xh = block(xh, mask)
+            for i in range(layer + 1, end + 1):
+                xh = mod.run_block(model, i, xh, mask, real, routes)
         else:
-            xh = _run_rows(model.blocks[layer:end], x, xh, rows, grid, backend)
+            xh = _run_rows(model, range(layer + 1, end + 1), x, xh, rows, grid, real, routes, backend)
     h = model.exit_norms[L - 1](xh).reshape(-1, d)
     _keep(out, rows, _head(model, h, rows, tgt, ignore_index, backend), backend)
     return _finish(out, idx.shape, L)
@@ -316,18 +328,24 @@ def _finish(out: RoutedOutput, shape, n_layers) -> RoutedOutput:
     """out's (N,) tensors as (B, T), with easy = left at an exit."""
     view = lambda t: t.view(shape)  # noqa: E731
     return RoutedOutput(view(out.pred), None if out.nll is None else view(out.nll), view(out.conf),
-                        view(out.layers_run < n_layers), view(out.layers_run))
+                        view(out.layers_run < n_layers), view(out.layers_run), mod_routes=out.mod_routes)
 
 
-def _run_rows(blocks, x, xh, rows, grid, backend) -> torch.Tensor:
-    """Run ``blocks`` for the running tokens only; returns their states (n, d).
+def _run_rows(model, layers, x, xh, rows, grid, real, routes, backend) -> torch.Tensor:
+    """Run the blocks of ``layers`` for the running tokens only; returns their states (n, d).
 
     x: (B*T, d) states of every token, updated in place with the running rows after every
     block (tokens that left keep theirs: the next blocks compute their keys/values from it);
     xh: (n, d) states of the running tokens at the flat rows (n,); grid: their query layout.
+    A routed block (``mod.rows_forward``) takes keys from the tokens its predictor chooses and
+    runs only the running ones among them; real: (B, T) bool non-pad tokens or None.
     """
     B = grid.mask.shape[0]
-    for block in blocks:
+    for layer in layers:
+        block, router = model.blocks[layer - 1], mod.router_at(model, layer)
+        if router is not None:
+            xh = mod.rows_forward(block, router, x, xh, rows, (B, x.shape[0] // B), real, backend, routes, layer)
+            continue
         k, v = block.kv(x.view(B, -1, x.shape[-1]))  # (B, H, T, hd)
         xh = block.forward_rows(xh, k, v, grid)
         scatter_rows(x, rows, xh, backend=backend)
