@@ -54,6 +54,13 @@ def cuda_capability(device: torch.device) -> tuple:
     return tuple(torch.cuda.get_device_capability(device))
 
 
+def has_small_shared_memory(capability: tuple) -> bool:
+    """sm_86, sm_89 and sm_120 (consumer Ampere, Ada and Blackwell): ~99 KB of shared memory per
+    block and mma.sync. Their fp32-operand GEMM tiles of 'triton_gemm' spill at 128 output
+    rows where sm_80's do not (tests/test_aot_compile.py), and take 64."""
+    return capability[0] == 12 or (capability[0] == 8 and capability[1] != 0)
+
+
 def is_hopper(capability: tuple) -> bool:
     """sm_90: 128x128 tiles of exit_confidence's split kernel run as two warpgroups of wgmma
     with their accumulator and the online max/argmax in registers. Every other generation

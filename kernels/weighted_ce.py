@@ -88,8 +88,10 @@ from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 
 from . import gemm
-from .backend import HAS_TRITON, autocast_inputs, device_guard, dot_precision, interpreting, resolve_backend
-from .checks import check_in_range, check_matrix, check_same, check_shape, check_target_range, check_targets
+from .backend import (HAS_TRITON, autocast_inputs, cuda_capability, device_guard, dot_precision, has_small_shared_memory,
+                      interpreting, resolve_backend)
+from .checks import (check_head_weights, check_in_range, check_matrix, check_same, check_shape, check_target_range,
+                     check_targets)
 
 if HAS_TRITON:
     import triton
@@ -155,6 +157,7 @@ def _check_head_weights(head_weights, n_heads: int, device: torch.device) -> Hea
     """Numbers and CPU tensors are read on the host (no sync) and zero-weight heads dropped.
     A tensor on the hiddens' device (and, inside torch.compile, a CPU tensor too: reading it
     there would make the graph depend on its values) is passed on unread."""
+    check_head_weights(head_weights, n_heads)
     if isinstance(head_weights, torch.Tensor) and (head_weights.device.type != "cpu" or torch.compiler.is_compiling()):
         return _device_head_weights(head_weights, n_heads, device)
     if isinstance(head_weights, torch.Tensor):
@@ -802,15 +805,20 @@ class GemmTiles(NamedTuple):
 
 INTERPRET_GEMM_TILES = GemmTiles(16, 16, 16)  # tl.dot's minimum: the interpreter is slow
 CUDA_GEMM_TILES = GemmTiles(128, 128, 64)  # fp32 operands (fp32 dlogits too) use inner=32
+SMALL_SHARED_FP32_ROWS = 64  # fp32-operand tiles on sm_86/89/120: 128 rows spill there (TF32 dW: 120 B)
 
 
-def _gemm_config(dtype: torch.dtype):
-    """(GemmTiles, launch options) of the three GEMM kernels for operands of this dtype: the
-    same on every arch compiled ahead of time (at most 96 KB of shared memory, on sm_90/100;
-    64 KB on the mma.sync parts, inside sm_86/89/120's ~99 KB; no spills)."""
+def _gemm_config(dtype: torch.dtype, device: torch.device):
+    """(GemmTiles, launch options) of the three GEMM kernels for operands of this dtype on this
+    device: at most 96 KB of shared memory (sm_90/100; 64 KB on the mma.sync parts, inside
+    sm_86/89/120's ~99 KB), and no spills where tensor cores run (ahead-of-time compile)."""
     if interpreting():
         return INTERPRET_GEMM_TILES, dict(PRECISION=dot_precision(dtype))
-    tiles = CUDA_GEMM_TILES._replace(inner=32) if dtype == torch.float32 else CUDA_GEMM_TILES
+    tiles = CUDA_GEMM_TILES
+    if dtype == torch.float32:
+        tiles = tiles._replace(inner=32)
+        if has_small_shared_memory(cuda_capability(device)):
+            tiles = tiles._replace(out_rows=SMALL_SHARED_FP32_ROWS)
     return tiles, dict(PRECISION=dot_precision(dtype), num_warps=8, num_stages=3)
 
 
@@ -1008,10 +1016,10 @@ def _triton_gemm_pass(hs, weight, targets, row_scales, opt: CEOptions, teacher: 
     n_live = live.sum().to(torch.int32).reshape(1)  # stays on the device
     w_mm = weight.to(mm_dtype).contiguous()
     separate = isinstance(teacher, torch.Tensor)
-    (tiles, opts), step = _gemm_config(mm_dtype), _chunk_rows(n, n_heads + separate, n_classes, device)
+    (tiles, opts), step = _gemm_config(mm_dtype, device), _chunk_rows(n, n_heads + separate, n_classes, device)
     if step < n:  # whole row tiles per chunk: no partial tile in every chunk's three GEMMs
         step = max(tiles.out_rows, step // tiles.out_rows * tiles.out_rows)
-    grad_tiles = _gemm_config(torch.float32)[0]  # dH/dW read fp32 dlogits: fp32's tiles (sm_90: 250 -> 192 regs)
+    grad_tiles = _gemm_config(torch.float32, device)[0]  # dH/dW read fp32 dlogits: fp32's tiles (sm_90: 250 -> 192 regs)
     grad_opts = dict(opts, SCALE_DLOGITS=mm_dtype.itemsize == 2, DLOGITS_16BIT_MAX=DLOGITS_16BIT_MAX)
     loss = torch.empty(n_heads, n, dtype=torch.float32, device=device)  # (A, N)
     dhs = torch.empty(n_heads, n, d, dtype=torch.float32, device=device) if want_grad else None

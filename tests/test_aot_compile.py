@@ -9,8 +9,8 @@ fp32 on CUDA cores may spill: a warning. fp32 dots follow torch's fp32 matmul pr
 under "tf32".
 
 The default run compiles the large shape: each dtype with every option subset for one arch
-(DEFAULT_ARCH), and the 16-bit dtypes' corners (no option, every option) for every arch, so
-each generation's tiles are compiled in CI; `--runslow` adds every other combination and the
+(DEFAULT_ARCH), and the tensor-core dtypes' corners (no option, every option) for every arch,
+so each generation's tiles are compiled in CI; `--runslow` adds every other combination and the
 odd and decode shapes. Compiles go to the session's pytest tmp dir, never to ~/.triton.
 """
 import warnings
@@ -23,7 +23,7 @@ pytest.importorskip("triton")
 import aot_report as aot  # noqa: E402  (tests/aot_report.py)
 
 DEFAULT_ARCH = {"fp32": 80, "tf32": 90, "bf16": 90, "fp16": 86}  # each dtype's full option matrix once
-CORNER_DTYPES = ("bf16", "fp16")  # tensor-core dtypes whose corners compile for every arch by default
+CORNER_DTYPES = ("bf16", "fp16", "tf32")  # tensor-core dtypes whose corners compile for every arch by default
 NO_SPILL_DTYPES = ("bf16", "fp16", "tf32")  # tensor-core dtypes: a spill at NO_SPILL_SHAPES fails
 NO_SPILL_SHAPES = ("large", "odd")
 

@@ -175,6 +175,20 @@ def test_triton_gemm_tiles_of_three_sizes(monkeypatch, tiles):
     assert_matches(loss_and_grads(fn, hs, weight, targets, 11), loss_and_grads(ref, hs, weight, targets, 11), FP32_TOL)
 
 
+@NEEDS_TRITON
+@pytest.mark.parametrize("capability, fp32_rows", [((8, 0), 128), ((8, 6), 64), ((8, 9), 64), ((9, 0), 128),
+                                                  ((10, 0), 128), ((12, 0), 64)])
+def test_triton_gemm_tiles_per_gpu_generation(monkeypatch, capability, fp32_rows):
+    """'triton_gemm''s fp32-operand tiles (fp32/TF32 GEMMs, and the fp32 dlogits of every dH/dW)
+    take 64 output rows on the ~99 KB mma.sync parts, where 128 spill (the AOT matrix), and
+    128 elsewhere; 16-bit logits tiles take 128 everywhere."""
+    monkeypatch.setattr(weighted_ce, "interpreting", lambda: False)
+    monkeypatch.setattr(weighted_ce, "cuda_capability", lambda device: capability)
+    cpu = torch.device("cpu")
+    assert weighted_ce._gemm_config(torch.float32, cpu)[0] == weighted_ce.GemmTiles(fp32_rows, 128, 32)
+    assert weighted_ce._gemm_config(torch.bfloat16, cpu)[0] == weighted_ce.GemmTiles(128, 128, 64)
+
+
 @pytest.mark.parametrize("backend", TRITON_BACKENDS)
 def test_fp64_needs_the_torch_backend(backend):
     hs, weight, targets = make_inputs(2, 9, 8, 11, dtype=torch.float64)
