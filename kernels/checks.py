@@ -67,6 +67,20 @@ def check_targets(targets, n: int, ref: torch.Tensor, what: str) -> None:
     check_device("targets", targets, ref, what)
 
 
+def check_head_weights(head_weights, n_heads: int) -> None:
+    """head_weights: a sequence of n_heads numbers or a 1-D tensor of them (ValueError for
+    another rank); bools are flags, not weights (TypeError). Their count and values are checked
+    where they are read."""
+    if isinstance(head_weights, torch.Tensor):
+        if head_weights.dtype == torch.bool:
+            raise TypeError("head_weights must be numbers, got a bool tensor")
+        if head_weights.dim() != 1:
+            raise ValueError(f"head_weights must be a 1-D tensor of {n_heads} weights, got shape "
+                             f"{tuple(head_weights.shape)}")
+    elif any(isinstance(w, bool) or str(getattr(w, "dtype", "")) in ("bool", "torch.bool") for w in head_weights):
+        raise TypeError(f"head_weights must be {n_heads} numbers, got {list(head_weights)!r}")
+
+
 def check_in_range(name: str, values: torch.Tensor, ok: torch.Tensor, allowed: str) -> None:
     """ok (same shape as values, bool): True where a value is valid.
 
