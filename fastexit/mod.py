@@ -326,10 +326,13 @@ def decode_step(block: nn.Module, router: Router, cache: KVCache, x: torch.Tenso
     at = torch.full((writers.numel(), 1), pos, dtype=torch.int64, device=x.device)
     k, v = block.kv(gather_rows(x, writers, backend=backend)[:, None], at)  # (m, H, 1, hd)
     cache.put(writers, at.squeeze(1), k[:, :, 0], v[:, :, 0])
-    q_idx = compact_indices(chosen.index_select(0, rows), backend=backend)
-    if q_idx.numel() == 0:
-        return x, xh
-    q_rows = gather_rows(rows, q_idx, backend=backend)
+    if rows.numel() == B:  # every row is running (rows = 0..B-1): the writers are the queries
+        q_idx = q_rows = writers
+    else:
+        q_idx = compact_indices(chosen.index_select(0, rows), backend=backend)
+        if q_idx.numel() == 0:
+            return x, xh
+        q_rows = gather_rows(rows, q_idx, backend=backend)
     mask = cache.written.index_select(0, q_rows)[:, None, None, :pos + 1]  # (n_q, 1, 1, pos+1)
     grid = QueryGrid(torch.arange(q_rows.numel(), device=x.device), 1, mask, torch.full_like(q_rows, pos))
     xq = gather_rows(xh, q_idx, backend=backend)
