@@ -28,8 +28,9 @@ unbounded Delta_s, a one-sided z-test over the n sequence means, Phi(-(tau - mea
 valid only asymptotically (central limit theorem: use hundreds of sequences). The candidates,
 by default one shared threshold for every exit from 1.0 down to 0.005 (compute falls along
 the way), or any (K, E) family fixed before seeing the data, are tested in order from the most
-conservative, and testing stops at the first p-value above delta (fixed-sequence testing: no
-multiplicity correction, so a fine grid costs nothing). Every rejected candidate is certified
+conservative, and testing stops at the first p-value that is not <= delta (fixed-sequence
+testing: no multiplicity correction, so a fine grid costs nothing; a NaN p-value, from a table
+with non-finite NLLs or confidences, fails like any other and the result says why). Every rejected candidate is certified
 and the family-wise error is at most delta: with probability >= 1 - delta over the calibration
 data, every certified candidate, in particular the chosen one (the certified candidate of least
 compute on the calibration data), meets its constraint in expectation over new sequences (at
@@ -84,7 +85,8 @@ class Calibration:
     """Result of ``calibrate``: ``thresholds`` (one per exit of ``exits``; all 0 = full depth
     when nothing was certified), the constraint and its target, delta, whether the choice is
     certified, its p-value (uncertified: the first candidate's, which failed), the number of
-    candidates tested and the calibration-data ``metrics`` (``route_metrics``) at the choice."""
+    candidates tested, the calibration-data ``metrics`` (``route_metrics``) at the choice and,
+    when nothing was certified, the ``reason``."""
     exits: Tuple[int, ...]
     thresholds: Tuple[float, ...]
     constraint: str
@@ -95,6 +97,7 @@ class Calibration:
     n_tested: int
     n_sequences: int
     metrics: Dict[str, float] = field(default_factory=dict)
+    reason: str = ""
 
     def to_dict(self) -> Dict:
         return asdict(self)
@@ -206,7 +209,10 @@ def binomial_cdf(k: int, n: int, p: float) -> float:
 
 def hoeffding_bentkus_p_value(mean_loss: float, n: int, alpha: float) -> float:
     """p-value of H0: E[loss] > alpha from the mean of n i.i.d. losses in [0, 1] (Bates et
-    al. 2021): min(exp(-n h1(min(mean, alpha), alpha)), e * P(Bin(n, alpha) <= ceil(n mean)))."""
+    al. 2021): min(exp(-n h1(min(mean, alpha), alpha)), e * P(Bin(n, alpha) <= ceil(n mean)));
+    NaN when the mean is not finite."""
+    if not math.isfinite(mean_loss):
+        return math.nan
     if alpha <= 0:
         return 1.0  # a zero-risk target is never certified from data
     if alpha >= 1:
@@ -219,9 +225,12 @@ def hoeffding_bentkus_p_value(mean_loss: float, n: int, alpha: float) -> float:
 
 def clt_p_value(values: torch.Tensor, bound: float) -> float:
     """One-sided z-test p-value of H0: E[value] > bound from n >= 2 i.i.d. values (n,):
-    Phi(-(bound - mean) sqrt(n) / sd); valid as n grows (central limit theorem)."""
+    Phi(-(bound - mean) sqrt(n) / sd); valid as n grows (central limit theorem). NaN when a
+    value is not finite."""
     v = values.double()
     mean, sd = float(v.mean()), float(v.std())  # sd: the n - 1 estimate
+    if not (math.isfinite(mean) and math.isfinite(sd)):
+        return math.nan
     if sd == 0:
         return 0.0 if mean < bound else 1.0
     z = (bound - mean) * math.sqrt(v.numel()) / sd
@@ -230,10 +239,11 @@ def clt_p_value(values: torch.Tensor, bound: float) -> float:
 
 def fixed_sequence(p_values: Iterable[float], delta: float) -> int:
     """How many leading hypotheses fixed-sequence testing rejects: it walks the p-values in
-    order and stops at the first one above delta (family-wise error <= delta)."""
+    order and stops at the first one that is not <= delta (family-wise error <= delta; a NaN
+    p-value rejects nothing)."""
     k = 0
     for p in p_values:
-        if p > delta:
+        if not p <= delta:
             break
         k += 1
     return k
@@ -314,8 +324,19 @@ def calibrate(table: ExitTable, *, max_ppl_increase: Optional[float] = None, min
     n_certified = fixed_sequence(tested(), delta)
     if n_certified:
         best = min(range(n_certified), key=lambda i: (costs[i], -i))  # least compute; ties: the later one
-        thresholds, p = tuple(float(x) for x in cands[best]), p_values[best]
+        thresholds, p, reason = tuple(float(x) for x in cands[best]), p_values[best], ""
     else:
         thresholds, p = (0.0,) * len(table.exits), p_values[0]
+        reason = _failure_reason(table, p, delta)
     return Calibration(table.exits, thresholds, constraint, target, float(delta), n_certified > 0, p,
-                       len(p_values), n_seq, route_metrics(table, thresholds))
+                       len(p_values), n_seq, route_metrics(table, thresholds), reason)
+
+
+def _failure_reason(table: ExitTable, p: float, delta: float) -> str:
+    """Why the first candidate was not certified."""
+    if math.isnan(p):
+        v = table.valid
+        bad = int((~torch.isfinite(table.nll[:, v])).any(0).sum() + (~torch.isfinite(table.conf[:, v])).any(0).sum())
+        return (f"its p-value is nan, not <= delta {delta:g}: {bad} scored tokens have a non-finite NLL or "
+                f"confidence (has the model diverged?)" if bad else f"its p-value is nan, not <= delta {delta:g}")
+    return f"p = {p:.3g} > delta {delta:g} at the most conservative threshold"

@@ -139,8 +139,9 @@ def calibration_text(run_path: Path, file: Path, record: Dict[str, Any]) -> str:
     cols = [("split", "split"), ("ppl", "ppl"), ("full-depth ppl", "ppl_full"), ("ppl increase", "ppl_increase"),
             ("agreement", "agreement"), ("compute_cost", "compute_cost"), ("shallow_ratio", "shallow_ratio")]
     cols += [(f"exit_ratio_L{e}", f"exit_ratio_L{e}") for e in record["exits"]]
+    reason = record.get("reason") or f"p = {record['p_value']:.3g} is not <= delta {record['delta']:g}"
     verdict = (f"certified (p = {record['p_value']:.3g} <= delta {record['delta']:g})" if record["certified"] else
-               f"not certified by any threshold: full depth (p = {record['p_value']:.3g} > delta {record['delta']:g})")
+               f"not certified by any threshold: full depth ({reason})")
     return (f"{run_path}: {constraint}, with probability >= {1 - record['delta']:g} on new data (Learn-then-Test "
             f"over {record['n_sequences']} val sequences, {record['n_tested']} thresholds tested)\n\n"
             f"routing_thresholds {list(record['thresholds'])} at exit_layers {list(record['exits'])}, confidence "

@@ -6,6 +6,7 @@ from statistics import NormalDist
 import pytest
 import torch
 
+from fastexit import report
 from fastexit.calibrate import (ExitTable, binomial_cdf, calibrate, clt_p_value, exit_table, fixed_sequence,
                                 hoeffding_bentkus_p_value, route, route_metrics)
 from fastexit.model import EarlyExitTransformer, ModelConfig
@@ -45,7 +46,8 @@ def test_clt_p_value_by_hand():
 
 
 @pytest.mark.parametrize("p_values, rejected", [([0.01, 0.05, 0.2, 0.01], 2), ([0.5, 0.01], 0), ([], 0),
-                                                 ([0.1, 0.1], 2), ([0.01, 0.02, 0.03], 3)])
+                                                 ([0.1, 0.1], 2), ([0.01, 0.02, 0.03], 3),
+                                                 ([math.nan, 0.01], 0), ([0.01, math.nan, 0.01], 1)])
 def test_fixed_sequence_stops_at_the_first_non_rejection(p_values, rejected):
     assert fixed_sequence(p_values, delta=0.1) == rejected
 
@@ -118,6 +120,25 @@ def test_calibrate_returns_full_depth_when_nothing_is_certified():
     res = calibrate(t, min_agreement=0.9)
     assert not res.certified and res.thresholds == (0.0, 0.0) and res.n_tested == 1
     assert res.metrics["compute_cost"] == 1.0 and res.metrics["agreement"] == 1.0 and res.p_value > 0.1
+
+
+def test_calibrate_on_a_nan_table_certifies_nothing_and_says_why():
+    """A diverged model's table: every NLL NaN. Before, the fixed-sequence test stopped only on
+    p > delta, which a NaN p-value never is, and printed "certified (p = nan <= delta 0.1)"."""
+    table = planted_table(torch.Generator().manual_seed(0))
+    table = table._replace(nll=torch.full_like(table.nll, math.nan))
+    res = calibrate(table, max_ppl_increase=0.02, delta=0.1)
+    assert not res.certified and res.thresholds == (0.0, 0.0) and math.isnan(res.p_value)
+    assert "nan, not <= delta 0.1" in res.reason and "9600 scored tokens have a non-finite NLL" in res.reason
+    text = report.calibration_text("run", "run/calibration.json", dict(res.to_dict(), confidence="max_prob",
+                                                                       val=res.metrics, test=res.metrics))
+    assert f"not certified by any threshold: full depth ({res.reason})" in text and "certified (p" not in text
+
+
+def test_p_values_of_non_finite_losses_are_nan():
+    assert math.isnan(hoeffding_bentkus_p_value(math.nan, 100, 0.1))
+    assert math.isnan(clt_p_value(torch.tensor([0.1, math.nan, 0.2]), 0.5))
+    assert math.isnan(clt_p_value(torch.tensor([0.1, math.inf, 0.2]), 0.5))
 
 
 BOUNDARY, EASY_RATE, EASY_INC, NOISE = 0.6, 0.005, 0.005, 0.3
