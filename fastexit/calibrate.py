@@ -30,8 +30,8 @@ by default one shared threshold for every exit from 1.0 down to 0.005 (compute f
 the way), or any (K, E) family fixed before seeing the data, are tested in order from the most
 conservative, and testing stops at the first p-value that is not <= delta (fixed-sequence
 testing: no multiplicity correction, so a fine grid costs nothing; a NaN p-value, from a table
-with non-finite NLLs or confidences, fails like any other and the result says why). Every rejected candidate is certified
-and the family-wise error is at most delta: with probability >= 1 - delta over the calibration
+with non-finite NLLs or confidences, fails like any other and the result says why). Every
+rejected candidate is certified and the family-wise error is at most delta: with probability >= 1 - delta over the calibration
 data, every certified candidate, in particular the chosen one (the certified candidate of least
 compute on the calibration data), meets its constraint in expectation over new sequences (at
 every n for min_agreement, asymptotically for max_ppl_increase). With windows of equal length
