@@ -24,7 +24,7 @@ import random
 import sys
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -42,14 +42,23 @@ COMPUTE_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # --compute-dtype; None
 
 # ---------------------------------------------------------------------- this process
 def resolve_device(device: Optional[str]) -> torch.device:
-    """'auto' (or None): cuda when available, else cpu; otherwise ``torch.device(device)``,
-    ValueError naming ``device`` when torch does not know it."""
+    """'auto' (or None): cuda when available, else cpu; otherwise ``torch.device(device)``.
+    ValueError naming ``--device`` when torch does not know it or this machine lacks it (cuda
+    without a GPU or a CUDA build of torch, cuda:3 on a machine with two GPUs)."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except RuntimeError:
-        raise ValueError(f"device: unknown device {device!r}") from None
+        raise ValueError(f"--device: unknown device {device!r}") from None
+    if resolved.type == "cpu":
+        return resolved
+    try:  # a device this machine lacks fails here, not deep inside a model's .to()
+        torch.empty(0, device=resolved)
+    except (RuntimeError, AssertionError) as err:  # a CPU-only torch asserts "not compiled with CUDA"
+        raise ValueError(f"--device {device}: not available on this machine "
+                         f"({(str(err).strip().splitlines() or [type(err).__name__])[0]})") from None
+    return resolved
 
 
 def seed_everything(seed: int) -> None:
@@ -129,6 +138,25 @@ def is_main() -> bool:
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
+
+
+def on_main(fn: Callable[[], None]) -> None:
+    """``fn()`` on rank 0 alone (taking a run folder's lock, say); a ValueError or OSError it
+    raises is raised on every rank, with its message, so that all ranks stop together rather
+    than wait for rank 0 at the next collective."""
+    error = None
+    if is_main():
+        try:
+            fn()
+        except (ValueError, OSError) as err:
+            error = err
+    if world_size() > 1:
+        message = [None if error is None else str(error)]
+        dist.broadcast_object_list(message, src=0)
+        if error is None and message[0] is not None:
+            raise ValueError(message[0])
+    if error is not None:
+        raise error
 
 
 @contextmanager
