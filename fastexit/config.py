@@ -412,7 +412,7 @@ class _FlatConfig:
 class ModelConfig(_FlatConfig):
     """Shape of an ``EarlyExitTransformer`` (pre-norm causal decoder, learned positions).
 
-    Mixture-of-Depths (docs/design.md §7): ``mod_layers`` (1-indexed, ascending) are routed
+    Mixture-of-Depths (docs/design.md §10): ``mod_layers`` (1-indexed, ascending) are routed
     blocks, each of which processes only a share ``mod_capacity`` in (0, 1] of the tokens
     (``fastexit.mod``); None (the default) is the plain model, whose config and checkpoints
     carry no trace of these fields.

@@ -366,7 +366,7 @@ def from_hf(model: nn.Module) -> HFEarlyExit:
 
 
 def router_tuning(model: nn.Module, layers, capacity: float) -> HFEarlyExit:
-    """Router-tuning (docs/design.md §7): a transformers causal LM (or an ``HFEarlyExit``) whose
+    """Router-tuning (docs/design.md §10): a transformers causal LM (or an ``HFEarlyExit``) whose
     decoder layers ``layers`` (1-indexed) become Mixture-of-Depths routed blocks of
     ``capacity`` in (0, 1] (``EarlyExitModel.add_routers``), with every parameter of the
     transformers model frozen (requires_grad False), so that training (``UniversalTrainer``,

@@ -1,5 +1,5 @@
 """Mixture-of-Depths (Raposo et al., 2024): routed blocks that process a share of the tokens
-and really skip the rest, in training, evaluation and cached generation (docs/design.md §7).
+and really skip the rest, in training, evaluation and cached generation (docs/design.md §10).
 
 A routed block (a layer of ``ModelConfig.mod_layers``, or of ``model.add_routers``) has a
 ``Router`` in ``model.mod_routers``:

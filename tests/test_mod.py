@@ -1,4 +1,4 @@
-"""Mixture-of-Depths routed blocks (fastexit.mod, docs/design.md §7) against plain references:
+"""Mixture-of-Depths routed blocks (fastexit.mod, docs/design.md §10) against plain references:
 each sequence alone, its top-k tokens (training) or its predictor's tokens (inference) run
 through the block in a loop, no gathering into batches."""
 import math
