@@ -18,21 +18,31 @@ A run trained with FSDP2 (``fastexit train --parallel fsdp``) saves a sharded ch
 instead: the folder ``ckpt-<step>`` (``save_sharded_checkpoint``), in which every rank wrote
 its shards of the model and optimizer state with torch.distributed.checkpoint (keyed by
 parameter name, so that any number of ranks, or one process, can load them) and rank 0 wrote
-``meta.pt`` (everything else, with its digest). The folder is written under a temporary name
-and renamed once every rank has written, so a rank that fails mid-save leaves nothing a
-loader reads. ``find_checkpoint`` picks a run folder's latest checkpoint of either kind;
-``load_checkpoint``, ``load_weights`` and ``load_optimizer`` read both.
+``meta.pt`` (everything else, with its digest, and the size and SHA-256 of every shard file:
+DCP keeps no checksums of its own). The folder is written under a temporary name and renamed
+once every rank has written, so a rank that fails mid-save leaves nothing a loader reads.
+``find_checkpoint`` picks a run folder's latest checkpoint of either kind; ``load_checkpoint``,
+``load_weights`` and ``load_optimizer`` read both.
 
 A run started from a transformers model (``RunConfig.hf_model``) saves the folder ``model``
 (``save_hf_checkpoint``): ``fastexit.hf.save``'s save_pretrained files and fastexit.json (it
 loads with transformers alone), the run's tokenizer, and ``ckpt.pt`` as above without the
-weights (its ``model`` is None). The folder is written under a temporary name and swapped in
-by two renames; ``find_checkpoint`` also finds the previous folder if a crash fell between
-them.
+weights (its ``model`` is None) but with the SHA-256 of every other file in the folder
+(``file_digests``), which ``load_checkpoint`` checks before anything loads them. The folder is
+written under a temporary name and swapped in by two renames; ``find_checkpoint`` also finds
+the previous folder if a crash fell between them.
+
+Every file a checkpoint lists is checked where it is read: a damaged or missing one is one
+``ValueError`` naming it. Folder swaps and the removal of older checkpoints happen under the
+run folder's commit lock (``committing``), which readers share (``reading``): a load never
+sees a folder vanish under it. A full disk during a save is one ``OSError`` "no space left on
+<run folder>", the previous checkpoint untouched; what crashed saves left is removed by
+``clean_run_folder`` when the next writer takes the run.
 """
 import hashlib
 import os
 import random
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -42,7 +52,7 @@ import numpy as np
 import torch
 
 from . import distributed, hf
-from .atomic import atomic_write
+from .atomic import atomic_write, file_digest, locked, no_space, remove_stale_temps
 from .config import ModelConfig, RunConfig
 from .model import EarlyExitTransformer
 
@@ -55,8 +65,13 @@ REQUIRED_KEYS = ("format", "version", "digest", "model", "run_config", "optimize
 SHARDED_PREFIX = "ckpt-"  # a sharded checkpoint is the folder ckpt-<step, 6 digits>
 META_NAME = "meta.pt"  # in it, beside the shards: every key but the model and optimizer tensors
 SHARDED_KEYS = tuple(k for k in REQUIRED_KEYS if k not in ("model", "optimizer")) + ("files",)
-DATA_KEYS = ("vocab_size", "fingerprint", "tokenizer")  # what a checkpoint's corpus must match
+DATA_KEYS = ("vocab_size", "fingerprint", "tokenizer", "files")  # what a checkpoint's corpus must match
 HF_DIR = "model"  # an HF run's checkpoint folder: save_pretrained files + ckpt.pt without weights
+FILE_DIGESTS = "file_digests"  # {file name: SHA-256} of the files a checkpoint keeps beside its payload
+COMMIT_LOCK = ".fastexit.commit.lock"  # in a run folder: held to swap checkpoint folders, shared to read them
+# What interrupted saves leave in a run folder: sharded and HF folders under their temporary or
+# previous names (an HF folder's previous copy only goes once the new one is complete: see clean_run_folder).
+_SAVE_LEFTOVERS = re.compile(rf"^\.({re.escape(SHARDED_PREFIX)}\d+\.(tmp|old)|{HF_DIR}\.tmp)$")
 
 
 # --------------------------------------------------------------------------------- RNG
@@ -123,18 +138,23 @@ def payload_digest(payload: Dict[str, Any]) -> str:
 
 # -------------------------------------------------------------------------- save / load
 def save_checkpoint(path: PathLike, *, model: Optional[torch.nn.Module], run_config: RunConfig,
-                    optimizer: Optional[torch.optim.Optimizer], step: int, data_state: Optional[dict]) -> Path:
+                    optimizer: Optional[torch.optim.Optimizer], step: int, data_state: Optional[dict],
+                    file_digests: Optional[Dict[str, str]] = None) -> Path:
     """Write a checkpoint atomically to ``path`` and return it.
 
-    ``model`` None: the weights are kept elsewhere (``save_hf_checkpoint``). ``run_config``: the run's resolved config (its ``data.identity`` names the tokenized
-    corpus); ``step``: completed optimizer steps; ``data_state``: the training stream's
-    ``state_dict()``. RNG states are captured here, so call it at a step boundary.
+    ``model`` None: the weights are kept elsewhere (``save_hf_checkpoint``), whose files'
+    SHA-256 ``file_digests`` records. ``run_config``: the run's resolved config (its
+    ``data.identity`` names the tokenized corpus); ``step``: completed optimizer steps;
+    ``data_state``: the training stream's ``state_dict()``. RNG states are captured here, so
+    call it at a step boundary.
     """
     path = Path(path)
     payload = dict(format=FORMAT, version=FORMAT_VERSION, digest="",
                    model=None if model is None else {k: v.detach().cpu() for k, v in model.state_dict().items()},
                    run_config=run_config.to_dict(), optimizer=None if optimizer is None else optimizer.state_dict(),
                    step=int(step), data_state=data_state, rng=capture_rng_state())
+    if file_digests is not None:
+        payload[FILE_DIGESTS] = dict(file_digests)
     payload["digest"] = payload_digest(payload)
     atomic_write(path, lambda tmp: _save(payload, tmp))
     return path
@@ -187,7 +207,24 @@ def _read_sharded(path: Path) -> Dict[str, Any]:
     if wrong:
         raise ValueError(f"{path}: sharded checkpoint is truncated or incomplete ({', '.join(wrong)} "
                          "missing or not at the size written)")
+    check_file_digests(path, payload, path / META_NAME)
     return payload
+
+
+def digest_files(folder: Path, skip=()) -> Dict[str, str]:
+    """{name: SHA-256} of every file directly in ``folder`` but those named in ``skip``."""
+    return {f.name: file_digest(f) for f in sorted(Path(folder).iterdir()) if f.is_file() and f.name not in skip}
+
+
+def check_file_digests(folder: Path, payload: Dict[str, Any], source: Path) -> None:
+    """Each file a checkpoint recorded (``payload['file_digests']``, written by a fastexit that
+    records them) against its SHA-256: one ValueError naming the first damaged or missing file."""
+    for name, digest in sorted((payload.get(FILE_DIGESTS) or {}).items()):
+        file = Path(folder) / name
+        if not file.is_file():
+            raise ValueError(f"{file}: missing (the checkpoint {source} lists it)")
+        if file_digest(file) != digest:
+            raise ValueError(f"{file}: damaged (its SHA-256 does not match the one recorded in {source})")
 
 
 def _from_version_1(payload: Dict[str, Any]) -> Dict[str, Any]:
@@ -213,9 +250,11 @@ def is_version_1_run_dict(d: Dict[str, Any]) -> bool:
     return "warmup" in d.get("train", {}) and "preset" in d.get("method", {})
 
 
-def _diff(saved: Dict[str, Any], wanted: Dict[str, Any]) -> str:
+def _diff(saved: Dict[str, Any], wanted: Dict[str, Any], prefix: str = "") -> str:
     keys = sorted(set(saved) | set(wanted))
-    return ", ".join(f"{k} {saved.get(k)!r} (checkpoint) vs {wanted.get(k)!r} (requested)"
+    return ", ".join(_diff(saved[k], wanted[k], f"{prefix}{k}.") if isinstance(saved.get(k), dict)
+                     and isinstance(wanted.get(k), dict) else
+                     f"{prefix}{k} {saved.get(k)!r} (checkpoint) vs {wanted.get(k)!r} (requested)"
                      for k in keys if saved.get(k) != wanted.get(k))
 
 
@@ -232,8 +271,11 @@ def load_checkpoint(path: PathLike, *, model_config: Optional[ModelConfig] = Non
     path = Path(path)
     if not path.is_dir():
         payload = _read(path)
-    else:  # an HF run's folder holds ckpt.pt, a sharded checkpoint meta.pt
-        payload = _read(path / CKPT_NAME) if (path / CKPT_NAME).is_file() else _read_sharded(path)
+    elif (path / CKPT_NAME).is_file():  # an HF run's folder: ckpt.pt lists its transformers files
+        payload = _read(path / CKPT_NAME)
+        check_file_digests(path, payload, path / CKPT_NAME)
+    else:  # a sharded checkpoint: meta.pt lists its shards
+        payload = _read_sharded(path)
     try:
         payload["run_config"] = RunConfig.from_dict(payload["run_config"])
     except (TypeError, ValueError, KeyError) as err:
@@ -355,17 +397,47 @@ def save_sharded_checkpoint(run_dir: PathLike, *, model: torch.nn.Module, run_co
         shutil.rmtree(tmp, ignore_errors=True)  # left by a save that failed
     distributed.barrier()
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)  # returns once all ranks wrote
+    try:
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)  # returns once all wrote
+    except Exception as err:  # noqa: BLE001 - DCP wraps a full disk in its CheckpointException
+        full = no_space(Path(run_dir), err)
+        if full is None:
+            raise
+        raise full from None
     if distributed.is_main():
         meta = dict(format=FORMAT, version=FORMAT_VERSION, digest="", run_config=run_config.to_dict(),
                     step=int(step), data_state=data_state, rng=capture_rng_state(),
-                    files={f.name: f.stat().st_size for f in tmp.iterdir()})
+                    files={f.name: f.stat().st_size for f in tmp.iterdir()}, **{FILE_DIGESTS: digest_files(tmp)})
         meta["digest"] = payload_digest(meta)
         atomic_write(tmp / META_NAME, lambda f: _save(meta, f))
-        _commit(tmp, final)
-        remove_older_checkpoints(run_dir, keep=final)
+        with committing(run_dir):
+            _commit(tmp, final)
+            remove_older_checkpoints(run_dir, keep=final)
     distributed.barrier()
     return final
+
+
+def committing(run_dir: PathLike):
+    """Held (exclusive) while a save swaps checkpoint folders in and removes older ones; a
+    reader (``reading``) never sees a folder vanish halfway through its load."""
+    return locked(Path(run_dir) / COMMIT_LOCK)
+
+
+def reading(run_dir: PathLike):
+    """Held (shared) while a reader loads a run's checkpoint: a concurrent save finishes its
+    swap before or after, never during (``committing``). Writes nothing but the lock file."""
+    return locked(Path(run_dir) / COMMIT_LOCK, shared=True)
+
+
+def clean_run_folder(run_dir: PathLike) -> list:
+    """Remove what crashed writers left in a run folder: ``.<name>.<pid>.tmp`` files of atomic
+    writes, unfinished sharded and HF checkpoint folders, and an HF folder's previous copy once
+    the new one is complete. Call it holding the run's lock. Returns the names removed."""
+    run_dir = Path(run_dir)
+    removed = remove_stale_temps(run_dir) + remove_stale_temps(run_dir, _SAVE_LEFTOVERS)
+    if (run_dir / HF_DIR / CKPT_NAME).is_file():
+        removed += remove_stale_temps(run_dir, re.compile(rf"^\.{HF_DIR}\.old$"))
+    return removed
 
 
 def _commit(tmp: Path, final: Path) -> None:
@@ -398,13 +470,21 @@ def save_hf_checkpoint(run_dir: PathLike, *, model: torch.nn.Module, run_config:
     final = Path(run_dir) / HF_DIR
     tmp, old = final.with_name(f".{HF_DIR}.tmp"), final.with_name(f".{HF_DIR}.old")
     shutil.rmtree(tmp, ignore_errors=True)  # left by a save that failed
-    hf.save(model, tmp, run_config.method)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    save_checkpoint(tmp / CKPT_NAME, model=None, run_config=run_config, optimizer=optimizer, step=step,
-                    data_state=data_state)
-    _commit(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    try:
+        hf.save(model, tmp, run_config.method)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        save_checkpoint(tmp / CKPT_NAME, model=None, run_config=run_config, optimizer=optimizer, step=step,
+                        data_state=data_state, file_digests=digest_files(tmp))
+    except Exception as err:  # noqa: BLE001 - safetensors and tokenizers report a full disk in their own types
+        full = no_space(Path(run_dir), err)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if full is None:
+            raise
+        raise full from None
+    with committing(run_dir):
+        _commit(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
     return final
 
 

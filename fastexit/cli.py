@@ -6,9 +6,13 @@ Thin ``cmd_*`` functions only: the parsers and the flags → ``RunConfig`` build
 set (``--routing-threshold``, ``--exit-layer``, ``--layer-lr-scales``, ``--warmup-steps``,
 ``--compute-dtype``); the older spellings still work for one release, with a deprecation note.
 Bad input (a missing data path, a too small corpus, an unknown preset, a malformed flag, a
-corrupted or mismatched checkpoint) ends with one line ``fastexit: error: ...`` on stderr and
-exit status 2, before anything is written. ``train --parallel ddp|fsdp`` runs under torchrun
-(``torchrun --nproc-per-node 8 -m fastexit.cli train --parallel fsdp ...``); rank 0 prints.
+corrupted or mismatched checkpoint, a damaged file of the run, a run folder another process
+holds) ends with one line ``fastexit: error: ...`` on stderr and exit status 2, before
+anything is written; a failure mid-run (the loss diverged, the disk is full) with one such line
+and exit status 1, the last checkpoint intact. ``train`` and ``calibrate`` hold the run
+folder's lock; ``eval``, ``sweep`` and ``generate`` only read. ``train --parallel ddp|fsdp``
+runs under torchrun (``torchrun --nproc-per-node 8 -m fastexit.cli train --parallel fsdp
+...``); rank 0 prints.
 ``train --hf-model DIR`` trains a local transformers model folder (``fastexit.hf``) instead of
 fastexit's own model: its shape comes from DIR's config.json, its text from DIR's tokenizer
 (or a BPE of the model's vocab_size when DIR has none), exit_layer defaults to n_layers // 2.
@@ -28,7 +32,7 @@ from .config import DEFAULT_PRESET, MAX_PPL_INCREASE, RUN_MODEL_DEFAULTS, TRAIN_
 from .distributed import log, resolve_device
 from .flags import (UsageError, build_parser, check_budget_flags, parse_confidences, parse_lrs, parse_number_list,
                     parse_presets, parse_seeds, parse_thresholds, resume_changes, run_config_from_flags, with_budget)
-from .runs import CALIBRATION, Run
+from .runs import CALIBRATION, Run, RunFailed
 
 def _runtime(args) -> Dict[str, Any]:
     return dict(device=resolve_device(args.device), backend=args.backend)
@@ -114,7 +118,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    run = Run.load(Path(args.run), **_runtime(args))
+    run = Run.load(Path(args.run), calibration=False, **_runtime(args))  # the calibration it replaces is not read
     exits = parse_number_list(args.exit_layers, "--exit-layers", int) if args.exit_layers else None
     record = run.calibrate(max_ppl_increase=args.max_ppl_increase, min_agreement=args.min_agreement,
                            delta=args.delta, exits=exits, confidence=args.confidence, eval_batches=args.eval_batches)
@@ -193,6 +197,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return COMMANDS[args.command](args)
     except SystemExit as done:  # --help
         return done.code if isinstance(done.code, int) else 0
+    except RunFailed as err:  # mid-run: what was committed stays, the message says which checkpoint
+        print(f"fastexit: error: {err}", file=sys.stderr)
+        return 1
     except (UsageError, ValueError, OSError, ImportError) as err:
         print(f"fastexit: error: {err}", file=sys.stderr)
         return 2

@@ -21,13 +21,18 @@ how they are split. The tokenizer is a byte-level BPE trained on the training sp
 cached with the token ids of every split in ``cache_dir``:
 ``tokenizer.json``, ``{train,val,test}.bin`` (raw uint16/uint32 ids, read back as
 ``np.memmap``) and ``meta.json`` (written last; its fingerprint of the texts and vocab size
-decides whether the cache is reused).
+decides whether the cache is reused, and it records the SHA-256 of the other four files,
+checked at every load: a damaged file is one ``CacheError`` naming it, never silently
+rebuilt). A cache is never rewritten file by file: a new one is built beside it under the
+cache's lock and swapped in by renames (``_replace_cache``).
 
-A run's corpus (``load_corpus`` of a ``DataConfig``) is the same cache; ``corpus_identity``
-is what its checkpoint must match, ``check_corpus`` refuses one too small to train on,
-``split_batches`` / ``with_bpb`` give evaluation batches and bits per byte, and
-``steps_for_budget`` converts an epochs or tokens budget into steps. Loading a corpus imports
-neither the model nor checkpoints.
+A run's corpus (``load_corpus`` of a ``DataConfig``) is the same cache; a trained run's is
+refused, before any cache is touched, when its texts no longer have the recorded fingerprint;
+``corpus_identity`` is what its checkpoint must match (with each cache file's SHA-256),
+``run_tokenizer`` checks the tokenizer a run decodes with, ``check_corpus`` refuses a corpus
+too small to train on, ``split_batches`` / ``with_bpb`` give evaluation batches and bits per
+byte, and ``steps_for_budget`` converts an epochs or tokens budget into steps. Loading a
+corpus imports neither the model nor checkpoints.
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ import json
 import math
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +51,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Sequence, Union
 import numpy as np
 import torch
 
-from .atomic import atomic_write
+from .atomic import atomic_write, file_digest, locked, no_space, remove_stale_temps, temp_path, try_lock
 from .config import DEFAULT_VOCAB_SIZE, MIN_VOCAB_SIZE, DataConfig
 
 if TYPE_CHECKING:
@@ -399,36 +405,84 @@ def default_cache_root() -> Path:
     return Path(base) / "fastexit"
 
 
+CACHE_FILES = ("tokenizer.json",) + tuple(f"{s}.bin" for s in SPLITS)  # each with its SHA-256 in meta.json
+_CACHE_NAMES = set(CACHE_FILES) | {"meta.json"}
+
+
+class CacheError(ValueError):
+    """A token cache that cannot be used as it is (damaged, or not the one a run was trained
+    on): one message naming the file, never a rebuild over it."""
+
+
+class DataMismatch(CacheError):
+    """A trained run's texts no longer give the fingerprint it recorded."""
+
+
 def _write_cache(cache_dir: Path, tokenizer, ids: dict[str, np.ndarray], meta: dict) -> None:
     cache_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(cache_dir / "tokenizer.json", lambda p: tokenizer.save(str(p)))
     for split, arr in ids.items():
         atomic_write(cache_dir / f"{split}.bin", arr.tofile)
+    meta = dict(meta, sha256={name: file_digest(cache_dir / name) for name in CACHE_FILES})
     # meta.json last: its presence marks a complete cache.
     atomic_write(cache_dir / "meta.json",
                   lambda p: p.write_text(json.dumps(meta, indent=1), encoding="utf-8"))
 
 
 def _read_ids(path: Path, dtype: str, n_tokens: int) -> np.ndarray:
+    if path.stat().st_size != n_tokens * np.dtype(dtype).itemsize:
+        raise CacheError(f"{path}: damaged token cache ({path.stat().st_size} bytes where meta.json says "
+                         f"{n_tokens} {dtype} ids); delete {path.parent} to rebuild it")
     if n_tokens == 0:  # an empty file cannot be memory-mapped
         return np.zeros(0, dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r", shape=(n_tokens,))
 
 
+def read_tokenizer(path: Path) -> "Tokenizer":
+    """A ``tokenizers.Tokenizer`` from its tokenizer.json; CacheError naming the file when it
+    does not parse."""
+    try:
+        return _tokenizers().Tokenizer.from_file(str(path))
+    except Exception as err:  # noqa: BLE001 - the Rust parser's errors are plain Exceptions
+        raise CacheError(f"{path}: not a readable tokenizer ({str(err).splitlines()[0] if str(err) else err!r}); "
+                         f"damaged?") from None
+
+
+def _check_digests(cache_dir: Path, meta: dict) -> None:
+    """Every cache file against the SHA-256 meta.json recorded (a cache written before
+    fastexit recorded them is read unchecked)."""
+    for name, digest in (meta.get("sha256") or {}).items():
+        if file_digest(cache_dir / name) != digest:
+            raise CacheError(f"{cache_dir / name}: damaged token cache (its SHA-256 does not match the one in "
+                             f"{cache_dir / 'meta.json'}); delete {cache_dir} to rebuild it")
+
+
 def _load_cache(cache_dir: Path, fp: str) -> Corpus | None:
-    """The cached corpus when meta.json matches `fp` and all files are there, else None."""
+    """The cached corpus when meta.json matches `fp` and all files are there, else None (no
+    cache, an unfinished one, or another corpus's); CacheError when it is damaged."""
     meta_path = cache_dir / "meta.json"
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except FileNotFoundError:
         return None
-    files = [cache_dir / "tokenizer.json"] + [cache_dir / f"{s}.bin" for s in SPLITS]
-    if meta.get("fingerprint") != fp or not all(f.is_file() for f in files):
+    except (OSError, ValueError) as err:
+        raise CacheError(f"{meta_path}: damaged token cache ({err}); delete {cache_dir} to rebuild it") from None
+    if not isinstance(meta, dict):
+        raise CacheError(f"{meta_path}: damaged token cache (not a JSON object); delete {cache_dir} to rebuild it")
+    if meta.get("fingerprint") != fp or not all((cache_dir / name).is_file() for name in CACHE_FILES):
         return None
-    tokenizer = _tokenizers().Tokenizer.from_file(str(cache_dir / "tokenizer.json"))
-    splits = {s: _read_ids(cache_dir / f"{s}.bin", meta["dtype"], meta["n_tokens"][s])
-              for s in SPLITS}
-    return Corpus(tokenizer, meta["vocab_size"], splits, meta["n_bytes"], cache_dir)
+    _check_digests(cache_dir, meta)
+    try:
+        splits = {s: _read_ids(cache_dir / f"{s}.bin", meta["dtype"], meta["n_tokens"][s]) for s in SPLITS}
+        corpus = Corpus(read_tokenizer(cache_dir / "tokenizer.json"), meta["vocab_size"], splits, meta["n_bytes"],
+                        cache_dir)
+    except (KeyError, TypeError) as err:
+        raise CacheError(f"{meta_path}: damaged token cache (lacks {err}); delete {cache_dir} to rebuild it") from None
+    for split, arr in splits.items():  # cheap next to the digests, and a cache without them gets one check
+        if len(arr) and int(arr.max()) >= corpus.vocab_size:
+            raise CacheError(f"{cache_dir / (split + '.bin')}: damaged token cache (id {int(arr.max())} outside the "
+                             f"vocabulary of {corpus.vocab_size}); delete {cache_dir} to rebuild it")
+    return corpus
 
 
 def _build_cache(texts: dict[str, str], vocab_size: int, cache_dir: Path, fp: str,
@@ -449,10 +503,80 @@ def _build_cache(texts: dict[str, str], vocab_size: int, cache_dir: Path, fp: st
     return _load_cache(cache_dir, fp)
 
 
+def _replace_cache(texts: dict[str, str], vocab_size: int, cache_dir: Path, fp: str,
+                   tokenizer: "Tokenizer | None") -> Corpus:
+    """Build the cache in ``cache_dir``, holding its lock (``.<name>.lock`` beside it: a second
+    process building the same cache waits, then reads the first one's). A folder without a
+    complete cache (no meta.json: nobody can be reading it) gets the files in place, meta.json
+    last. A complete cache of another fingerprint is never rewritten file by file: the new one
+    is built beside it and swapped in by renames, so a reader sees the old cache or the new one;
+    a folder that holds anything else besides is refused (CacheError)."""
+    cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    with locked(_cache_lock(cache_dir)):
+        corpus = _load_cache(cache_dir, fp)  # built while we waited?
+        if corpus is not None:
+            return corpus
+        _remove_cache_leftovers(cache_dir)
+        replace = (cache_dir / "meta.json").exists()
+        if replace:
+            _check_only_cache_files(cache_dir)
+        target = temp_path(cache_dir) if replace else cache_dir
+        try:
+            _build_cache(texts, vocab_size, target, fp, tokenizer)
+            if replace:
+                old = cache_dir.with_name(f".{cache_dir.name}.{os.getpid()}.old")
+                os.rename(cache_dir, old)
+                os.rename(target, cache_dir)
+                shutil.rmtree(old, ignore_errors=True)
+        except Exception as err:  # noqa: BLE001 - numpy's tofile reports a full disk without an errno
+            full = no_space(cache_dir.parent, err)
+            if replace:
+                shutil.rmtree(target, ignore_errors=True)
+            if full is None:
+                raise
+            raise full from None
+        return _load_cache(cache_dir, fp)
+
+
+def _cache_lock(cache_dir: Path) -> Path:
+    return cache_dir.parent / f".{cache_dir.name}.lock"
+
+
+def _remove_cache_leftovers(cache_dir: Path) -> None:
+    """What builds of this cache that crashed left beside it (``.<name>.<pid>.tmp`` / ``.old``
+    folders) and in it (``.<file>.<pid>.tmp``); call it holding the cache's lock."""
+    remove_stale_temps(cache_dir.parent, re.compile(rf"^\.{re.escape(cache_dir.name)}\.\d+\.(tmp|old)$"))
+    names = "|".join(re.escape(name) for name in sorted(_CACHE_NAMES))  # not another cache's build beside them
+    remove_stale_temps(cache_dir, re.compile(rf"^\.({names})\.\d+\.tmp$"))
+
+
+def _clean_beside(corpus: Corpus) -> Corpus:
+    """A loaded cache's crash leftovers go too, when no process is building it right now."""
+    fd = try_lock(_cache_lock(corpus.cache_dir))
+    if fd is not None:
+        try:
+            _remove_cache_leftovers(corpus.cache_dir)
+        finally:
+            os.close(fd)
+    return corpus
+
+
+def _check_only_cache_files(cache_dir: Path) -> None:
+    """Refuse to replace a folder that holds anything but a fastexit cache (a --cache-dir
+    that is someone's folder, or holds the caches of transformers tokenizers)."""
+    if not cache_dir.is_dir():
+        raise CacheError(f"cache_dir {cache_dir}: not a folder")
+    other = sorted(p.name for p in cache_dir.iterdir() if p.name not in _CACHE_NAMES and not p.name.endswith(".tmp"))
+    if other:
+        raise CacheError(f"cache_dir {cache_dir} holds the cache of another corpus, which runs may need, and more "
+                         f"({', '.join(other[:5])}); give --cache-dir a new or empty folder")
+
+
 def prepare_data(paths: PathLike | Sequence[PathLike] | None = None,
                  vocab_size: int = DEFAULT_VOCAB_SIZE,
                  cache_dir: PathLike | None = None,
-                 tokenizer: PathLike | None = None) -> Corpus:
+                 tokenizer: PathLike | None = None,
+                 expect_fingerprint: str | None = None) -> Corpus:
     """Load texts (see load_texts), train or reload the tokenizer, tokenize every split.
 
     tokenizer: a transformers tokenizer folder (``hf_tokenizer``) used as it is instead of
@@ -460,18 +584,26 @@ def prepare_data(paths: PathLike | Sequence[PathLike] | None = None,
     default_cache_root()/<fingerprint[:16]>; with a given tokenizer the cache is the
     subfolder ``hf-<fingerprint[:16]>`` of cache_dir, so a corpus tokenized by it never
     replaces a BPE one. A cache whose meta.json fingerprint (texts, vocab_size, tokenizer)
-    matches is reused; otherwise it is rebuilt in place. Returns a Corpus with
-    splits[name]: ids [n_tokens] uint16/uint32.
+    matches is reused after its files pass their SHA-256 check (CacheError naming a damaged
+    one); otherwise a new cache is built beside it and swapped in (``_replace_cache``).
+    ``expect_fingerprint`` (a trained run's): a corpus that no longer has it is refused
+    (CacheError) before any cache is touched. Returns a Corpus with splits[name]: ids
+    [n_tokens] uint16/uint32.
     """
     vocab_size = _check_vocab_size(vocab_size)
     given = hf_tokenizer(tokenizer) if tokenizer is not None else None
     texts = load_texts(paths)
     fp = fingerprint(texts, vocab_size, given)
+    if expect_fingerprint is not None and fp != expect_fingerprint:
+        raise DataMismatch(f"data mismatch (tokenizer or corpus changed): the run was trained on the corpus of "
+                           f"fingerprint {expect_fingerprint[:16]}, the texts now give {fp[:16]}; its cache is left as "
+                           f"it is (restore the texts, or train a new run)")
     if given is None:
         cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_root() / fp[:16]
     else:
         cache_dir = Path(cache_dir or default_cache_root()) / f"hf-{fp[:16]}"
-    return _load_cache(cache_dir, fp) or _build_cache(texts, vocab_size, cache_dir, fp, given)
+    corpus = _load_cache(cache_dir, fp)
+    return _clean_beside(corpus) if corpus is not None else _replace_cache(texts, vocab_size, cache_dir, fp, given)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -550,12 +682,20 @@ def model_tokenizer(folder: PathLike, vocab_size: int) -> str | None:
 
 def load_corpus(data: DataConfig) -> Corpus:
     """The tokenized corpus of a run's data section; errors name the --data flag. A trained
-    run reads the cache its checkpoint was made with."""
+    run (``data.identity`` set) reads the cache its checkpoint was made with, and a corpus whose
+    fingerprint changed since is refused (CacheError) before any cache is built or replaced."""
     cache_dir = data.cache_dir or (data.identity or {}).get("cache_dir")
     if data.tokenizer is not None:  # the cache is a subfolder (hf-<fingerprint>) of the folder given
         cache_dir = data.cache_dir
+    expect = (data.identity or {}).get("fingerprint")
     try:
-        corpus = prepare_data(data.paths, vocab_size=data.vocab_size, cache_dir=cache_dir, tokenizer=data.tokenizer)
+        corpus = prepare_data(data.paths, vocab_size=data.vocab_size, cache_dir=cache_dir, tokenizer=data.tokenizer,
+                              expect_fingerprint=expect)
+    except DataMismatch as err:
+        what = "--data " + " ".join(data.paths) if data.paths else "the default corpus"
+        raise DataMismatch(f"{what}: {err}") from None
+    except CacheError:
+        raise  # names the damaged cache file
     except (ValueError, FileNotFoundError) as err:
         if str(err).startswith("tokenizer: "):
             raise ValueError(f"--hf-model: {str(err).removeprefix('tokenizer: ')}") from None
@@ -567,14 +707,37 @@ def load_corpus(data: DataConfig) -> Corpus:
     return corpus
 
 
+def vocab_digest(tokenizer: "Tokenizer") -> str:
+    """SHA-256 of a tokenizer's vocabulary (token -> id), the ``tokenizer`` of a corpus identity."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()
+
+
 def corpus_identity(corpus: Corpus) -> dict:
     """Vocab size, text fingerprint (from the cache's meta.json), a digest of the tokenizer's
-    vocabulary (a retrained tokenizer must give the same ids) and the cache folder."""
+    vocabulary (a retrained tokenizer must give the same ids), the cache folder and the SHA-256
+    of each cache file (``files``: tokenizer.json and the splits' ids; absent for a cache
+    written before fastexit recorded them)."""
     meta = json.loads((Path(corpus.cache_dir) / "meta.json").read_text(encoding="utf-8"))
-    vocab = sorted(corpus.tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-    tokenizer = hashlib.sha256(json.dumps(vocab).encode()).hexdigest()
-    return dict(vocab_size=int(corpus.vocab_size), fingerprint=meta["fingerprint"], tokenizer=tokenizer,
-                cache_dir=str(corpus.cache_dir))
+    identity = dict(vocab_size=int(corpus.vocab_size), fingerprint=meta["fingerprint"],
+                    tokenizer=vocab_digest(corpus.tokenizer), cache_dir=str(corpus.cache_dir))
+    return dict(identity, files=meta["sha256"]) if meta.get("sha256") else identity
+
+
+def run_tokenizer(identity: dict, path: Path, *, cached: bool) -> "Tokenizer":
+    """The tokenizer.json at ``path`` as a run with corpus ``identity`` recorded it: CacheError
+    naming the file unless its vocabulary matches, and for the cache's own file (``cached``)
+    its SHA-256 (where the run recorded one)."""
+    recorded = (identity.get("files") or {}).get("tokenizer.json")
+    if cached and recorded is not None:
+        if file_digest(path) != recorded:
+            raise CacheError(f"{path}: not the tokenizer the run was trained with (its SHA-256 differs from the one "
+                             f"the run recorded)")
+    tok = read_tokenizer(path)
+    if "tokenizer" in identity and vocab_digest(tok) != identity["tokenizer"]:
+        raise CacheError(f"{path}: not the tokenizer the run was trained with (its vocabulary differs from the one "
+                         f"the run recorded)")
+    return tok
 
 
 def check_corpus(corpus: Corpus, batch_size: int, seq_len: int, splits: Sequence[str] = ("train", "val")) -> None:

@@ -10,6 +10,7 @@ config (``fastexit.config``) and the module that owns the thing checked; here on
 alone can get wrong.
 """
 import argparse
+import json
 import math
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -266,6 +267,7 @@ def _hf_model_and_data(args, fields: Dict[str, Any], train: TrainConfig):
     """``--hf-model DIR``: the model's shape and the data section (its tokenizer, else a BPE of
     its vocab_size), after checking that no flag contradicts the folder."""
     src = Path(args.hf_model).resolve()
+    _check_hf_sizes(src)
     try:
         shape = hf.shape_of(hf.read_config(src))
     except ValueError as err:
@@ -289,6 +291,29 @@ def _hf_model_and_data(args, fields: Dict[str, Any], train: TrainConfig):
         raise ValueError(f"--hf-model: {str(err).removeprefix('tokenizer: ')}") from None
     data_fields = dict(_section(fields, "data"), vocab_size=max(vocab, MIN_VOCAB_SIZE), tokenizer=tokenizer)
     return ModelConfig(**shape), data_fields
+
+
+HF_SIZE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+
+
+def _check_hf_sizes(src: Path) -> None:
+    """--hf-model's config.json must state the model's sizes: transformers fills a missing one
+    in with its class default (a 4096-wide Llama) and fails only after a long load."""
+    file = src / "config.json"
+    if src.suffix == ".gguf" or not file.is_file():
+        return  # hf.read_config names what is missing
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--hf-model: {file} is not readable JSON ({err})") from None
+    from transformers import CONFIG_MAPPING  # optional (the hf extra): only --hf-model gets here
+    if not isinstance(raw, dict) or raw.get("model_type") not in CONFIG_MAPPING:
+        return  # hf.read_config names the problem
+    aliases = CONFIG_MAPPING[raw["model_type"]].attribute_map  # e.g. GPT-2's hidden_size is n_embd
+    missing = [aliases.get(name, name) for name in HF_SIZE_FIELDS if name not in raw and aliases.get(name) not in raw]
+    if missing:
+        raise ValueError(f"--hf-model: {file} does not give {', '.join(missing)}; transformers would fill in its "
+                         f"defaults for a {raw['model_type']} model of another size")
 
 
 def with_budget(args, config: RunConfig) -> RunConfig:

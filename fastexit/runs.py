@@ -27,30 +27,49 @@ A run is never overwritten: ``Run.create`` refuses a folder that already holds o
 ``Run.resume`` continues from ``ckpt.pt`` to the same final weights as an uninterrupted run
 (only ``RESUME_OVERRIDABLE`` fields may change). Every check runs before anything is written.
 
+One writer at a time: ``Run.create``, ``Run.resume`` and ``Run.calibrate`` take the folder's
+lock (``lock_run``: ``fcntl.flock`` on ``.fastexit.lock``, rank 0 under torchrun) and hold it
+until the process ends; the OS drops it when the process dies, kill -9 included, so no lock
+is ever stale. A second writer gets one error naming the holder's PID. The lock holder first
+removes what crashed writers left (``checkpoint.clean_run_folder``). Readers (``Run.load``:
+eval, sweep, generate) take no writer lock; they read the checkpoint under the shared
+``checkpoint.reading`` lock, so a save running beside them swaps its folders before or after
+their load, never during it.
+
+A diverging run stops: a step whose loss or gradient norm is not finite, or a checkpoint whose
+weights are not, ends ``train`` with ``RunFailed`` (the step's metrics line is written, with
+null for the non-finite values: metrics files are standard JSON) and the last checkpoint,
+written at a finite step, stays as it was. ``RunFailed`` is also what a write failing mid-run
+becomes (a full disk: "no space left on <folder>").
+
 Bits per byte (``bpb``) sit next to perplexity: ``bpb = mean_nll * n_tokens / (n_bytes * ln 2)``
 where ``n_bytes`` is the exact UTF-8 byte count of the scored target tokens, summed from the
 tokenizer's per-token byte lengths (``Corpus.bytes_of``), not a split-wide average.
 """
 import contextlib
 import json
+import math
+import os
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from . import calibrate
 from . import checkpoint as ckpt
 from . import distributed, hf
-from .atomic import write_json, write_lines
+from .atomic import json_text, no_space, read_holder, try_lock, write_holder, write_json, write_lines
 from .config import DataConfig, RunConfig
-from .data import (check_corpus, corpus_identity, load_corpus, load_hf_tokenizer, random_batches, split_batches,
-                   with_bpb)
+from .data import (check_corpus, corpus_identity, load_corpus, load_hf_tokenizer, random_batches, run_tokenizer,
+                   split_batches, with_bpb)
 from .distributed import log
 from .model import EarlyExitTransformer
 from .trainer import EarlyStopping, UniversalTrainer
 
 RUN_FILES = ("config.json", "metrics.jsonl", ckpt.CKPT_NAME)
+LOCK_NAME = ".fastexit.lock"  # the writer's lock: flock'ed for the life of the process, its PID inside
+LOCK_FILES = (LOCK_NAME, ckpt.COMMIT_LOCK)
 # Dotted RunConfig fields a resumed run may change; every other field defines the run.
 RESUME_OVERRIDABLE = ("train.steps", "train.eval_every", "train.eval_batches", "train.ckpt_every", "data.cache_dir")
 
@@ -59,13 +78,112 @@ class StopTraining(Exception):
     """Raised from the step callback at ``stop_at``, after the checkpoint is written."""
 
 
+class RunFailed(Exception):
+    """Training failed mid-run (a diverged loss, a full disk): the message says why and which
+    checkpoint is intact. The command line reports it with exit status 1."""
+
+
+class _Diverged(Exception):
+    """Raised from the step callback at a non-finite step: args (step, what was not finite)."""
+
+
 def is_run_folder(path: Path) -> bool:
     return any((Path(path) / name).exists() for name in RUN_FILES) or ckpt.find_checkpoint(path) is not None
 
 
 def _data_key(identity: Dict[str, Any]) -> Dict[str, Any]:
-    """The parts of a corpus identity a checkpoint must match."""
-    return {k: identity[k] for k in ckpt.DATA_KEYS}
+    """The parts of a corpus identity a checkpoint must match (those it records)."""
+    return {k: identity[k] for k in ckpt.DATA_KEYS if k in identity}
+
+
+# ------------------------------------------------------------------------- the lock
+_HELD: Dict[str, int] = {}  # resolved run folder -> fd holding its lock until this process ends
+
+
+def lock_run(path: Path) -> None:
+    """Take the run folder's exclusive lock for the rest of this process (the OS releases it
+    when the process ends, kill -9 included; taking it again is a no-op), then remove what
+    crashed writers left there. ValueError naming the holder's PID when another process has it."""
+    path, key = Path(path), str(Path(path).resolve())
+    if key in _HELD:
+        return
+    fd = try_lock(path / LOCK_NAME)
+    if fd is None and not (path / LOCK_NAME).exists():
+        raise ValueError(f"{path}: cannot create its lock file {LOCK_NAME} (a read-only folder?)")
+    if fd is None:
+        raise ValueError(f"{path} is in use by {read_holder(path / LOCK_NAME)} (a fastexit train or calibrate of "
+                         f"this run); wait for it to end, or stop it")
+    with contextlib.suppress(OSError):  # a lock file we may only read still locks
+        write_holder(fd)
+    _HELD[key] = fd
+    removed = ckpt.clean_run_folder(path)
+    if removed:
+        log(f"{path}: removed what an interrupted writer left: {', '.join(removed)}")
+
+
+def unlock_run(path: Path) -> None:
+    """Give the run folder's lock back before the process ends (``lock_run``)."""
+    fd = _HELD.pop(str(Path(path).resolve()), None)
+    if fd is not None:
+        os.close(fd)
+
+
+class _Claim:
+    """What ``Run.create`` / ``Run.resume`` took before their checks: the run folder's lock
+    (rank 0; every rank raises if that fails) and, for a new run, the folders made for it.
+    ``give_up`` hands both back when a check fails, so a refused command leaves nothing."""
+
+    def __init__(self, path: Path, create: bool):
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"--out {path}: a file, not a folder; name a run folder")
+        self.path, self.made, self.locked = path, None, False
+        try:
+            distributed.on_main(lambda: self._take(create))
+        except BaseException:
+            self.give_up()
+            raise
+
+    def _take(self, create: bool) -> None:
+        if create and not self.path.exists():
+            self.made = next(p for p in reversed((self.path, *self.path.parents)) if not p.exists())
+            self.path.mkdir(parents=True, exist_ok=True)
+        if self.path.is_dir() and str(self.path.resolve()) not in _HELD:
+            lock_run(self.path)
+            self.locked = True
+
+    def give_up(self) -> None:
+        if self.locked:
+            if self.made is not None:
+                (self.path / LOCK_NAME).unlink(missing_ok=True)
+            unlock_run(self.path)
+        if self.made is None:
+            return
+        for folder in (self.path, *self.path.parents):
+            with contextlib.suppress(OSError):  # not empty: someone else's now
+                folder.rmdir()
+            if folder == self.made:
+                return
+
+
+# ---------------------------------------------------------------------- metrics lines
+def read_metrics(path: Path) -> List[Tuple[str, Dict[str, Any]]]:
+    """(line, record) of every record of a metrics.jsonl, in order (none if it is absent); a
+    line a crash cut short is skipped. ValueError naming the file and line for JSON that is not
+    a metrics record (an object with an int ``step`` and a ``kind``)."""
+    if not path.exists():
+        return []
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut by a crash
+        step = record.get("step") if isinstance(record, dict) else None
+        if isinstance(step, bool) or not isinstance(step, int) or not isinstance(record.get("kind"), str):
+            raise ValueError(f"{path}, line {n}: not a fastexit metrics record ({line[:60]!r}); fix or delete "
+                             f"that line")
+        out.append((line, record))
+    return out
 
 
 # ------------------------------------------------------------------------- run files
@@ -82,6 +200,8 @@ def with_calibration(config: RunConfig, path: Path, step: int) -> RunConfig:
     try:
         record = json.loads(file.read_text(encoding="utf-8"))
         exits, thresholds, confidence = list(record["exits"]), list(record["thresholds"]), record["confidence"]
+        if not exits:
+            raise ValueError("no exits")
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{file}: not a calibration written by fastexit calibrate ({err!r}); delete it or "
                          f"calibrate again") from None
@@ -92,7 +212,10 @@ def with_calibration(config: RunConfig, path: Path, step: int) -> RunConfig:
     d = config.to_dict()
     d["method"] = dict(d["method"], exit_layer=exits[0], exit_layers=exits, routing_thresholds=thresholds,
                        confidence=confidence)
-    return RunConfig.from_dict(d)
+    try:
+        return RunConfig.from_dict(d)
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{file}: does not fit the run ({err}); delete it or calibrate again") from None
 
 
 def read_config(path: Path) -> RunConfig:
@@ -101,28 +224,23 @@ def read_config(path: Path) -> RunConfig:
     checkpoint = ckpt.find_checkpoint(path)
     if checkpoint is not None:
         return ckpt.load_checkpoint(checkpoint)["run_config"]
+    file = path / "config.json"
     try:
-        d = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        d = json.loads(file.read_text(encoding="utf-8"))
+        if not isinstance(d, dict):
+            raise TypeError(f"a JSON {type(d).__name__}, not an object")
         return RunConfig.from_dict(ckpt.run_dict_from_version_1(d) if ckpt.is_version_1_run_dict(d) else d)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: not a run folder (no {ckpt.CKPT_NAME} or config.json)") from None
-    except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{path / 'config.json'}: not a valid run config ({err})") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{file}: not a valid run config ({err})") from None
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
     """Drop the lines an interrupted run wrote after its last checkpoint."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # a line cut by a crash
-        if record.get("step", 0) <= last_step and record.get("kind") != "final":
-            keep.append(line)
-    write_lines(path, keep)
+    if path.exists():
+        write_lines(path, [line for line, record in read_metrics(path)
+                           if record["step"] <= last_step and record["kind"] != "final"])
 
 
 def _field(d: Dict[str, Any], dotted: str):
@@ -177,33 +295,53 @@ class Run:
     # ---------------------------------------------------------------- opening a run
     @classmethod
     def create(cls, path: Path, config: RunConfig, **runtime) -> "Run":
-        """A new run in ``path``; refuses a folder that already holds one."""
-        if is_run_folder(Path(path)):
-            raise ValueError(f"{path} already holds a run; resume it (fastexit train --resume, or Run.resume), "
-                             "or choose another folder (fastexit never overwrites a run)")
-        return cls(path, config, **runtime)._prepare(resume=False)
+        """A new run in ``path``, locked (``lock_run``) for the rest of this process; refuses a
+        folder that already holds a run. A failure before training leaves no folder behind."""
+        path = Path(path)
+        claim = _Claim(path, create=True)
+        try:
+            if is_run_folder(path):
+                raise ValueError(f"{path} already holds a run; resume it (fastexit train --resume, or Run.resume), "
+                                 "or choose another folder (fastexit never overwrites a run)")
+            return cls(path, config, **runtime)._prepare(resume=False)
+        except BaseException:
+            claim.give_up()
+            raise
 
     @classmethod
     def resume(cls, path: Path, changes: Optional[Dict[str, Any]] = None, **runtime) -> "Run":
-        """The run in ``path``, continued from its checkpoint (or started, if it has none)."""
-        config = apply_resume_changes(read_config(Path(path)), changes or {}, Path(path))
-        return cls(path, config, **runtime)._prepare(resume=True)
+        """The run in ``path``, locked (``lock_run``), continued from its checkpoint (or
+        started, if it has none)."""
+        claim = _Claim(Path(path), create=False)
+        try:
+            config = apply_resume_changes(read_config(Path(path)), changes or {}, Path(path))
+            return cls(path, config, **runtime)._prepare(resume=True)
+        except BaseException:
+            claim.give_up()
+            raise
 
     @classmethod
-    def load(cls, path: Path, *, need_data: bool = True, **runtime) -> "Run":
-        """A trained run's model and trainer from its checkpoint (and its corpus)."""
-        ckpt_path = ckpt.find_checkpoint(path)
-        if ckpt_path is None:
-            raise FileNotFoundError(f"{Path(path) / ckpt.CKPT_NAME}: no checkpoint there (train the run first)")
-        payload = ckpt.load_checkpoint(ckpt_path)
+    def load(cls, path: Path, *, need_data: bool = True, calibration: bool = True, **runtime) -> "Run":
+        """A trained run's model and trainer from its checkpoint (and its corpus), routing as
+        its calibration.json says unless ``calibration`` is False. Takes no writer lock: the
+        checkpoint is read under ``checkpoint.reading``."""
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"{path}: no such run folder")
+        with ckpt.reading(path):  # a save beside us swaps its folders before or after this, not during it
+            ckpt_path = ckpt.find_checkpoint(path)
+            if ckpt_path is None:
+                raise FileNotFoundError(f"{Path(path) / ckpt.CKPT_NAME}: no checkpoint there (train the run first)")
+            payload = ckpt.load_checkpoint(ckpt_path)
+            hf_model = payload["run_config"].hf_model is not None
+            model = _hf_model(hf.load, ckpt_path) if hf_model else ckpt.restore_model(payload, ckpt_path)
         run = cls(path, payload["run_config"], **runtime)
         if need_data:
             run.corpus = load_corpus(run.config.data)
             ckpt.check_matches(payload, ckpt_path, data=_data_key(corpus_identity(run.corpus)))
-        model = hf.load(ckpt_path, dtype=torch.float32)[0] if run.config.hf_model else ckpt.restore_model(payload, ckpt_path)
         run.model = model.to(run.device)
         run.step = payload["step"]  # of the checkpoint loaded
-        run.config = with_calibration(run.config, run.path, run.step)
+        if calibration:
+            run.config = with_calibration(run.config, run.path, run.step)
         run.trainer = run._new_trainer()
         return run
 
@@ -247,7 +385,8 @@ class Run:
         distributed.seed_everything(cfg.train.seed)
         self.trainer = self._new_trainer()
         if cfg.hf_model is not None:  # the checkpoint's transformers folder, or the one the run starts from
-            self.model = hf.load(self.ckpt_path, dtype=torch.float32)[0] if self.payload is not None else hf.from_folder(cfg.hf_model)
+            self.model = _hf_model(hf.load, self.ckpt_path) if self.payload is not None else \
+                _hf_model(hf.from_folder, Path(cfg.hf_model))
             self.trainer.add_confidence_heads(self.model)  # a new run's (a saved folder has its own)
         else:
             self.model = self.trainer.add_confidence_heads(EarlyExitTransformer(cfg.model))  # before the weights load
@@ -293,14 +432,21 @@ class Run:
                                  min_lr_ratio=t.min_lr_ratio, grad_clip=t.grad_clip, val_batches=val,
                                  eval_every=t.eval_every, start_step=start, optimizer=optimizer,
                                  progress_bar=progress and main, callback=writer, early_stopping=early)
+                step = self.trainer.step
+                writer.save(step)
             except StopTraining as stop:
                 log(f"stopped after step {stop.args[0]} of {t.steps}; continue with: "
                     f"fastexit train --out {self.path} --resume")
                 return stop.args[0]
             except KeyboardInterrupt:
                 raise writer.interrupted() from None
-            step = self.trainer.step
-            writer.save(step)
+            except _Diverged as bad:
+                raise RunFailed(f"{self.path}: step {bad.args[0]}: {bad.args[1]}: the run diverged and training "
+                                f"stopped; {writer.where(resume=False)} (resumed, it would diverge again: a new run "
+                                f"with a lower --lr or longer --warmup-steps may not)") from None
+            except OSError as err:  # a full disk, mostly: what was committed stays
+                err = no_space(self.path, err) or err  # a metrics line that did not fit says so too
+                raise RunFailed(f"{err}: training stopped in step {writer.step}; {writer.where()}") from None
         if early is not None and early.stop:
             self.early_stop = dict(step=step, **early.summary())
             log(f"{self.path}: stopped early at step {step} of {t.steps}: {early.patience} evaluations without a "
@@ -314,13 +460,12 @@ class Run:
         if not patience:
             return None
         early, path = EarlyStopping(patience), self.path / "metrics.jsonl"
-        for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue  # a line cut by a crash
-            if record.get("kind") == "eval" and record["step"] <= start:
-                early.update(record["step"], record["ppl"])
+        for _, record in read_metrics(path):
+            if record["kind"] == "eval" and record["step"] <= start:
+                ppl = record.get("ppl", math.nan)
+                if ppl is not None and (isinstance(ppl, bool) or not isinstance(ppl, (int, float))):
+                    raise ValueError(f"{path}: the eval line of step {record['step']} has ppl {ppl!r}, not a number")
+                early.update(record["step"], math.nan if ppl is None else ppl)  # null: not finite, never the best
         return early
 
     def _train_stream(self):
@@ -344,6 +489,8 @@ class Run:
     def save(self, optimizer, stream, step: int) -> None:
         """A checkpoint of ``step``: sharded under FSDP2 (every rank writes its shards), else
         ``ckpt.pt`` from rank 0 (DDP replicas are all alike); older checkpoints go."""
+        if not _finite_weights(self.model):  # every rank: under FSDP2 each checks its shards
+            raise _Diverged(step, "the weights are not finite")
         args = dict(model=self.model, run_config=self.config, optimizer=optimizer, step=step,
                     data_state=stream.state_dict())
         if self.config.hf_model is not None:
@@ -353,12 +500,13 @@ class Run:
             ckpt.save_sharded_checkpoint(self.path, **args)
         elif distributed.is_main():
             path = ckpt.save_checkpoint(self.path / ckpt.CKPT_NAME, **args)
-            ckpt.remove_older_checkpoints(self.path, keep=path)
+            with ckpt.committing(self.path):
+                ckpt.remove_older_checkpoints(self.path, keep=path)
 
     def log_final(self, step: int, stats: Dict[str, Any]) -> None:
         if distributed.is_main():
             with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as metrics:
-                metrics.write(json.dumps(dict(kind="final", step=step, **stats, **self._early_fields())) + "\n")
+                metrics.write(json_text(dict(kind="final", step=step, **stats, **self._early_fields())) + "\n")
 
     def _early_fields(self) -> Dict[str, Any]:
         return {} if self.early_stop is None else dict(stopped_early=True, best_step=self.early_stop["best_step"],
@@ -392,6 +540,7 @@ class Run:
         if self.step is None or self.corpus is None:
             raise ValueError(f"{self.path}: calibrate a run opened with Run.load (with its data): the calibration "
                              f"belongs to the checkpoint's step")
+        lock_run(self.path)  # it writes into the run folder: not beside a training process
         m, t = self.config.method, self.config.train
         exits, confidence = list(exits or m.exits), confidence or m.confidence
         tables = {split: calibrate.exit_table(self.model, split_batches(self.corpus, split, t.batch_size, t.seq_len,
@@ -431,14 +580,15 @@ class Run:
     def tokenizer(self):
         """The run's tokenizer (a ``tokenizers.Tokenizer``) from its data cache, else (an HF
         run) from its checkpoint folder; rebuilt through the corpus if both are gone."""
-        from tokenizers import Tokenizer  # optional (the data extra), as in fastexit.data
         identity = self.config.data.identity or {}
-        saved = ckpt.find_checkpoint(self.path) if self.config.hf_model is not None else None
-        for path in (Path(identity.get("cache_dir", "")) / "tokenizer.json", saved and saved / "tokenizer.json"):
-            if path and path.is_file():
-                tok = Tokenizer.from_file(str(path))
-                if tok.get_vocab_size() == identity.get("vocab_size", self.model.cfg.vocab_size):
-                    return tok
+        with ckpt.reading(self.path):
+            saved = ckpt.find_checkpoint(self.path) if self.config.hf_model is not None else None
+            candidates = [(Path(identity["cache_dir"]) / "tokenizer.json", True)] if identity.get("cache_dir") else []
+            for path, cached in candidates + ([(saved / "tokenizer.json", False)] if saved else []):
+                if path.is_file():  # checked against the run's record: a replaced tokenizer is an error
+                    tok = run_tokenizer(identity, path, cached=cached)
+                    if tok.get_vocab_size() == identity.get("vocab_size", self.model.cfg.vocab_size):
+                        return tok
         return load_corpus(self.config.data).tokenizer
 
 
@@ -449,6 +599,7 @@ class _StepWriter:
     def __init__(self, run: Run, optimizer, stream, metrics, val_bytes: int, stop_at, start: int):
         self.run, self.optimizer, self.stream, self.metrics = run, optimizer, stream, metrics
         self.val_bytes, self.stop_at, self.saved_step = val_bytes, stop_at, start
+        self.step = start + 1  # the step under way
         self.t0 = time.perf_counter()
 
     def save(self, step: int) -> None:
@@ -457,8 +608,13 @@ class _StepWriter:
 
     def __call__(self, _trainer, record: Dict[str, Any]) -> None:
         step, t = record["step"], self.run.config.train
+        self.step = step
         if self.metrics is not None:  # rank 0
             self._write(record)
+        bad = [f"{k} {record[k]}" for k in ("loss", "grad_norm") if record.get(k) is not None
+               and not math.isfinite(record[k])]  # the same on every rank: loss and norm are global
+        if bad:
+            raise _Diverged(step, " and ".join(bad))
         if step == self.stop_at or (step % t.ckpt_every == 0 and step < t.steps):
             self.save(step)
         if step == self.stop_at and step < t.steps:
@@ -466,18 +622,44 @@ class _StepWriter:
 
     def _write(self, record: Dict[str, Any]) -> None:
         line = {k: v for k, v in record.items() if k not in ("eval", "early_stop")}
-        self.metrics.write(json.dumps(dict(kind="train", elapsed_s=round(time.perf_counter() - self.t0, 3),
-                                           **line)) + "\n")
+        self.metrics.write(json_text(dict(kind="train", elapsed_s=round(time.perf_counter() - self.t0, 3),
+                                          **line)) + "\n")
         if "eval" in record:
             stats = with_bpb(record["eval"], self.val_bytes)
-            self.metrics.write(json.dumps(dict(kind="eval", step=record["step"], split="val", mode="exact",
-                                               **stats)) + "\n")
+            self.metrics.write(json_text(dict(kind="eval", step=record["step"], split="val", mode="exact",
+                                              **stats)) + "\n")
         if "early_stop" in record:
-            self.metrics.write(json.dumps(dict(kind="early_stop", step=record["step"], **record["early_stop"])) + "\n")
+            self.metrics.write(json_text(dict(kind="early_stop", step=record["step"], **record["early_stop"])) + "\n")
         self.metrics.flush()
 
-    def interrupted(self) -> KeyboardInterrupt:
+    def where(self, resume: bool = True) -> str:
+        """Which checkpoint is intact (and how to go on from it)."""
         path = self.run.path
-        where = (f"{ckpt.find_checkpoint(path)} holds step {self.saved_step}; continue with: fastexit train "
-                 f"--out {path} --resume" if self.saved_step else "no checkpoint was written yet")
-        return KeyboardInterrupt(f"interrupted; {where}")
+        if not self.saved_step:
+            return "no checkpoint was written yet"
+        held = f"{ckpt.find_checkpoint(path)} holds step {self.saved_step}"
+        return f"{held}; continue with: fastexit train --out {path} --resume" if resume else held
+
+    def interrupted(self) -> KeyboardInterrupt:
+        return KeyboardInterrupt(f"interrupted; {self.where()}")
+
+
+def _hf_model(load, folder: Path):
+    """The transformers model ``load`` (``hf.load`` or ``hf.from_folder``) reads from
+    ``folder``; one ValueError naming the folder when its files do not load (a truncated
+    safetensors file, say)."""
+    from safetensors import SafetensorError  # optional (the hf extra): only runs of a transformers model get here
+    try:
+        model = load(folder, dtype=torch.float32)
+    except (OSError, RuntimeError, SafetensorError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"{folder}: the model does not load ({first}); truncated or damaged?") from None
+    return model[0] if isinstance(model, tuple) else model
+
+
+def _finite_weights(model: torch.nn.Module) -> bool:
+    """Whether every weight is finite, on every rank (FSDP2: each rank checks its shards)."""
+    local = [p.to_local() if distributed.is_dtensor(p) else p for p in model.parameters()]
+    flags = [torch.isfinite(p).all() for p in local if p.numel()]
+    bad = torch.stack(flags).logical_not().any().to(torch.float32) if flags else torch.zeros(())
+    return distributed.sum_over_ranks(bad).item() == 0

@@ -14,7 +14,7 @@ from fastexit.cli import main
 from fastexit.compare import LAYER_LR_CONFIGS
 from fastexit.config import RunConfig
 from fastexit.trainer import UniversalTrainer
-from fastexit.runs import Run, read_config
+from fastexit.runs import LOCK_FILES, Run, read_config
 
 STEPS = 8
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -57,6 +57,11 @@ def error_line(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fastexit: error: "), err
     return err[0]
+
+
+def run_files(run_dir):
+    """{name: bytes} of a run folder's files, but its lock files (a writer's lock holds its PID)."""
+    return {p.name: p.read_bytes() for p in run_dir.iterdir() if p.name not in LOCK_FILES}
 
 
 def state(run_dir):
@@ -243,11 +248,11 @@ def test_resume_of_a_finished_run_only_evaluates(run, tmp_path, capsys):
 
 # ------------------------------------------------------------------------ bad input
 def test_existing_run_is_never_overwritten(run, data, capsys):
-    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    before = run_files(run)
     capsys.readouterr()
     assert main(["train", *tiny(data, run)]) == 2
     assert "--resume" in error_line(capsys)
-    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    assert run_files(run) == before
 
 
 @pytest.mark.parametrize("case, flags, needle", [
@@ -293,13 +298,13 @@ def test_corrupted_checkpoint_is_one_error_line_and_untouched(how, run, tmp_path
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
     corrupt(copy / ckpt.CKPT_NAME, how)
-    before = {p.name: p.read_bytes() for p in copy.iterdir()}
+    before = run_files(copy)
     capsys.readouterr()
     assert main(["eval", "--run", str(copy)]) == 2
     assert ckpt.CKPT_NAME in error_line(capsys)
     assert main(["train", "--out", str(copy), "--resume", "--no-progress"]) == 2
     assert ckpt.CKPT_NAME in error_line(capsys)
-    assert {p.name: p.read_bytes() for p in copy.iterdir()} == before
+    assert run_files(copy) == before
 
 
 def test_mismatched_resume_is_refused(run, data, tmp_path, capsys):

@@ -24,7 +24,7 @@ from fastexit import checkpoint as ckpt
 from fastexit.cli import main
 from fastexit.config import DataConfig, LayerDropout, RunConfig, TrainConfig, make_method
 from fastexit.routing import exact_routed_forward
-from fastexit.runs import Run
+from fastexit.runs import LOCK_FILES, Run
 from test_cli import error_line, tiny, write_play
 
 V, T, B = 101, 16, 4
@@ -214,6 +214,11 @@ def one_process_run(run_config, tmp_path_factory):
     return path
 
 
+def run_files(path):
+    """The names in a run folder, but its lock files."""
+    return sorted(p.name for p in Path(path).iterdir() if p.name not in LOCK_FILES)
+
+
 def final_weights(path):
     return Run.load(path, need_data=False).model.state_dict()  # reads ckpt.pt or a sharded checkpoint
 
@@ -247,10 +252,10 @@ def resumed_runs(run_config, one_process_run):
 
 def test_resume_with_2_and_with_1_rank_matches_an_uninterrupted_run(resumed_runs, one_process_run):
     root = resumed_runs
-    assert sorted(p.name for p in (root / "fsdp_stopped_for_1").iterdir()) == \
+    assert run_files(root / "fsdp_stopped_for_1") == \
         ["ckpt-000003", "config.json", "metrics.jsonl"]
     Run.resume(root / "fsdp_stopped_for_1").train(progress=False)  # 2 ranks -> 1 process
-    assert sorted(p.name for p in (root / "fsdp_stopped_for_1").iterdir()) == \
+    assert run_files(root / "fsdp_stopped_for_1") == \
         ["ckpt.pt", "config.json", "metrics.jsonl"]  # the sharded checkpoint made way for ckpt.pt
     assert_same_weights(root / "fsdp", root / "fsdp_stopped", exact=True)
     for path in ("fsdp", "fsdp_stopped_for_1", "one_stopped", "ddp_stopped"):
@@ -268,6 +273,21 @@ def test_a_damaged_sharded_checkpoint_is_one_error_naming_it(damage, resumed_run
     target.write_bytes(target.read_bytes()[:-100])
     with pytest.raises(ValueError, match=f"{run / 'ckpt-000006'}.*(truncated|corrupted)"):
         Run.load(run, need_data=False)
+
+
+@pytest.mark.parametrize("name", ["__1_0.distcp", ".metadata"])
+def test_same_size_damage_inside_a_shard_is_one_error_naming_the_file(name, resumed_runs, tmp_path):
+    """Sizes alone passed this: the shard was loaded into the optimizer state. meta.pt now keeps
+    every file's SHA-256, checked before anything is read."""
+    run = shutil.copytree(resumed_runs / "fsdp", tmp_path / "fsdp")
+    target = run / "ckpt-000006" / name
+    flipped = bytearray(target.read_bytes())
+    flipped[len(flipped) // 2] ^= 0xFF
+    target.write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match=f"{target}: damaged"):
+        Run.load(run, need_data=False)
+    with pytest.raises(ValueError, match=f"{target}: damaged"):
+        Run.resume(run)
 
 
 # ------------------------------------------------------------------ runs: crashes
@@ -306,7 +326,7 @@ def test_a_rank_dying_mid_step_or_mid_save_leaves_the_last_complete_checkpoint(w
     assert ckpt.find_checkpoint(path) == path / "ckpt-000002"
     assert ckpt.load_checkpoint(path / "ckpt-000002")["step"] == 2
     Run.resume(path).train(progress=False)
-    assert sorted(p.name for p in path.iterdir()) == ["ckpt.pt", "config.json", "metrics.jsonl"]  # leftovers gone
+    assert run_files(path) == ["ckpt.pt", "config.json", "metrics.jsonl"]  # leftovers gone
     assert_same_weights(one_process_run, path)
 
 
@@ -325,12 +345,34 @@ def test_cli_train_ddp_under_torchrun_writes_one_run_folder_that_eval_reads(cli_
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("What early exit buys") == 1  # one table: rank 0 printed
-    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "config.json", "metrics.jsonl"]
+    assert run_files(out) == ["ckpt.pt", "config.json", "metrics.jsonl"]
     lines = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if r["kind"] == "train"] == list(range(1, 9))
     assert [r["kind"] for r in lines].count("final") == 1
     assert main(["eval", "--run", str(out), "--mode", "compact"]) == 0
     assert "compact mode" in capsys.readouterr().out
+
+
+def test_torchrun_ranks_stop_together_when_another_process_holds_the_run(cli_data, tmp_path):
+    """Rank 0 takes the run folder's lock; every rank gets its error, none waits for the others."""
+    out = tmp_path / "held"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom fastexit.runs import lock_run\n"
+                               "lock_run(sys.argv[1]); print('locked', flush=True); time.sleep(600)", str(out)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD),
+               "-m", "fastexit.cli", "train", "--parallel", "ddp", *tiny(cli_data, out)]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    finally:
+        holder.kill()
+        holder.wait()
+    errors = [line for line in done.stderr.splitlines() if "fastexit: error:" in line]
+    assert done.returncode != 0 and len(errors) == WORLD, done.stderr[-3000:]
+    assert all(f"in use by process {holder.pid} on" in line for line in errors)
+    assert run_files(out) == []  # nothing written
 
 
 # ---------------------------------------------------------------------- bad input
