@@ -209,8 +209,9 @@ def threshold_between_tokens(model, batches, exit_layer=1):
     """A routing threshold near the median exit confidence, at the middle of the widest gap
     between the confidences of the middle half of all tokens: no token sits on it, so no
     rounding difference between two correct computations can flip a token's exit."""
-    conf = torch.cat([model.exit_logits(x, [exit_layer])[0].double().softmax(-1).max(-1).values.flatten()
-                      for x, _ in batches]).sort().values
+    with torch.no_grad():
+        conf = torch.cat([model.exit_logits(x, [exit_layer])[0].double().softmax(-1).max(-1).values.flatten()
+                          for x, _ in batches]).sort().values
     n = conf.numel()
     middle = conf[n // 4: 3 * n // 4 + 1]
     gaps = middle[1:] - middle[:-1]
