@@ -416,7 +416,9 @@ def _add_eval_flags(p, plural: bool = False) -> None:
 
 def _add_runtime_flags(p, progress: bool = False) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"), help="kernel backend")
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "triton_gemm"),
+                   help="kernel backend: auto (triton on CUDA, torch elsewhere), triton (vendor GEMMs around our row "
+                        "kernel), triton_gemm (our own GEMM kernels too), torch")
     if progress:
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

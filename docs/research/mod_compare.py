@@ -9,8 +9,10 @@ Each method gets as many steps as the standard model's budget of training FLOPs 
 (fwd+bwd = 3 x forward matmul FLOPs: blocks with their attention, the weighted heads, the
 routers and predictors); warmup and cosine decay span each method's own steps.
 
-    python docs/research/mod_compare.py --steps 150 --seeds 0,1 --out docs/research/mod
-writes results.json, compare.md and compare.png there.
+    python docs/research/mod_compare.py --steps 100 --seeds 0,1 --out docs/research/mod
+writes results.json, compare.md and compare.png there. Runs can be split over processes:
+``--methods 0,2 --results a.json`` trains methods 0 and 2 (of METHODS, in order) into a.json;
+``--report`` then writes the table and plot from every results*.json of --out.
 """
 import argparse
 import json
@@ -19,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from fastexit import EarlyExitTransformer, ModelConfig, UniversalTrainer, get_preset, mod
 from fastexit.config import DataConfig
@@ -28,7 +31,7 @@ N_LAYERS, D_MODEL, N_HEADS, VOCAB, BATCH, SEQ_LEN, LR = 6, 128, 4, 4096, 8, 64, 
 MOD_LAYERS, EXIT_LAYER = [2, 4, 6], 2
 METHODS = {
     "standard": dict(preset="standard_llm"),
-    "early exit (asymmetric_best, exit 2)": dict(preset="asymmetric_best"),
+    "early exit (asymmetric_best at layer 2)": dict(preset="asymmetric_best"),
     "MoD c=0.5": dict(preset="standard_llm", capacity=0.5),
     "MoD c=0.125": dict(preset="standard_llm", capacity=0.125),
 }
@@ -70,6 +73,8 @@ def train_one(name, spec, seed, base_steps, corpus, val, val_bytes, base_flops):
                final_loss=history[-1]["loss"], ppl=full["ppl"], bpb=full["bpb"], flop_cost=full["flop_cost"],
                compute_cost=full["compute_cost"],
                **{k: v for k, v in full.items() if k.startswith("mod_")})
+    if spec.get("capacity") is not None:
+        out["topk_ppl"] = top_k_ppl(model, val)
     if method.routing:  # the early-exit preset as it is served: its own threshold, compact mode
         routed = with_bpb(trainer.evaluate(model, val, "compact"), val_bytes)
         out.update(routed_ppl=routed["ppl"], routed_bpb=routed["bpb"], routed_flop_cost=routed["flop_cost"],
@@ -78,9 +83,24 @@ def train_one(name, spec, seed, base_steps, corpus, val, val_bytes, base_flops):
     return out
 
 
+@torch.no_grad()
+def top_k_ppl(model, val) -> float:
+    """Val perplexity with the routed blocks deciding by top-k as in training (it looks at the
+    whole window: a diagnostic of what the causal predictor loses, not a servable number)."""
+    model.train()  # routers pick by top-k; the model has no dropout
+    nll, n = 0.0, 0
+    for x, y in val:
+        logits = model.exit_logits(x, [N_LAYERS])[0]
+        nll += F.cross_entropy(logits.flatten(0, 1).double(), y.flatten(), reduction="sum").item()
+        n += y.numel()
+    model.eval()
+    return math.exp(nll / n)
+
+
 def table(results) -> str:
     rows = ["| method | steps | train PFLOP | val ppl (mean ± sd) | bpb | inference flop_cost | compute_cost | "
-            "predictor agreement (L2/L4/L6) | share run (L2/L4/L6) |", "|---|---|---|---|---|---|---|---|---|"]
+            "predictor agreement (L2/L4/L6) | share run (L2/L4/L6) | ppl, top-k routes (not causal) |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for name in METHODS:
         runs = [r for r in results if r["method"] == name]
         if not runs:
@@ -97,7 +117,8 @@ def table(results) -> str:
             mean = lambda key: sum(r[key] for r in runs) / len(runs)  # noqa: E731
             rows.append(f"| {label} | {runs[0]['steps']} | {mean('train_flops') / 1e15:.3f} | "
                         f"{ppl.mean():.2f} ± {sd:.2f} | {mean(prefix + 'bpb'):.4f} | {mean(prefix + 'flop_cost'):.3f} | "
-                        f"{mean(prefix + 'compute_cost'):.3f} | {agree} | {share} |")
+                        f"{mean(prefix + 'compute_cost'):.3f} | {agree} | {share} | "
+                        f"{mean('topk_ppl') if 'topk_ppl' in runs[0] and not prefix else float('nan'):.2f} |")
     return "\n".join(rows)
 
 
@@ -126,20 +147,30 @@ def main():
     p.add_argument("--steps", type=int, default=300, help="the standard model's steps (the FLOP budget)")
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--eval-batches", type=int, default=16)
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(str(i) for i in range(len(METHODS))),
+                   help="indices into METHODS, e.g. 0,2")
     p.add_argument("--out", default="docs/research/mod")
+    p.add_argument("--results", default="results.json", help="file (in --out) this process writes")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--report", action="store_true", help="only write compare.md / compare.png from results*.json")
     args = p.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.report:
+        results = [r for f in sorted(out.glob("results*.json")) for r in json.loads(f.read_text())]
+        (out / "compare.md").write_text(table(results) + "\n")
+        plot(results, out / "compare.png")
+        print(table(results))
+        return
     corpus = load_corpus(DataConfig(vocab_size=VOCAB))
     val, val_bytes = split_batches(corpus, "val", BATCH, SEQ_LEN, args.eval_batches, "cpu")
     base = step_flops(EarlyExitTransformer(model_config()), get_preset("standard_llm", N_LAYERS, EXIT_LAYER))
-    path = out / "results.json"
+    path = out / args.results
     results = json.loads(path.read_text()) if path.exists() else []
     done = {(r["method"], r["seed"]) for r in results}
     for seed in [int(s) for s in args.seeds.split(",")]:
-        for name in args.methods.split(","):
+        for name in [list(METHODS)[int(i)] for i in args.methods.split(",")]:
             if (name, seed) not in done:
                 results.append(train_one(name, METHODS[name], seed, args.steps, corpus, val, val_bytes, base))
                 path.write_text(json.dumps(results, indent=1))
