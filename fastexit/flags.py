@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from . import data, distributed, hf
+from .kernels import BACKENDS
 from .config import (CONFIDENCE_KINDS, CONFIDENCE_LABELS, DEFAULT_PRESET, EVAL_MODES, GENERATE_DEFAULTS,
                      MIN_VOCAB_SIZE, PRESETS, RUN_MODEL_DEFAULTS, SWEEP_THRESHOLDS, AlphaSchedule, DataConfig,
                      LayerDropout, ModelConfig, RunConfig, TrainConfig, make_method)
@@ -416,7 +417,7 @@ def _add_eval_flags(p, plural: bool = False) -> None:
 
 def _add_runtime_flags(p, progress: bool = False) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "triton_gemm"),
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="kernel backend: auto (triton on CUDA, torch elsewhere), triton (vendor GEMMs around our row "
                         "kernel), triton_gemm (our own GEMM kernels too), torch")
     if progress:
