@@ -4,7 +4,8 @@ Four methods on one 6-layer native model shape, each seed trained from the same 
 - standard: every block on every token, the final layer's loss (standard_llm);
 - early exit: asymmetric_best with its exit at layer 2 (0.7 / 0.3 weights, threshold 0.95),
   evaluated with its routing in compact mode;
-- MoD c=0.5 and MoD c=0.125: blocks 2, 4, 6 routed, the final layer's loss.
+- MoD c=0.5 and MoD c=0.125: blocks 2, 4, 6 routed, the final layer's loss;
+- a control: MoD c=0.125 at the standard model's steps (so fewer FLOPs).
 Each method gets as many steps as the standard model's budget of training FLOPs buys it
 (fwd+bwd = 3 x forward matmul FLOPs: blocks with their attention, the weighted heads, the
 routers and predictors); warmup and cosine decay span each method's own steps.
@@ -34,6 +35,8 @@ METHODS = {
     "early exit (asymmetric_best at layer 2)": dict(preset="asymmetric_best"),
     "MoD c=0.5": dict(preset="standard_llm", capacity=0.5),
     "MoD c=0.125": dict(preset="standard_llm", capacity=0.125),
+    # a control: the standard model's steps (fewer FLOPs), to tell the routing from the extra steps
+    "MoD c=0.125, standard's steps": dict(preset="standard_llm", capacity=0.125, same_steps=True),
 }
 
 
@@ -62,7 +65,7 @@ def train_one(name, spec, seed, base_steps, corpus, val, val_bytes, base_flops):
     torch.manual_seed(seed)
     model = EarlyExitTransformer(model_config(spec.get("capacity")))
     flops = step_flops(model, method, spec.get("capacity"))
-    steps = round(base_steps * base_flops / flops)
+    steps = base_steps if spec.get("same_steps") else round(base_steps * base_flops / flops)
     trainer = UniversalTrainer(method, VOCAB, seed=seed)
     batches = random_batches(corpus.splits["train"], BATCH, SEQ_LEN, seed=seed)
     t0 = time.perf_counter()
@@ -98,7 +101,7 @@ def top_k_ppl(model, val) -> float:
 
 
 def table(results) -> str:
-    rows = ["| method | steps | train PFLOP | val ppl (mean ± sd) | bpb | inference flop_cost | compute_cost | "
+    rows = ["| method | steps | train TFLOP | val ppl (mean ± sd) | bpb | inference flop_cost | compute_cost | "
             "predictor agreement (L2/L4/L6) | share run (L2/L4/L6) | ppl, top-k routes (not causal) |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for name in METHODS:
@@ -115,10 +118,10 @@ def table(results) -> str:
             share = "/".join(f"{sum(r.get(f'mod_ratio_L{i}', math.nan) for r in runs) / len(runs):.3f}"
                              for i in MOD_LAYERS) if "mod_ratio_L2" in runs[0] else "-"
             mean = lambda key: sum(r[key] for r in runs) / len(runs)  # noqa: E731
-            rows.append(f"| {label} | {runs[0]['steps']} | {mean('train_flops') / 1e15:.3f} | "
+            topk = f"{mean('topk_ppl'):.2f}" if "topk_ppl" in runs[0] and not prefix else "-"
+            rows.append(f"| {label} | {runs[0]['steps']} | {mean('train_flops') / 1e12:.2f} | "
                         f"{ppl.mean():.2f} ± {sd:.2f} | {mean(prefix + 'bpb'):.4f} | {mean(prefix + 'flop_cost'):.3f} | "
-                        f"{mean(prefix + 'compute_cost'):.3f} | {agree} | {share} | "
-                        f"{mean('topk_ppl') if 'topk_ppl' in runs[0] and not prefix else float('nan'):.2f} |")
+                        f"{mean(prefix + 'compute_cost'):.3f} | {agree} | {share} | {topk} |")
     return "\n".join(rows)
 
 
