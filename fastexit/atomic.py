@@ -20,6 +20,7 @@ import math
 import os
 import re
 import shutil
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -28,6 +29,7 @@ from typing import Any, Callable, Iterator, Optional
 # tofile ("91171 requested and 83968 written") and torch.save (a RuntimeError) give no errno.
 LOW_SPACE_BYTES = 16 << 20
 DIGEST_CHUNK = 1 << 20
+HOLDER_WAIT_S = 2.0  # how long a refused process waits for the lock holder to write its PID
 TEMP_SUFFIX = ".tmp"
 _OUR_TEMP = re.compile(r"^\..+\.\d+\.tmp$")  # .<name>.<pid>.tmp, as temp_path names them
 
@@ -196,11 +198,17 @@ def write_holder(fd: int) -> None:
     os.pwrite(fd, f"{os.getpid()} {os.uname().nodename}\n".encode(), 0)
 
 
-def read_holder(file: Path) -> str:
+def read_holder(file: Path, wait: float = HOLDER_WAIT_S) -> str:
     """"process <pid> on <host>" from a lock file ``write_holder`` wrote; a plain phrase when
-    the holder has not written it yet."""
-    try:
-        pid, _, host = Path(file).read_text(encoding="utf-8").strip().partition(" ")
-    except OSError:
-        pid = ""
+    the holder has not written it within ``wait`` seconds (it writes right after it locks: a
+    process that lost the race by microseconds still names the winner)."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            pid, _, host = Path(file).read_text(encoding="utf-8").strip().partition(" ")
+        except OSError:
+            pid = ""
+        if pid.isdigit() or time.monotonic() >= deadline:
+            break
+        time.sleep(0.01)
     return f"process {pid} on {host}" if pid.isdigit() else "another process (which has not written its PID yet)"

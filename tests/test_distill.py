@@ -204,19 +204,27 @@ def test_at_most_one_extra_logits_gemm(monkeypatch, teacher):
 
 @NEEDS_TRITON
 @pytest.mark.parametrize("teacher", [1, TEACHER_TENSOR])
-def test_triton_at_most_one_extra_logits_gemm(monkeypatch, teacher):
-    """The Triton path's logits kernel: one more launch of one head's rows per chunk for a
-    teacher tensor, none for a teacher head."""
+@pytest.mark.parametrize("backend", ["triton", "triton_gemm"])
+def test_triton_at_most_one_extra_logits_gemm(monkeypatch, teacher, backend):
+    """The Triton paths' logits GEMM (torch's for 'triton', the Triton logits kernel for
+    'triton_gemm'): one more GEMM of one head's rows per chunk for a teacher tensor, none for a
+    teacher head."""
     rows = []
-    launch = weighted_ce._launch_logits
-    monkeypatch.setattr(weighted_ce, "_launch_logits", lambda x, *args: rows.append(x.shape[0] * x.shape[1])
-                        or launch(x, *args))
+    if backend == "triton":
+        mm_into = gemm.mm_into  # logits: (rows, d) @ (d, V); dH: (rows, V) @ (V, d)
+        monkeypatch.setattr(gemm, "mm_into", lambda out, a, b: (rows.append(a.shape[0]) if b.shape[1] == 67 else None)
+                            or mm_into(out, a, b))
+    else:
+        launch = weighted_ce._launch_logits
+        monkeypatch.setattr(weighted_ce, "_launch_logits", lambda x, *args: rows.append(x.shape[0] * x.shape[1])
+                            or launch(x, *args))
     hs, weight, targets = make_inputs(2, 19, 16, 67)
     counts = []
     for kw in ({}, dict(distill_weight=1.0, teacher=torch.randn(19, 16) if teacher == TEACHER_TENSOR else teacher)):
         rows.clear()
-        weighted_linear_cross_entropy(hs, weight, targets, [0.5, 0.5], backend="triton", **kw)
+        weighted_linear_cross_entropy(hs, weight, targets, [0.5, 0.5], backend=backend, **kw)
         counts.append(sum(rows))
+    assert counts[0] == 2 * 19  # both heads' rows, once
     assert counts[1] - counts[0] == (19 if teacher == TEACHER_TENSOR else 0)
 
 
