@@ -60,6 +60,8 @@ NON_HOPPER_BLOCK_V = 64  # everywhere but sm_90 the 128x128 tile and the online 
 # (mma.sync on sm_80/86/89/120: 255 registers; sm_100: the tile loaded back from tensor memory;
 # ahead-of-time compile, tests/test_aot_compile.py); half the classes fit, and their 16-bit
 # stages (48 KB) fit the ~99 KB per block of sm_86/89/120
+BLACKWELL_DC_MAJOR = 10  # sm_100 (B200): a 128-row tile, loaded back from tensor memory with the online
+BLACKWELL_DC_BLOCK_M = 64  # max/argmax, spills 16 B at a vocabulary no multiple of 16; 64 rows: no spill
 FP32_BLOCK_D = 32  # fp32 operands: half the model-dim tile, the same shared memory per stage
 INTERPRET_DECODE_TILES = Tiles(16, 16, 16, num_warps=1, num_stages=1)  # the interpreter is slow:
 INTERPRET_TILES = Tiles(32, 16, 16, num_warps=1, num_stages=1)  # small tiles, many splits on test shapes
@@ -285,8 +287,8 @@ if HAS_TRITON:
 
 def _tiles(n: int, dtype: torch.dtype, device: torch.device) -> Tiles:
     """Tiles of the split kernel for n rows of ``dtype`` operands on ``device``: per GPU
-    generation, Hopper (sm_90) takes 128x128 tiles, every other one 128x64 (backend.is_hopper:
-    sm_100 and sm_120 are no Hopper)."""
+    generation, Hopper (sm_90) takes 128x128 tiles, sm_100 64x64, every other one 128x64
+    (backend.is_hopper: sm_100 and sm_120 are no Hopper)."""
     if interpreting():
         return INTERPRET_DECODE_TILES if n <= DECODE_ROWS else INTERPRET_TILES
     if n <= DECODE_ROWS:
@@ -295,6 +297,8 @@ def _tiles(n: int, dtype: torch.dtype, device: torch.device) -> Tiles:
         tiles = CUDA_TILES
     else:
         tiles = CUDA_TILES._replace(block_v=NON_HOPPER_BLOCK_V)
+        if cuda_capability(device)[0] == BLACKWELL_DC_MAJOR:
+            tiles = tiles._replace(block_m=BLACKWELL_DC_BLOCK_M)
     return tiles._replace(block_d=FP32_BLOCK_D) if dtype == torch.float32 else tiles
 
 

@@ -91,7 +91,8 @@ MODULES = {"weighted_ce_gemm": "weighted_ce"}  # the module that defines an op's
 BACKENDS = {"weighted_ce": "triton", "weighted_ce_gemm": "triton_gemm"}
 HEADS = 2  # exits sharing the head in weighted_ce
 LABEL_SMOOTHING, Z_LOSS, DISTILL_WEIGHT = 0.1, 1e-4, 0.5  # nonzero values switch the options on
-TF32_MMA = re.compile(r"^\s*(?:wgmma\.mma_async|mma)\.[\w.]*\btf32\b", re.MULTILINE)
+# mma.sync (sm_80-89, 120), wgmma (sm_90) and tcgen05 (sm_100: "tcgen05.mma.cta_group::1.kind::tf32"), predicated or not
+TF32_MMA = re.compile(r"^\s*(?:@!?%p\d+\s+)?(?:wgmma\.mma_async|mma|tcgen05\.mma)\.[\w.:]*\btf32\b", re.MULTILINE)
 
 
 class Variant(NamedTuple):

@@ -403,13 +403,13 @@ def test_triton_gemm_runs_the_triton_kernels():
 
 
 @NEEDS_TRITON
-@pytest.mark.parametrize("capability, block_v", [((8, 0), 64), ((8, 6), 64), ((8, 9), 64), ((9, 0), 128),
-                                                 ((10, 0), 64), ((12, 0), 64)])
-def test_batch_tiles_per_gpu_generation(monkeypatch, capability, block_v):
+@pytest.mark.parametrize("capability, block_m, block_v", [((8, 0), 128, 64), ((8, 6), 128, 64), ((8, 9), 128, 64),
+                                                          ((9, 0), 128, 128), ((10, 0), 64, 64), ((12, 0), 128, 64)])
+def test_batch_tiles_per_gpu_generation(monkeypatch, capability, block_m, block_v):
     """Hopper takes 128-class tiles; every other generation, Blackwell's sm_100 and sm_120
-    included, half of them (the AOT matrix checks that none spills)."""
+    included, half of them, and sm_100 half the rows too (the AOT matrix checks that none spills)."""
     monkeypatch.setattr(ec, "interpreting", lambda: False)
     monkeypatch.setattr(ec, "cuda_capability", lambda device: capability)
     tiles = ec._tiles(4096, torch.bfloat16, torch.device("cpu"))
-    assert (tiles.block_m, tiles.block_v) == (128, block_v)
+    assert (tiles.block_m, tiles.block_v) == (block_m, block_v)
     assert ec._tiles(8, torch.bfloat16, torch.device("cpu")) == ec.CUDA_DECODE_TILES  # decode: every arch
