@@ -82,7 +82,7 @@ def test_odd_vocab_and_row_padding(monkeypatch, backend):
     """V = 1000 or 131 (no power of two, no multiple of 16), rows no multiple of a block. The Triton
     path's logits rows, the separate teacher's included, are padded: filled with NaN before
     every chunk, the padding reaches neither the loss nor any gradient."""
-    if backend == "triton":
+    if backend != "torch":  # both Triton paths keep their logits in _logits_buffer's padded rows
         new_buffer = weighted_ce._logits_buffer
 
         def poisoned(*args, **kwargs):
@@ -90,7 +90,7 @@ def test_odd_vocab_and_row_padding(monkeypatch, backend):
             torch.as_strided(logits, (*logits.shape[:2], logits.stride(1)), logits.stride()).fill_(float("nan"))
             return logits
         monkeypatch.setattr(weighted_ce, "_logits_buffer", poisoned)
-    n, d, n_classes = (21, 16, 131) if backend == "triton" else (203, 48, 1000)
+    n, d, n_classes = (21, 16, 131) if backend != "torch" else (203, 48, 1000)  # the interpreter is slow
     hs, weight, targets = make_inputs(2, n, d, n_classes, ignore_every=7)
     for teacher in (1, torch.randn(n, d)):
         ours, ref = run_both(backend, hs, weight, targets, [0.6, 0.4], teacher, 22, reduction="none",
@@ -152,7 +152,7 @@ def test_student_equal_to_its_teacher_adds_nothing(backend):
 def test_distill_weight_zero_is_bit_identical(backend, reduction):
     """distill_weight = 0 (the default) takes the plain pass: a teacher and a temperature given
     with it are checked, then change no bit of the value or the gradients."""
-    n, d, n_classes = (19, 16, 67) if backend == "triton" else (203, 48, 1000)
+    n, d, n_classes = (19, 16, 67) if backend != "torch" else (203, 48, 1000)  # the interpreter is slow
     hs, weight, targets = make_inputs(3, n, d, n_classes, ignore_every=4)
     kw = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-3, backend=backend)
     runs = [loss_and_grads(lambda h, w, y: weighted_linear_cross_entropy(h, w, y, [0.7, 0.0, 0.3], **kw, **extra),
