@@ -31,7 +31,8 @@ from .compare import LAYER_LR_CONFIGS, compare_runs, lr_scales_flag
 from .config import DEFAULT_PRESET, MAX_PPL_INCREASE, RUN_MODEL_DEFAULTS, TRAIN_SWEEP_THRESHOLDS, TrainConfig
 from .distributed import log, resolve_device
 from .flags import (UsageError, build_parser, check_budget_flags, parse_confidences, parse_lrs, parse_number_list,
-                    parse_presets, parse_seeds, parse_thresholds, resume_changes, run_config_from_flags, with_budget)
+                    parse_presets, parse_seeds, parse_thresholds, resume_changes, run_config_from_flags,
+                    train_method_defaults, with_budget)
 from .runs import CALIBRATION, Run, RunFailed
 
 def _runtime(args) -> Dict[str, Any]:
@@ -61,7 +62,7 @@ def _train(args, runtime: Dict[str, Any]) -> int:
         path = Path(args.out or Path("runs") / (args.preset or ("custom" if args.layer_weights else DEFAULT_PRESET)))
         run = Run.resume(path, resume_changes(args), **runtime)
     else:
-        config = with_budget(args, run_config_from_flags(args))
+        config = with_budget(args, run_config_from_flags(args, **train_method_defaults(args)))
         run = Run.create(Path(args.out or Path("runs") / config.name), config, **runtime)
     step = run.train(progress=not args.no_progress, stop_at=args.stop_at)
     if step < run.config.train.steps and run.early_stop is None:
@@ -198,14 +199,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SystemExit as done:  # --help
         return done.code if isinstance(done.code, int) else 0
     except RunFailed as err:  # mid-run: what was committed stays, the message says which checkpoint
-        print(f"fastexit: error: {err}", file=sys.stderr)
+        _error_line(f"fastexit: error: {err}")
         return 1
     except (UsageError, ValueError, OSError, ImportError) as err:
-        print(f"fastexit: error: {err}", file=sys.stderr)
+        _error_line(f"fastexit: error: {err}")
         return 2
     except KeyboardInterrupt as err:
-        print(f"fastexit: {err or 'interrupted'}", file=sys.stderr)
+        _error_line(f"fastexit: {err or 'interrupted'}")
         return 130
+
+
+def _error_line(text: str) -> None:
+    """``text`` and its newline in one write: torchrun's ranks share stderr, and print's two
+    writes (text, then newline) of two ranks could interleave into one line."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
 
 
 if __name__ == "__main__":
