@@ -34,8 +34,13 @@ RUN_MODEL_DEFAULTS = dict(n_layers=3, d_model=128, n_heads=4)
 DEFAULT_WARMUP_STEPS = 50  # capped at steps // 10 when not given
 # Thresholds of `fastexit sweep`, and the short table that ends `fastexit train`.
 SWEEP_THRESHOLDS = (0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
-TRAIN_SWEEP_THRESHOLDS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.95)
-MAX_PPL_INCREASE = 0.02  # the train table names the cheapest threshold within 2% of full depth
+TRAIN_SWEEP_THRESHOLDS = (0.0, 0.1, 0.5, 0.8, 0.9, 0.95)
+MAX_PPL_INCREASE = 0.02  # the train table names the cheapest threshold (in FLOPs) within 2% of full depth
+# `fastexit train`'s exit confidence for fastexit's own model unless a confidence flag is given:
+# learned heads trained beside the LM (off its gradient: the LM trains exactly as without them).
+# A token that stays then pays no exit head, which on the default model costs more than its
+# three blocks, so routing saves FLOPs (with max_prob, every row of the table costs more).
+TRAIN_CONFIDENCE_DEFAULTS = dict(confidence="learned", confidence_loss_weight=1.0)
 # `fastexit generate`: tokens to add, sampling temperature (0 = greedy) and top-k.
 GENERATE_DEFAULTS = dict(max_new_tokens=60, temperature=0.8, top_k=40)
 

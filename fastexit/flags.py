@@ -19,7 +19,8 @@ from typing import Any, Dict, List, Optional
 from . import data, distributed, hf
 from .kernels import BACKENDS
 from .config import (CONFIDENCE_KINDS, CONFIDENCE_LABELS, DEFAULT_PRESET, EVAL_MODES, GENERATE_DEFAULTS,
-                     MIN_VOCAB_SIZE, PRESETS, RUN_MODEL_DEFAULTS, SWEEP_THRESHOLDS, AlphaSchedule, DataConfig,
+                     MIN_VOCAB_SIZE, PRESETS, RUN_MODEL_DEFAULTS, SWEEP_THRESHOLDS, TRAIN_CONFIDENCE_DEFAULTS,
+                     AlphaSchedule, DataConfig,
                      LayerDropout, ModelConfig, RunConfig, TrainConfig, make_method)
 
 TRAIN_FLAGS = tuple(f for f in TrainConfig.__dataclass_fields__ if f not in ("min_lr_ratio", "weight_decay",
@@ -230,6 +231,18 @@ def resume_changes(args) -> Dict[str, Any]:
 
 def _section(fields: Dict[str, Any], name: str) -> Dict[str, Any]:
     return {k.partition(".")[2]: v for k, v in fields.items() if k.startswith(name + ".")}
+
+
+CONFIDENCE_FLAGS = ("confidence", "confidence_loss_weight", "confidence_label", "confidence_backbone_grad")
+
+
+def train_method_defaults(args) -> Dict[str, Any]:
+    """``fastexit train``'s method values beyond the preset's, for ``run_config_from_flags``:
+    TRAIN_CONFIDENCE_DEFAULTS for fastexit's own model when no confidence flag is given (a
+    ``--hf-model`` run keeps max_prob)."""
+    if getattr(args, "hf_model", None) is not None or any(getattr(args, f, None) is not None for f in CONFIDENCE_FLAGS):
+        return {}
+    return dict(TRAIN_CONFIDENCE_DEFAULTS)
 
 
 def run_config_from_flags(args, **method_overrides) -> RunConfig:

@@ -73,21 +73,27 @@ def sweep_table(rows: List[Dict[str, Any]], compare_exact: bool) -> str:
     return markdown_table(rows, sweep_columns(compare_exact, any("variant" in r for r in rows)))
 
 
-def cheapest_within(rows: Sequence[Dict[str, Any]], full_depth_ppl: float, max_increase: float) -> Optional[dict]:
-    """The row with the lowest compute_cost whose ppl is within ``max_increase`` (a fraction)
-    of ``full_depth_ppl``; None when none is."""
+def cheapest_within(rows: Sequence[Dict[str, Any]], full_depth_ppl: float, max_increase: float,
+                    cost: str = "compute_cost") -> Optional[dict]:
+    """The row with the lowest ``cost`` (a column: compute_cost or flop_cost) whose ppl is
+    within ``max_increase`` (a fraction) of ``full_depth_ppl``; None when none is."""
     ok = [r for r in rows if r["ppl"] <= full_depth_ppl * (1 + max_increase)]
-    return min(ok, key=lambda r: r["compute_cost"]) if ok else None
+    return min(ok, key=lambda r: r[cost]) if ok else None
 
 
 def within_line(rows: Sequence[Dict[str, Any]], full_depth_ppl: float, max_increase: float) -> str:
-    """One sentence naming the cheapest threshold that keeps ppl within the bound."""
-    best = cheapest_within(rows, full_depth_ppl, max_increase)
+    """One sentence naming the cheapest threshold that keeps ppl within the bound: cheapest in
+    FLOPs where the rows count them (a threshold that saves layers but costs FLOPs saves
+    nothing), else in layers run."""
+    flops = all("flop_cost" in r for r in rows)
+    best = cheapest_within(rows, full_depth_ppl, max_increase, "flop_cost" if flops else "compute_cost")
     bound = f"{max_increase:.0%} of full depth (ppl {full_depth_ppl:.2f})"
     if best is None or best["shallow_ratio"] == 0:
-        return f"No threshold in this table lets tokens leave early while keeping ppl within {bound}."
+        saves = "saves FLOPs" if flops else "lets tokens leave early"
+        return f"No threshold in this table {saves} while keeping ppl within {bound}."
+    flop_text = f", flop_cost {best['flop_cost']:.3f}" if flops else ""
     return (f"routing_threshold {best['routing_threshold']} keeps ppl within {bound}: ppl {best['ppl']:.2f}, "
-            f"{best['shallow_ratio']:.0%} of tokens leave early, compute_cost {best['compute_cost']:.3f}.")
+            f"{best['shallow_ratio']:.0%} of tokens leave early, compute_cost {best['compute_cost']:.3f}{flop_text}.")
 
 
 # ------------------------------------------------------------- the commands' texts

@@ -365,7 +365,7 @@ class UniversalTrainer:
             loss = self.compute_loss(model, x, y, self._step_drops(model, x.shape[0]))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = distributed.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip else None
+        grad_norm = self._clip_gradients(model, grad_clip) if grad_clip else None
         self.optimizer.step()
         loss = distributed.mean_over_ranks(loss.detach())  # each rank's loss is its share times world_size
         scalars = [loss] + ([] if grad_norm is None else [grad_norm.to(loss.dtype)])
@@ -373,6 +373,19 @@ class UniversalTrainer:
         return dict(step=self.step + 1, loss=loss_value, lr=self.optimizer.param_groups[0]["lr"],
                     progress=self.progress, grad_norm=norm[0] if norm else None,
                     tokens_per_s=x.numel() * distributed.world_size() / (time.perf_counter() - t0))
+
+    def _clip_gradients(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        """Clip the gradient's global norm to ``max_norm``; returns the LM's norm. Confidence heads
+        that the backbone's gradient does not reach (confidence_backbone_grad False) are a model
+        of their own, clipped on their own: in one global norm, their BCE gradient would shrink
+        the LM's steps, so training heads would change the LM."""
+        heads = getattr(distributed.unwrap(model), "confidence_heads", None)
+        if heads is None or self.config.confidence_backbone_grad:
+            return distributed.clip_grad_norm_(model.parameters(), max_norm)
+        head_params = list(heads.parameters())
+        ids = {id(p) for p in head_params}
+        distributed.clip_grad_norm_(head_params, max_norm)
+        return distributed.clip_grad_norm_([p for p in model.parameters() if id(p) not in ids], max_norm)
 
     def _step_drops(self, model: nn.Module, batch_size: int):
         if self.config.layer_dropout is None:

@@ -1,4 +1,5 @@
 """The fastexit command on tiny runs (d_model 32, vocab 300, a few steps), called in-process."""
+import dataclasses
 import json
 import math
 import random
@@ -12,7 +13,7 @@ from fastexit import PRESETS, report
 from fastexit import checkpoint as ckpt
 from fastexit.cli import main
 from fastexit.compare import LAYER_LR_CONFIGS
-from fastexit.config import RunConfig
+from fastexit.config import TRAIN_CONFIDENCE_DEFAULTS, TRAIN_SWEEP_THRESHOLDS, RunConfig
 from fastexit.trainer import UniversalTrainer
 from fastexit.runs import LOCK_FILES, Run, read_config
 
@@ -47,7 +48,8 @@ def tiny(data, out, *extra):
 
 @pytest.fixture(scope="module")
 def run(data, tmp_path_factory):
-    """One uninterrupted tiny run (asymmetric_best), shared by the read-only tests."""
+    """One uninterrupted tiny run (asymmetric_best, train's default learned confidence), shared by
+    the read-only tests."""
     out = tmp_path_factory.mktemp("runs") / "straight"
     assert main(["train", *tiny(data, out)]) == 0
     return out
@@ -116,7 +118,9 @@ def test_train_writes_metrics_config_and_checkpoint(run, data):
     assert config == saved["run_config"]  # the checkpoint stores the config once, as config.json has it
     assert not {"model_config", "universal_config", "data"} & set(saved)
     typed = RunConfig.from_dict(config)
-    assert typed.method == PRESETS["asymmetric_best"] and typed.preset == "asymmetric_best"
+    # the preset, routed by learned confidence heads trained beside the LM (train's default)
+    assert typed.method == dataclasses.replace(PRESETS["asymmetric_best"], **TRAIN_CONFIDENCE_DEFAULTS)
+    assert typed.preset == "asymmetric_best"
     assert typed.model.d_model == 32 and typed.train.steps == STEPS and typed.train.warmup_steps == 0
     assert typed.data.identity["vocab_size"] == typed.model.vocab_size <= 300
 
@@ -142,7 +146,7 @@ def test_train_prints_the_eval_table_and_what_early_exit_buys(data, tmp_path, ca
     (row,) = table_rows(text, "split")
     assert row["split"] == "val" and {"ppl", "bits/byte", "acc", "shallow_ratio", "compute_cost", "ppl_L3"} <= set(row)
     sweep = table_rows(text, "routing_threshold")
-    assert [r["routing_threshold"] for r in sweep] == ["0", "0.1", "0.2", "0.3", "0.5", "0.95"]
+    assert [r["routing_threshold"] for r in sweep] == [f"{t:g}" for t in TRAIN_SWEEP_THRESHOLDS]
     assert all(float(r["speedup_vs_exact"]) > 0 for r in sweep) and float(sweep[0]["shallow_ratio"]) == 0
     full = float(sweep[0]["ppl"])
     assert float(sweep[0]["ppl"]) == pytest.approx(float(row["ppl_L3"]), rel=1e-3)  # threshold 0: full depth
@@ -374,9 +378,9 @@ def test_sweep_takes_its_candidates_under_the_old_spelling_with_a_note(run, caps
     assert "--sweep-thresholds" in error_line(capsys)
 
 
-def test_calibrate_writes_thresholds_the_run_then_routes_with(run, data, tmp_path, capsys):
-    copy = tmp_path / "copy"
-    shutil.copytree(run, copy)
+def test_calibrate_writes_thresholds_the_run_then_routes_with(data, tmp_path, capsys):
+    copy = tmp_path / "copy"  # max_prob: any exit layers can be calibrated (learned heads sit at the run's exits)
+    assert main(["train", *tiny(data, copy, "--confidence", "max_prob")]) == 0
     capsys.readouterr()
     assert main(["calibrate", "--run", str(copy), "--min-agreement", "60%", "--exit-layers", "1,2"]) == 0
     out = capsys.readouterr().out
@@ -451,7 +455,9 @@ def test_learned_confidence_trains_evaluates_and_resumes(data, tmp_path, capsys)
     assert (out / "sweep-exact.png").read_bytes().startswith(PNG_MAGIC)
 
 
-def test_learned_confidence_on_a_run_without_heads_names_it(run, capsys):
+def test_learned_confidence_on_a_run_without_heads_names_it(data, tmp_path, capsys):
+    run = tmp_path / "max_prob"
+    assert main(["train", *tiny(data, run, "--confidence", "max_prob", "--no-table")]) == 0
     capsys.readouterr()
     assert main(["eval", "--run", str(run), "--confidence", "learned"]) == 2
     assert "confidence" in error_line(capsys)
@@ -471,6 +477,12 @@ def test_cheapest_threshold_within_the_ppl_bound():
     assert report.cheapest_within(rows, 100.0, 0.02)["routing_threshold"] == "0.5"
     assert "routing_threshold 0.5 keeps ppl within 2% of full depth" in report.within_line(rows, 100.0, 0.02)
     assert report.within_line(rows[:1], 100.0, 0.02).startswith("No threshold")
+    # with FLOPs counted, the cheapest in FLOPs: 0.5 saves layers but costs FLOPs (an exit head for every token)
+    flops = [dict(r, flop_cost=f) for r, f in zip(rows, [1.0, 0.7, 1.2, 0.95])]
+    assert report.cheapest_within(flops, 100.0, 0.02, "flop_cost")["routing_threshold"] == "0.9"
+    assert report.within_line(flops, 100.0, 0.02).endswith("compute_cost 0.900, flop_cost 0.950.")
+    costly = [dict(r, flop_cost=f) for r, f in zip(rows, [1.0, 1.1, 1.2, 1.3])]
+    assert report.within_line(costly, 100.0, 0.02).startswith("No threshold in this table saves FLOPs")
 
 
 def test_routing_text_and_the_early_exit_table_name_the_rule_and_the_time():

@@ -307,6 +307,25 @@ def test_learned_with_zero_loss_weight_is_the_plain_loss_bit_for_bit():
     assert torch.equal(plain.compute_loss(model, x, y), heads.compute_loss(model, x, y))
 
 
+@pytest.mark.parametrize("grad_clip", [1e-3, None])
+def test_heads_off_the_backbone_leave_the_lm_training_bit_for_bit(grad_clip):
+    """Learned heads trained beside the LM (confidence_backbone_grad False) change none of its
+    weights, gradient clipping included: the heads' gradient is clipped on its own (in one
+    global norm, their BCE gradient shrank the LM's steps; a small max_norm makes every step clip)."""
+    weights = {1: 0.5, 4: 0.5}
+    trained = []
+    for config in (UniversalConfig(weights, exit_layers=[1, 2], routing_thresholds=[0.9, 0.9]),
+                   learned(4, [1, 2], weights=weights, confidence_loss_weight=5.0)):
+        torch.manual_seed(0)
+        model = make_model(4).train()
+        trainer = UniversalTrainer(config, VOCAB, backend="torch")
+        torch.manual_seed(1)
+        trainer.fit(model, iter([batch(2, 16) for _ in range(3)]), 3, grad_clip=grad_clip, progress_bar=False)
+        trained.append({n: p.detach().clone() for n, p in model.named_parameters() if "confidence" not in n})
+    assert trained[0].keys() == trained[1].keys()
+    assert all(torch.equal(trained[0][n], trained[1][n]) for n in trained[0])
+
+
 def test_heads_are_zero_initialised_and_draw_no_random_numbers():
     model = make_model(3)
     state = torch.get_rng_state()
