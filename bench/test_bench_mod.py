@@ -89,19 +89,6 @@ def test_mod_train_step(benchmark, capacity):
 
 
 # ----------------------------------------------------------------------------- generation
-def calibrate_predictors(model, idx, capacity) -> None:
-    """Shift each predictor's output bias so that it picks about ``capacity`` of idx's tokens
-    (an untrained predictor picks an arbitrary share)."""
-    model.eval()
-    with torch.no_grad():
-        x = model.embed(idx)
-        for i in range(1, model.n_layers + 1):
-            router = mod.router_at(model, i)
-            if router is not None:
-                router.predictor[2].bias -= router.predict(x).quantile(1 - capacity)
-            x = mod.run_block(model, i, x)
-
-
 def generation_flops(model, routes, batch: int, prompt_len: int, new_tokens: int) -> int:
     """Forward matmul FLOPs of greedy generation: every position fed through the blocks (the
     prompt and all new tokens but the last), a routed block only on the positions it chose
@@ -130,7 +117,7 @@ def test_mod_generate(benchmark, batch, capacity):
                       f"{batch}x({PROMPT}+{NEW_TOKENS})"
     idx = torch.randint(0, VOCAB, (batch, PROMPT), device=device)
     dense, routed = new_model(device).eval(), new_model(device, capacity)
-    calibrate_predictors(routed, torch.randint(0, VOCAB, (8, SEQ_LEN), device=device), capacity)
+    mod.set_predictor_shares(routed, torch.randint(0, VOCAB, (8, SEQ_LEN), device=device))
     seconds, (measured,) = timed_against(benchmark, [lambda: dense.generate(idx, NEW_TOKENS)],
                                          lambda: routed.generate(idx, NEW_TOKENS), device, rounds=ROUNDS)
     routes = routed.generate(idx, NEW_TOKENS, return_routes=True).stats["mod_routes"]

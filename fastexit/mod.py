@@ -36,7 +36,8 @@ from .kernels import compact_indices, gather_rows, replace_rows, scatter_rows, s
 from .layers import KVCache, QueryGrid
 
 __all__ = ["Route", "Router", "Routers", "blocks_run", "check_router_layers", "decode_step", "prefill", "routed_forward",
-           "router_at", "routers_of", "rows_forward", "run_block", "top_k", "track_writes"]
+           "router_at", "routers_of", "rows_forward", "run_block", "set_predictor_shares", "top_k",
+           "track_writes"]
 
 PREDICTOR_WIDTH_RATIO = 8  # the predictor's hidden width is d_model // 8 (at least MIN_PREDICTOR_WIDTH)
 MIN_PREDICTOR_WIDTH = 8
@@ -168,6 +169,21 @@ def _decide(router: Router, x: torch.Tensor, real: Optional[torch.Tensor]) -> to
 
 
 # ----------------------------------------------------------------------------- every token (training, dense passes)
+def set_predictor_shares(model, idx: torch.Tensor) -> None:
+    """Shift each routed block's predictor bias so that, on the tokens idx (B, T) and the
+    states they reach (every block run on every token), it picks the share of them that its
+    router's capacity says: the untuned baseline of router-tuning (an untrained predictor picks
+    an arbitrary share). Puts ``model`` in eval mode."""
+    model.eval()
+    with torch.no_grad():
+        x = model.embed(idx)
+        for layer in range(1, model.n_layers + 1):
+            router = router_at(model, layer)
+            if router is not None:
+                router.predictor[-1].bias -= router.predict(x).quantile(1 - router.capacity)
+            x = run_block(model, layer, x)
+
+
 def run_block(model, layer: int, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
               real: Optional[torch.Tensor] = None, routes: Optional[Dict[int, Route]] = None) -> torch.Tensor:
     """Block ``layer`` (1-indexed) of ``model`` on every token x (B, T, d): the block itself

@@ -246,6 +246,21 @@ def test_rotary_positions_of_gathered_tokens_are_their_own():
 
 # ----------------------------------------------------------------------------- inference
 @pytest.mark.parametrize("kind", KINDS)
+def test_set_predictor_shares_makes_inference_pick_the_capacity(kind):
+    """The untuned baseline: each predictor's bias shifted so that inference on the same tokens
+    runs each routed block on its capacity's share of them (to one token: the quantile lies
+    between two tokens' logits)."""
+    model = KINDS[kind](capacity=0.25).eval()
+    idx = torch.randint(0, V, (3, 13))
+    mod.set_predictor_shares(model, idx)
+    routes = {}
+    with torch.no_grad():
+        model.exit_hidden_states(idx, [4], routes=routes)
+    for i in (2, 4):
+        assert abs(routes[i].chosen.float().mean().item() - 0.25) <= 1 / idx.numel() + 1e-12, i
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_inference_routes_each_token_by_its_predictor(kind):
     model = KINDS[kind]().eval()
     idx = torch.randint(0, V, (3, 13))

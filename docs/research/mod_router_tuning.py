@@ -53,18 +53,6 @@ def evaluate(model, val, val_bytes) -> dict:
                 agreement=[stats.get(f"mod_agreement_L{i}") for i in LAYERS], ran=ran)
 
 
-def shift_predictors(model, x_batches, capacity) -> None:
-    """Bias each predictor so that it picks about ``capacity`` of the tokens (untuned baseline)."""
-    model.eval()
-    with torch.no_grad():
-        x = model.embed(x_batches)
-        for i in range(1, model.n_layers + 1):
-            router = mod.router_at(model, i)
-            if router is not None:
-                router.predictor[2].bias -= router.predict(x).quantile(1 - capacity)
-            x = mod.run_block(model, i, x)
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="docs/research/mod")
@@ -91,7 +79,7 @@ def main():
     sample = torch.cat([x for x, _ in val[:4]])
     for capacity in CAPACITIES:
         untuned = router_tuning(from_folder(folder), LAYERS, capacity)
-        shift_predictors(untuned, sample, capacity)
+        mod.set_predictor_shares(untuned, sample)
         rows.append(dict(setting="untuned routers", capacity=capacity, **evaluate(untuned, val, val_bytes)))
         tuned = router_tuning(from_folder(folder), LAYERS, capacity)
         trainer = UniversalTrainer(get_preset("standard_llm", 4, 1), VOCAB, seed=1)
