@@ -17,6 +17,8 @@ setup(
         # fastexit.from_hf / apply_early_exit; accelerate for transformers' Trainer, gguf for .gguf checkpoints
         "hf": ["transformers>=4.51,<6", "accelerate>=1.0", "gguf>=0.10"],
         "dev": ["pytest", "pytest-benchmark", "peft>=0.13"],
+        # fastexit.sft.EarlyExitSFTTrainer (TRL's SFTTrainer; trl needs transformers >= 4.56)
+        "trl": ["trl>=1.16"],
     },
     entry_points={"console_scripts": ["fastexit = fastexit.cli:main"]},
 )

@@ -269,3 +269,48 @@ def test_trainer_with_gradient_accumulation_2_equals_twice_the_batch(tmp_path):
     torch.manual_seed(0)
     untrained = make_hf("llama")
     assert any(not torch.equal(untrained.state_dict()[n], w) for n, w in whole.items())  # training moved them
+
+
+def test_trl_sft_trainer_step_is_sgd_on_the_early_exit_loss(tmp_path):
+    """EarlyExitSFTTrainer (TRL's SFTTrainer with the model's own loss): one SGD step over a
+    pre-tokenized dataset is the step of the model's early-exit loss on the labels TRL built,
+    divided by the num_items_in_batch TRL passed; a model apply_early_exit did not prepare is
+    refused (TRL would train its own final-layer loss)."""
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    tokenizers = pytest.importorskip("tokenizers")
+    from fastexit.sft import EarlyExitSFTTrainer
+    vocab = {f"t{i}": i for i in range(VOCAB)}
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="t1")),
+        pad_token="t0", eos_token="t2")
+    x = torch.randint(3, VOCAB, (8, 10), generator=torch.Generator().manual_seed(3))
+    data = datasets.Dataset.from_dict({"input_ids": x.tolist()})  # equal lengths: no padding, every token scored
+    args = trl.SFTConfig(output_dir=str(tmp_path / "sft"), per_device_train_batch_size=8, max_steps=1,
+                         learning_rate=1e-2, lr_scheduler_type="constant", optim="sgd", report_to=[], use_cpu=True,
+                         save_strategy="no", max_length=None, max_grad_norm=0.0,
+                         bf16=False)  # SFTConfig's default is bf16 autocast
+    seen, stepped = [], []
+    for method in METHODS[:2]:
+        torch.manual_seed(0)
+        model = apply_early_exit(make_hf("llama"), method)
+        forward = model.forward
+
+        @functools.wraps(forward)
+        def spy(*a, forward=forward, **kw):
+            seen.append((kw["labels"].clone(), kw.get("num_items_in_batch")))
+            return forward(*a, **kw)
+        model.forward = spy
+        EarlyExitSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer).train()
+        stepped.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    for (labels, n_items), method, after in zip(seen, METHODS[:2], stepped):
+        assert sorted(labels.tolist()) == sorted(x.tolist())  # the dataset's rows, shuffled by the sampler
+        assert n_items == x.numel() - len(x)  # transformers >= 5 counts the shifted labels
+        torch.manual_seed(0)
+        model = apply_early_exit(make_hf("llama"), method)
+        model(labels, labels=labels, num_items_in_batch=n_items).loss.backward()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(after[name], p.detach() - 1e-2 * p.grad, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(stepped[0]["lm_head.weight"], stepped[1]["lm_head.weight"])  # the methods differ
+    with pytest.raises(ValueError, match="apply_early_exit"):
+        EarlyExitSFTTrainer(model=make_hf("llama"), args=args, train_dataset=data, processing_class=tokenizer)
