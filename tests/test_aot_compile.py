@@ -12,9 +12,10 @@ MMA under "ieee", TF32 MMA under "tf32".
 The default run compiles the large shape: each dtype with every option subset for one arch
 (DEFAULT_ARCH), and the tensor-core dtypes' corners (no option, every option) for every arch,
 so each generation's tiles are compiled; `--runslow` (CI) compiles the same variants at the odd
-and decode shapes too. `--aot-matrix` adds every other option subset on every other arch (about
-5,000 variants, 15-20 minutes on 2 cores): run it when a kernel or a launcher's tile choice
-changes. Compiles go to the session's pytest tmp dir, never to ~/.triton.
+shape too, and at the decode shape for the ops with decode tiles. `--aot-matrix` adds every
+other option subset on every other arch and the fused loss at the decode shape (about 5,000
+variants; 44 minutes on 2 cores at low priority): run it when a kernel or a launcher's tile
+choice changes. Compiles go to the session's pytest tmp dir, never to ~/.triton.
 """
 import warnings
 from pathlib import Path
@@ -44,12 +45,18 @@ def _in_default_run(v: aot.Variant) -> bool:
     return v.shape == "large" and (v.arch == DEFAULT_ARCH[v.dtype] or _corner(v))
 
 
+DECODE_OPS = ("exit_confidence", "compaction")  # the ops whose launchers pick other tiles for a decode step
+
+
 def _marks(v: aot.Variant) -> tuple:
-    """Default run: the large shape (above). --runslow: the same variants at every shape.
-    --aot-matrix: every other option subset on every other arch."""
+    """Default run: the large shape (above). --runslow: the same variants at the odd shape, and
+    at the decode shape for the ops with decode tiles (the fused loss's launchers choose the
+    same tiles for 8 rows). --aot-matrix: every other option subset on every other arch, and
+    the fused loss at the decode shape."""
     if _in_default_run(v):
         return ()
-    return (pytest.mark.slow,) if v.arch == DEFAULT_ARCH[v.dtype] or _corner(v) else (pytest.mark.aot_matrix,)
+    slow = (v.arch == DEFAULT_ARCH[v.dtype] or _corner(v)) and (v.shape != "decode" or v.op in DECODE_OPS)
+    return (pytest.mark.slow,) if slow else (pytest.mark.aot_matrix,)
 
 
 def _param(v: aot.Variant):
