@@ -464,23 +464,29 @@ class ModelConfig(_FlatConfig):
         return d
 
 
+def check_routed_blocks(layers, capacity, n_layers: int, layers_name: str = "layers",
+                        capacity_name: str = "capacity") -> None:
+    """ValueError naming the argument unless ``layers`` is a non-empty ascending list of
+    distinct layers in 1..n_layers and ``capacity`` a number in (0, 1] (NaN fails too)."""
+    if isinstance(capacity, bool) or not isinstance(capacity, (int, float)) or not 0 < capacity <= 1:
+        raise ValueError(f"{capacity_name} must be a number in (0, 1], got {capacity!r}")
+    if not isinstance(layers, (list, tuple, range)) or not layers \
+            or any(isinstance(i, bool) or not isinstance(i, int) or not 1 <= i <= n_layers for i in layers) \
+            or any(a >= b for a, b in zip(layers, list(layers)[1:])):
+        raise ValueError(f"{layers_name} must be an ascending list of distinct layers in 1..n_layers={n_layers}, "
+                         f"got {layers!r}")
+
+
 def check_mod(prefix: str, mod_layers, mod_capacity, n_layers: int) -> None:
-    """ValueError naming the field unless ``mod_layers`` is None or an ascending list of
-    distinct layers in 1..n_layers and ``mod_capacity`` a number in (0, 1]; a capacity below 1
-    needs routed layers (alone it would change nothing)."""
-    if isinstance(mod_capacity, bool) or not isinstance(mod_capacity, (int, float)) \
-            or not 0 < mod_capacity <= 1:  # NaN fails too
-        raise ValueError(f"{prefix}mod_capacity must be a number in (0, 1], got {mod_capacity!r}")
-    if mod_layers is None:
-        if mod_capacity != 1:
-            raise ValueError(f"{prefix}mod_capacity={mod_capacity} needs {prefix}mod_layers (the routed blocks); "
-                             f"without them every block runs every token")
-        return
-    if not isinstance(mod_layers, (list, tuple)) or not mod_layers \
-            or any(isinstance(i, bool) or not isinstance(i, int) or not 1 <= i <= n_layers for i in mod_layers) \
-            or any(a >= b for a, b in zip(mod_layers, mod_layers[1:])):
-        raise ValueError(f"{prefix}mod_layers must be None or an ascending list of distinct layers in "
-                         f"1..n_layers={n_layers}, got {mod_layers!r}")
+    """``check_routed_blocks`` of a config's fields (``prefix`` names the config), where
+    ``mod_layers`` None is the plain model; a capacity below 1 needs routed layers (alone it
+    would change nothing)."""
+    if mod_layers is None and mod_capacity != 1:
+        check_routed_blocks([1], mod_capacity, 1, capacity_name=f"{prefix}mod_capacity")  # a bad value: its own error
+        raise ValueError(f"{prefix}mod_capacity={mod_capacity} needs {prefix}mod_layers (the routed blocks); "
+                         f"without them every block runs every token")
+    if mod_layers is not None:
+        check_routed_blocks(mod_layers, mod_capacity, n_layers, f"{prefix}mod_layers", f"{prefix}mod_capacity")
 
 
 # ----------------------------------------------------------------------------- a run

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from .kernels import compact_indices, gather_rows, replace_rows, scatter_rows, select_rows
 from .layers import KVCache, QueryGrid
 
-__all__ = ["Route", "Router", "Routers", "blocks_run", "check_router_layers", "decode_step", "prefill", "routed_forward",
+__all__ = ["Route", "Router", "Routers", "blocks_run", "decode_step", "prefill", "routed_forward",
            "router_at", "routers_of", "rows_forward", "run_block", "set_predictor_shares", "top_k",
            "track_writes"]
 
@@ -114,17 +114,6 @@ def routers_of(model) -> Optional[Routers]:
 def router_at(model, layer: int) -> Optional[Router]:
     routers = routers_of(model)
     return None if routers is None or str(layer) not in routers else routers[str(layer)]
-
-
-def check_router_layers(layers, capacity, n_layers: int) -> None:
-    """ValueError naming the argument unless layers are ascending distinct ints in
-    1..n_layers and capacity is in (0, 1]."""
-    if isinstance(capacity, bool) or not isinstance(capacity, (int, float)) or not 0 < capacity <= 1:
-        raise ValueError(f"capacity must be a number in (0, 1], got {capacity!r}")
-    if not isinstance(layers, (list, tuple, range)) or not layers \
-            or any(isinstance(i, bool) or not isinstance(i, int) or not 1 <= i <= n_layers for i in layers) \
-            or any(a >= b for a, b in zip(layers, list(layers)[1:])):
-        raise ValueError(f"layers must be an ascending list of distinct layers in 1..{n_layers}, got {layers!r}")
 
 
 # ----------------------------------------------------------------------------- choosing tokens

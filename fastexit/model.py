@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from . import mod
-from .config import ModelConfig
+from .config import ModelConfig, check_routed_blocks
 from .generate import Generation, generate
 from .kernels import replace_rows, select_rows
 from .layers import (Attention, Block, ConfidenceHeads, KVCache, Linear, QueryGrid, check_token_ids,
@@ -63,7 +63,7 @@ class EarlyExitModel(nn.Module):
         ``capacity`` in (0, 1] (``fastexit.mod``): a ``Router`` each, in ``model.mod_routers``.
         A model without routers has neither the attribute nor its state-dict keys."""
         layers = list(layers)
-        mod.check_router_layers(layers, capacity, self.n_layers)
+        check_routed_blocks(layers, capacity, self.n_layers)
         if not hasattr(self, "mod_routers"):
             self.mod_routers = mod.Routers()
         self.mod_routers.add(layers, capacity, self.lm_head.weight)
