@@ -6,7 +6,7 @@ digests, stale temporary files and file locks.
 - ``json_text`` / ``write_json``: standard JSON only (a non-finite float is written as null).
 - ``file_digest``: the SHA-256 of a file's bytes, the check every file we read back gets.
 - ``remove_stale_temps``: what crashed writers of ours left in a folder (by name pattern).
-- ``hold_lock`` / ``locked``: ``fcntl.flock`` locks, which the OS releases when their process
+- ``try_lock`` / ``locked``: ``fcntl.flock`` locks, which the OS releases when their process
   dies (kill -9 included): no stale lock is ever left behind.
 
 A leaf module (standard library only), so that the data cache, run files and checkpoints

@@ -486,7 +486,9 @@ def _load_cache(cache_dir: Path, fp: str) -> Corpus | None:
 
 
 def _build_cache(texts: dict[str, str], vocab_size: int, cache_dir: Path, fp: str,
-                 tokenizer: "Tokenizer | None" = None) -> Corpus:
+                 tokenizer: "Tokenizer | None" = None) -> None:
+    """Train (or take) the tokenizer, encode the splits and write the cache files into
+    cache_dir (the caller reads them back, checked, with _load_cache)."""
     start = time.perf_counter()
     kind = "bpe" if tokenizer is None else "given"
     tokenizer = tokenizer or train_tokenizer(texts["train"], vocab_size)
@@ -500,7 +502,6 @@ def _build_cache(texts: dict[str, str], vocab_size: int, cache_dir: Path, fp: st
             "tokenizer_train_seconds": round(train_seconds, 3),
             "encode_seconds": round(time.perf_counter() - start - train_seconds, 3)}
     _write_cache(cache_dir, tokenizer, ids, meta)
-    return _load_cache(cache_dir, fp)
 
 
 def _replace_cache(texts: dict[str, str], vocab_size: int, cache_dir: Path, fp: str,

@@ -102,12 +102,12 @@ def _decode_shallow(model, tok: torch.Tensor, caches, slot, positions, mask, bac
     """Token ids tok (B,) at cache slot ``slot`` (an int, or (B,) int64 per row; positions
     (B, 1) int64) through the first len(caches) blocks -> (B, d)."""
     x = model.embed(tok[:, None], positions=positions)  # (B, 1, d)
-    every_row = torch.arange(x.shape[0], device=x.device)
     for layer, (block, cache) in enumerate(zip(model.blocks, caches), start=1):
         router = mod.router_at(model, layer)
         if router is None:
             x = block.forward_cached(x, cache, slot, mask)
         else:  # every row is running here
+            every_row = torch.arange(x.shape[0], device=x.device)
             x = mod.decode_step(block, router, cache, x[:, 0], x[:, 0], every_row, slot, backend)[0][:, None]
     return x.squeeze(1)
 
@@ -138,7 +138,8 @@ def _decode_deeper(model, layers, caches, x, xh, rows, pos: int, mask, backend):
             continue
         cache.write(pos, *block.kv(x.unsqueeze(1)))
         if rows.numel():
-            xh = block.forward_rows(xh, *cache.upto(pos + 1, rows), grid)  # (n, H, pos+1, hd) keys
+            every = rows.numel() == B  # (a routed block sent every row here): no gathered copy of the cache
+            xh = block.forward_rows(xh, *cache.upto(pos + 1, None if every else rows), grid)  # (n, H, pos+1, hd)
             scatter_rows(x, rows, xh, backend=backend)
     return x, xh
 

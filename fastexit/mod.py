@@ -252,9 +252,7 @@ def rows_forward(block: nn.Module, router: Router, x: torch.Tensor, xh: torch.Te
     Returns the running tokens' new states (n, d)."""
     B, T = shape
     r = router.scores(x).view(B, T)
-    chosen = _decide(router, x, None).view(B, T)
-    if real is not None:
-        chosen &= real
+    chosen = _decide(router, x, None if real is None else real.reshape(-1)).view(B, T)
     if routes is not None:
         routes[layer] = Route(chosen, top_k(r, router.capacity, real))
     q_idx = compact_indices(chosen.view(-1).index_select(0, rows), backend=backend)  # (n_q,) among the running
@@ -344,6 +342,8 @@ def decode_step(block: nn.Module, router: Router, cache: KVCache, x: torch.Tenso
     yq = block.forward_rows(xq, *cache.upto(pos + 1, q_rows), grid)
     out = torch.lerp(xq, yq, router.weight(r.index_select(0, q_rows)).to(xq.dtype)[:, None])
     x = scatter_rows(x.clone(), q_rows, out, backend=backend)
+    if rows.numel() == B:  # xh holds the same states as x: one copy serves both
+        return x, x
     return x, scatter_rows(xh.clone(), q_idx, out, backend=backend)
 
 
