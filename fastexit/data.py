@@ -603,8 +603,18 @@ def prepare_data(paths: PathLike | Sequence[PathLike] | None = None,
         cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_root() / fp[:16]
     else:
         cache_dir = Path(cache_dir or default_cache_root()) / f"hf-{fp[:16]}"
-    corpus = _load_cache(cache_dir, fp)
+    corpus = _read_cache(cache_dir, fp)
     return _clean_beside(corpus) if corpus is not None else _replace_cache(texts, vocab_size, cache_dir, fp, given)
+
+
+def _read_cache(cache_dir: Path, fp: str) -> "Corpus | None":
+    """_load_cache under the cache's lock, shared: a builder swaps a cache in by two renames
+    under the exclusive lock, and a reader between them would see no cache, or the new files
+    against the old meta.json (a false "damaged token cache")."""
+    if not cache_dir.parent.is_dir():
+        return None  # no cache, and no folder for its lock file yet
+    with locked(_cache_lock(cache_dir), shared=True):
+        return _load_cache(cache_dir, fp)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")

@@ -2,6 +2,7 @@
 import importlib.metadata
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -202,6 +203,26 @@ def test_cache_is_reused_without_retraining(user_files, tmp_path, monkeypatch):
     for split in data.SPLITS:
         assert np.array_equal(first.splits[split], second.splits[split])
     assert second.n_bytes == first.n_bytes and second.vocab_size == first.vocab_size
+
+
+def test_a_reader_waits_while_a_builder_holds_the_cache(user_files, tmp_path):
+    """A builder swaps a cache in under the cache's exclusive lock (_replace_cache); a reader
+    takes it shared, so it never reads between the two renames."""
+    import subprocess
+    import sys
+    cache = tmp_path / "cache"
+    data.prepare_data(user_files, vocab_size=SMALL_VOCAB, cache_dir=cache)
+    code = ("import sys, time\nfrom pathlib import Path\nfrom fastexit import data\nfrom fastexit.atomic import locked\n"
+            "with locked(data._cache_lock(Path(sys.argv[1]))):\n    print('locked', flush=True)\n    time.sleep(1.5)")
+    builder = subprocess.Popen([sys.executable, "-c", code, str(cache)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert builder.stdout.readline().strip() == "locked"
+        t0 = time.monotonic()
+        data.prepare_data(user_files, vocab_size=SMALL_VOCAB, cache_dir=cache)
+        waited = time.monotonic() - t0
+    finally:
+        builder.wait()
+    assert builder.returncode == 0 and waited > 0.5  # it read after the builder let go
 
 
 def test_cache_invalidated_by_vocab_size_and_text(user_files, tmp_path):
