@@ -510,7 +510,8 @@ def _replace_cache(texts: dict[str, str], vocab_size: int, cache_dir: Path, fp: 
     process building the same cache waits, then reads the first one's). A folder without a
     complete cache (no meta.json: nobody can be reading it) gets the files in place, meta.json
     last. A complete cache of another fingerprint is never rewritten file by file: the new one
-    is built beside it and swapped in by renames, so a reader sees the old cache or the new one;
+    is built beside it and swapped in by renames, so a reader (which holds the lock shared:
+    _read_cache) sees the old cache or the new one;
     a folder that holds anything else besides is refused (CacheError)."""
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
     with locked(_cache_lock(cache_dir)):
