@@ -124,11 +124,13 @@ def _decode_deeper(model, layers, caches, x, xh, rows, pos: int, mask, backend):
     B = x.shape[0]
     blocks = [model.blocks[layer - 1] for layer in layers]
     routers = [mod.router_at(model, layer) for layer in layers]
-    if rows.numel() == B and all(router is None for router in routers):
-        x = x.unsqueeze(1)  # (B, 1, d)
-        for block, cache in zip(blocks, caches):
-            x = block.forward_cached(x, cache, pos, mask)
-        return x.squeeze(1), x.squeeze(1)
+    if rows.numel() == B:  # every row is running (rows = 0..B-1): xh holds x's states, no gathers
+        for block, router, cache in zip(blocks, routers, caches):
+            if router is None:
+                x = block.forward_cached(x[:, None], cache, pos, mask)[:, 0]
+            else:
+                x = mod.decode_step(block, router, cache, x, x, rows, pos, backend)[0]
+        return x, x
     hard_mask = mask.index_select(0, rows) if mask is not None else None  # (n, 1, 1, pos+1)
     grid = QueryGrid(torch.arange(rows.numel(), device=x.device), 1, hard_mask)  # one query per cache row
     x = x.clone()  # refreshed in place with the running rows' states below

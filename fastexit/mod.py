@@ -319,30 +319,43 @@ def decode_step(block: nn.Module, router: Router, cache: KVCache, x: torch.Tenso
     row (carried for rows that left at an exit), xh (n, d) those of the running rows (n,).
     Every chosen row writes its keys/values at slot pos from its current state; the running
     chosen rows attend over the slots their row's block processed and run it. Returns
-    (x, xh) after the block."""
+    (x, xh) after the block.
+
+    One host sync (the chosen rows' count). A step where no row chose the block costs the
+    predictor alone; where every row runs it, it is the dense cached step with the unwritten
+    slots masked (no gathered copies: at one row, the common case, this is every step that
+    runs the block); otherwise only the chosen rows run, gathered."""
     B = x.shape[0]
-    r, chosen = router.scores(x), _decide(router, x, None)
+    chosen = _decide(router, x, None)
     cache.written[:, pos] = chosen
     writers = compact_indices(chosen, backend=backend)
     if writers.numel() == 0:
         return x, xh
+    every_row = rows.numel() == B  # rows = 0..B-1 and xh holds the same states as x
+    if every_row and writers.numel() == B:
+        y = block.forward_cached(x[:, None], cache, pos, cache.written[:, None, None, :pos + 1])[:, 0]
+        x = torch.lerp(x, y, router.weight(router.scores(x)).to(x.dtype)[:, None])
+        return x, x
     at = torch.full((writers.numel(), 1), pos, dtype=torch.int64, device=x.device)
     k, v = block.kv(gather_rows(x, writers, backend=backend)[:, None], at)  # (m, H, 1, hd)
     cache.put(writers, at.squeeze(1), k[:, :, 0], v[:, :, 0])
-    if rows.numel() == B:  # every row is running (rows = 0..B-1): the writers are the queries
+    if every_row:  # the writers are the queries; they read the cache in place (no copy of their rows)
         q_idx = q_rows = writers
+        grid = QueryGrid(q_rows, 1, cache.written[:, None, None, :pos + 1], torch.full_like(q_rows, pos))
+        kv = cache.upto(pos + 1)
     else:
         q_idx = compact_indices(chosen.index_select(0, rows), backend=backend)
         if q_idx.numel() == 0:
             return x, xh
         q_rows = gather_rows(rows, q_idx, backend=backend)
-    mask = cache.written.index_select(0, q_rows)[:, None, None, :pos + 1]  # (n_q, 1, 1, pos+1)
-    grid = QueryGrid(torch.arange(q_rows.numel(), device=x.device), 1, mask, torch.full_like(q_rows, pos))
+        mask = cache.written.index_select(0, q_rows)[:, None, None, :pos + 1]  # (n_q, 1, 1, pos+1)
+        grid = QueryGrid(torch.arange(q_rows.numel(), device=x.device), 1, mask, torch.full_like(q_rows, pos))
+        kv = cache.upto(pos + 1, q_rows)
     xq = gather_rows(xh, q_idx, backend=backend)
-    yq = block.forward_rows(xq, *cache.upto(pos + 1, q_rows), grid)
-    out = torch.lerp(xq, yq, router.weight(r.index_select(0, q_rows)).to(xq.dtype)[:, None])
+    yq = block.forward_rows(xq, *kv, grid)
+    out = torch.lerp(xq, yq, router.weight(router.scores(xq)).to(xq.dtype)[:, None])
     x = scatter_rows(x.clone(), q_rows, out, backend=backend)
-    if rows.numel() == B:  # xh holds the same states as x: one copy serves both
+    if every_row:  # one copy serves both
         return x, x
     return x, scatter_rows(xh.clone(), q_idx, out, backend=backend)
 

@@ -311,21 +311,26 @@ def test_compact_routing_is_state_propagation_through_routed_blocks():
             assert torch.equal(out.mod_routes[i].chosen, routes[i])
 
 
+@pytest.mark.parametrize("batch", [3, 1])  # one row: each decode step of a routed block is all or nothing
 @pytest.mark.parametrize("kind", KINDS)
-def test_cached_generation_equals_evaluation_of_the_same_routes(kind):
-    model = KINDS[kind]().eval()
-    idx = torch.randint(0, V, (3, 6))
-    gen = generate(model, idx, 10, return_routes=True)
+def test_cached_generation_equals_evaluation_of_the_same_routes(kind, batch):
+    model = KINDS[kind](n_layers=5).eval()
+    idx = torch.randint(0, V, (batch, 6))
+    # exit 4 (after both routed blocks) is scored but never left at: its confidence (fp32) tests
+    # the states themselves, router weights included, beyond the greedy tokens
+    gen = generate(model, idx, 10, 0.0, 4, return_routes=True, return_conf=True)
     routes = {}
     with torch.no_grad():
-        final, = model.exit_hidden_states(gen.tokens[:, :-1], [4], routes=routes)
+        at_4, final = model.exit_hidden_states(gen.tokens[:, :-1], [4, 5], routes=routes)
     assert torch.equal(gen.tokens[:, 6:], model.lm_head(final)[:, 5:].argmax(-1))
+    conf = model.lm_head(at_4)[:, 5:].softmax(-1).amax(-1)
+    torch.testing.assert_close(gen.conf.double(), conf, rtol=1e-5, atol=1e-6)
     for i in (2, 4):
         assert torch.equal(gen.stats["mod_routes"][i], routes[i].chosen)
         assert 0 < routes[i].chosen.float().mean() < 1
     prompt = idx.clone()
-    prompt[:, 4:] = torch.randint(0, V, (3, 2))  # no look-ahead in the prefill either
-    other = generate(model, prompt, 1, return_routes=True)
+    prompt[:, 4:] = torch.randint(0, V, (batch, 2))  # no look-ahead in the prefill either
+    other = generate(model, prompt, 1, 0.0, 4, return_routes=True)
     for i in (2, 4):
         assert torch.equal(other.stats["mod_routes"][i][:, :4], gen.stats["mod_routes"][i][:, :4])
 
@@ -344,14 +349,20 @@ def test_left_padded_generation_of_routed_blocks_is_each_row_alone():
 
 
 def test_routed_blocks_skip_rows_in_generation():
-    """A decode step runs a routed block's projections and MLP on the chosen rows only."""
+    """A decode step runs a routed block's projections and MLP on the chosen rows only: on
+    some rows (gathered), on every row (the dense step) or on none."""
     model = native().eval()
-    calls = []
-    block = model.blocks[1]
-    block.forward_rows = (lambda f: lambda xh, *a: calls.append(xh.shape[0]) or f(xh, *a))(block.forward_rows)
-    gen = generate(model, torch.randint(0, V, (4, 5)), 6, return_routes=True)
-    chosen = gen.stats["mod_routes"][2][:, 5:].sum(0).tolist()  # the decode steps' positions
-    assert calls[1:] == [c for c in chosen if c]  # calls[0]: the prefill
+    calls, seen = [], set()
+    mlp = model.blocks[1].mlp
+    mlp.forward = (lambda f: lambda a: calls.append(a.numel() // a.shape[-1]) or f(a))(mlp.forward)
+    for seed in range(4):
+        torch.manual_seed(seed)
+        calls.clear()
+        gen = generate(model, torch.randint(0, V, (4, 5)), 6, return_routes=True)
+        chosen = gen.stats["mod_routes"][2][:, 5:].sum(0).tolist()  # the decode steps' positions
+        assert calls[1:] == [c for c in chosen if c]  # calls[0]: the prefill
+        seen |= set(chosen)
+    assert {0, 4} <= seen and seen - {0, 4}  # the three kinds of step ran
 
 
 # ----------------------------------------------------------------------------- metrics and FLOPs
