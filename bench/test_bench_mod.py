@@ -9,7 +9,11 @@ whose every other block is routed at capacity c, against the same model dense, i
 - generation: generate() greedy from a prompt, the routed blocks deciding per token by their
   predictors. An untrained predictor picks an arbitrary share, so its output bias is set to
   pick about c of the prompt's tokens at each routed block; the ideal is the forward FLOPs of
-  the routes generation actually took (its return_routes) against dense generation's.
+  the routes generation actually took (its return_routes) against dense generation's. A decode
+  step of a few rows reads every weight of each block it runs, whatever the rows: the second
+  ideal (weight_read_*) counts the weights read instead, a routed block's wherever at least one
+  row ran it, the ceiling of a step bound by weight reads (batch 8 here; at one row both
+  ideals are one).
 
 The pairs are timed interleaved (bench/test_bench_routing.timed_against), so load drift on a
 shared box hits both alike.
@@ -109,6 +113,21 @@ def generation_flops(model, routes, batch: int, prompt_len: int, new_tokens: int
     return int(total)
 
 
+def weights_read(model, routes, prompt_len: int, new_tokens: int) -> int:
+    """Weights read by greedy generation: every block and the head in the prefill, then per
+    decode step the head, every router and predictor, the dense blocks, and a routed block
+    wherever at least one row ran it at that position."""
+    block = sum(p.numel() for p in model.blocks[0].parameters())
+    head = model.lm_head.weight.numel()
+    routers = sum(p.numel() for r in (mod.routers_of(model) or {}).values() for p in r.parameters())
+    n_steps = new_tokens - 1
+    total = N_LAYERS * block + head + n_steps * (head + routers)
+    for i in range(1, N_LAYERS + 1):
+        runs = n_steps if routes is None or i not in routes else int(routes[i][:, prompt_len:].any(0).sum())
+        total += runs * block
+    return total
+
+
 @pytest.mark.parametrize("capacity", CAPACITIES)
 @pytest.mark.parametrize("batch", GEN_BATCHES)
 def test_mod_generate(benchmark, batch, capacity):
@@ -121,8 +140,11 @@ def test_mod_generate(benchmark, batch, capacity):
     seconds, (measured,) = timed_against(benchmark, [lambda: dense.generate(idx, NEW_TOKENS)],
                                          lambda: routed.generate(idx, NEW_TOKENS), device, rounds=ROUNDS)
     routes = routed.generate(idx, NEW_TOKENS, return_routes=True).stats["mod_routes"]
-    flops = generation_flops(routed, {i: r.cpu() for i, r in routes.items()}, batch, PROMPT, NEW_TOKENS)
+    routes = {i: r.cpu() for i, r in routes.items()}
+    flops = generation_flops(routed, routes, batch, PROMPT, NEW_TOKENS)
+    read_ideal = weights_read(dense, None, PROMPT, NEW_TOKENS) / weights_read(routed, routes, PROMPT, NEW_TOKENS)
     record(benchmark, provider=f"MoD c={capacity}", shape=f"L{N_LAYERS}-d{D_MODEL}", seconds=seconds,
            tokens=batch * NEW_TOKENS, peak_mem_mb=None, flops=flops, capacity=capacity,
            processed_share=float(torch.stack([r.float().mean() for r in routes.values()]).mean()),
+           weight_read_ideal_speedup=read_ideal, fraction_of_weight_read_ideal=measured.paired / read_ideal,
            **speedup_info(measured, generation_flops(dense, None, batch, PROMPT, NEW_TOKENS) / flops))

@@ -72,9 +72,13 @@ class KVCache:
         index = slots[:, None, :, None].expand_as(k)
         self.k.scatter_(2, index, k), self.v.scatter_(2, index, v)
 
-    def put(self, rows: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v (..., H, hd) at (rows, slots), int64 index tensors of k's leading shape,
-        as given: keys already at their own positions (``Block.kv(x, positions)``)."""
+    def put(self, rows: torch.Tensor, slots, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v (..., H, hd) at (rows, slots), int64 index tensors of k's leading shape
+        (slots: or an int, one slot for rows (n,) and k, v (n, H, hd)), as given: keys already
+        at their own positions (``Block.kv(x, positions)``)."""
+        if isinstance(slots, int):
+            self.k[:, :, slots].index_copy_(0, rows, k), self.v[:, :, slots].index_copy_(0, rows, v)
+            return
         self.k[rows, :, slots], self.v[rows, :, slots] = k, v
 
     def upto(self, end: int, rows: Optional[torch.Tensor] = None):

@@ -338,7 +338,7 @@ def decode_step(block: nn.Module, router: Router, cache: KVCache, x: torch.Tenso
         return x, x
     at = torch.full((writers.numel(), 1), pos, dtype=torch.int64, device=x.device)
     k, v = block.kv(gather_rows(x, writers, backend=backend)[:, None], at)  # (m, H, 1, hd)
-    cache.put(writers, at.squeeze(1), k[:, :, 0], v[:, :, 0])
+    cache.put(writers, pos, k[:, :, 0], v[:, :, 0])
     if every_row:  # the writers are the queries; they read the cache in place (no copy of their rows)
         q_idx = q_rows = writers
         grid = QueryGrid(q_rows, 1, cache.written[:, None, None, :pos + 1], torch.full_like(q_rows, pos))
