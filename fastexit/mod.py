@@ -74,6 +74,13 @@ class Router(nn.Module):
         """The factor 2·sigmoid(r) a processed token's update is scaled by (1 at r = 0)."""
         return 2 * torch.sigmoid(r)
 
+    def gate(self, x: torch.Tensor, y: torch.Tensor, r: torch.Tensor,
+             valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The new states of tokens that ran the block: lerp(x, y, 2·sigmoid(r)), x (..., d)
+        before it, y after it, r (...) their scores; x itself where ``valid`` (...) is False."""
+        w = self.weight(r) if valid is None else torch.where(valid, self.weight(r), 0.0)
+        return torch.lerp(x, y, w.to(x.dtype)[..., None])
+
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Predictor logits (...) fp32 of the detached states x (..., d): > 0 runs the block."""
         x = x.detach()
@@ -208,8 +215,8 @@ def routed_forward(block: nn.Module, router: Router, x: torch.Tensor, real: Opti
     # Chosen tokens fill each row's first slots in order: plain causal attention over the slots
     # is causal attention among them by position, and no chosen token sees a slot past them.
     y = block(x_sel, None, packed.cols)
-    g = torch.where(packed.valid, router.weight(r.gather(1, packed.cols)), 0.0).to(x.dtype)  # (B, S)
-    out = replace_rows(flat_x, packed.flat, torch.lerp(x_sel, y, g[..., None]).reshape(-1, d)).view(B, T, d)
+    new = router.gate(x_sel, y, r.gather(1, packed.cols), packed.valid)  # (B, S, d)
+    out = replace_rows(flat_x, packed.flat, new.reshape(-1, d)).view(B, T, d)
     if router.training and torch.is_grad_enabled():
         out = _AddLoss.apply(out, _predictor_loss(router, x, chosen, real))
     return out
@@ -264,7 +271,7 @@ def rows_forward(block: nn.Module, router: Router, x: torch.Tensor, xh: torch.Te
     rank = (chosen.cumsum(1) - 1).view(-1).index_select(0, q_rows)  # each query's own slot among the keys
     xq = gather_rows(xh, q_idx, backend=backend)
     yq = block.forward_rows(xq, k, v, _key_slot_grid(q_rows, rank, B, T, keys.cols.shape[1]))
-    out = torch.lerp(xq, yq, router.weight(r.view(-1).index_select(0, q_rows)).to(xq.dtype)[:, None])
+    out = router.gate(xq, yq, r.view(-1).index_select(0, q_rows))
     scatter_rows(x, q_rows, out, backend=backend)
     return scatter_rows(xh.clone(), q_idx, out, backend=backend)
 
@@ -308,8 +315,8 @@ def prefill(block: nn.Module, router: Router, cache: KVCache, x: torch.Tensor,
     cache.put(torch.arange(B, device=x.device)[:, None], packed.cols, k.transpose(1, 2), v.transpose(1, 2))
     causal = torch.ones(S, S, dtype=torch.bool, device=x.device).tril()[None, None]
     grid = QueryGrid(torch.arange(B * S, device=x.device), S, causal, packed.cols.reshape(-1))
-    g = torch.where(packed.valid, router.weight(r.gather(1, packed.cols)), 0.0).to(x.dtype).reshape(-1, 1)
-    out = torch.lerp(x_sel, block.forward_rows(x_sel, k, v, grid), g)
+    out = router.gate(x_sel, block.forward_rows(x_sel, k, v, grid), r.gather(1, packed.cols).reshape(-1),
+                      packed.valid.reshape(-1))
     return flat_x.index_copy(0, packed.flat, out).view(B, T, d)
 
 
@@ -334,7 +341,7 @@ def decode_step(block: nn.Module, router: Router, cache: KVCache, x: torch.Tenso
     every_row = rows.numel() == B  # rows = 0..B-1 and xh holds the same states as x
     if every_row and writers.numel() == B:
         y = block.forward_cached(x[:, None], cache, pos, cache.written[:, None, None, :pos + 1])[:, 0]
-        x = torch.lerp(x, y, router.weight(router.scores(x)).to(x.dtype)[:, None])
+        x = router.gate(x, y, router.scores(x))
         return x, x
     at = torch.full((writers.numel(), 1), pos, dtype=torch.int64, device=x.device)
     k, v = block.kv(gather_rows(x, writers, backend=backend)[:, None], at)  # (m, H, 1, hd)
@@ -353,7 +360,7 @@ def decode_step(block: nn.Module, router: Router, cache: KVCache, x: torch.Tenso
         kv = cache.upto(pos + 1, q_rows)
     xq = gather_rows(xh, q_idx, backend=backend)
     yq = block.forward_rows(xq, *kv, grid)
-    out = torch.lerp(xq, yq, router.weight(router.scores(xq)).to(xq.dtype)[:, None])
+    out = router.gate(xq, yq, router.scores(xq))
     x = scatter_rows(x.clone(), q_rows, out, backend=backend)
     if every_row:  # one copy serves both
         return x, x
