@@ -218,6 +218,12 @@ def with_calibration(config: RunConfig, path: Path, step: int) -> RunConfig:
         raise ValueError(f"{file}: does not fit the run ({err}); delete it or calibrate again") from None
 
 
+def _read_checkpoint(path: Path):
+    """(path, contents) of a run folder's checkpoint, read and verified once, or (None, None)."""
+    found = ckpt.find_checkpoint(path)
+    return found, ckpt.load_checkpoint(found) if found is not None else None
+
+
 def read_config(path: Path) -> RunConfig:
     """The RunConfig of a run folder; the checkpoint's copy wins over config.json (it is the
     one the weights belong to)."""
@@ -303,7 +309,7 @@ class Run:
             if is_run_folder(path):
                 raise ValueError(f"{path} already holds a run; resume it (fastexit train --resume, or Run.resume), "
                                  "or choose another folder (fastexit never overwrites a run)")
-            return cls(path, config, **runtime)._prepare(resume=False)
+            return cls(path, config, **runtime)._prepare()
         except BaseException:
             claim.give_up()
             raise
@@ -314,8 +320,10 @@ class Run:
         started, if it has none)."""
         claim = _Claim(Path(path), create=False)
         try:
-            config = apply_resume_changes(read_config(Path(path)), changes or {}, Path(path))
-            return cls(path, config, **runtime)._prepare(resume=True)
+            found, payload = _read_checkpoint(Path(path))  # read once: _prepare checks it against the run
+            saved = payload["run_config"] if payload is not None else read_config(Path(path))
+            config = apply_resume_changes(saved, changes or {}, Path(path))
+            return cls(path, config, **runtime)._prepare((found, payload))
         except BaseException:
             claim.give_up()
             raise
@@ -350,10 +358,10 @@ class Run:
                                 backend=self.backend, seed=self.config.train.seed,
                                 compute_dtype=None if self.parallel == "fsdp" else self.compute_dtype)
 
-    def _prepare(self, resume: bool) -> "Run":
+    def _prepare(self, checkpoint=(None, None)) -> "Run":
         """Load data, fix the model's vocabulary and the corpus identity in the config, build
-        the model (restored when resuming) and check that checkpoint, config and data agree.
-        Writes nothing."""
+        the model (restored from ``checkpoint``, ``_read_checkpoint``'s (path, contents), when
+        resuming) and check that checkpoint, config and data agree. Writes nothing."""
         cfg = self.config
         with distributed.local_rank_zero_first():  # one rank per node builds a missing data cache
             self.corpus = load_corpus(cfg.data)
@@ -368,17 +376,16 @@ class Run:
             raise ValueError(f"--hf-model: the tokenizer has {identity['vocab_size']} tokens, more than the model's "
                              f"vocab_size {model['vocab_size']}")
         self.config = RunConfig.from_dict(dict(cfg.to_dict(), data=data.to_dict(), model=model))
-        self._load_state(from_disk=resume)
+        self._load_state(checkpoint)
         return self
 
-    def _load_state(self, from_disk: bool) -> None:
-        """The model (and trainer) as the checkpoint on disk left them, or freshly initialised
-        from the seed when there is none or ``from_disk`` is False."""
+    def _load_state(self, checkpoint=(None, None)) -> None:
+        """The model (and trainer) as ``checkpoint`` (``_read_checkpoint``'s (path, contents))
+        left them, or freshly initialised from the seed when it is (None, None)."""
         cfg = self.config
-        self.payload, self.ckpt_path = None, ckpt.find_checkpoint(self.path) if from_disk else None
-        if self.ckpt_path is not None:
-            identity = _data_key(cfg.data.identity)
-            self.payload = ckpt.load_checkpoint(self.ckpt_path, model_config=cfg.model, data=identity)
+        self.ckpt_path, self.payload = checkpoint
+        if self.payload is not None:
+            ckpt.check_matches(self.payload, self.ckpt_path, model_config=cfg.model, data=_data_key(cfg.data.identity))
             if self.payload["step"] > cfg.train.steps:
                 raise ValueError(f"steps {cfg.train.steps} is below the checkpoint's step {self.payload['step']} "
                                  f"({self.ckpt_path})")
@@ -403,7 +410,7 @@ class Run:
         if stop_at is not None and not 1 <= stop_at <= t.steps:
             raise ValueError(f"stop_at must be in [1, steps={t.steps}], got {stop_at}")
         if self.trained:  # a second call continues from what the first left on disk, as a new process would
-            self._load_state(from_disk=True)
+            self._load_state(_read_checkpoint(self.path))
         self.trained = True
         fsdp_dtype = self.compute_dtype if self.parallel == "fsdp" else None  # else the trainer's autocast
         model = distributed.wrap(self.model, self.parallel, compute_dtype=fsdp_dtype)  # self.model in one process

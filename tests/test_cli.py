@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from fastexit import PRESETS, report
+from fastexit import PRESETS, report, runs
 from fastexit import checkpoint as ckpt
 from fastexit.cli import main
 from fastexit.compare import LAYER_LR_CONFIGS
@@ -199,6 +199,19 @@ def test_stop_then_resume_matches_an_uninterrupted_run(run, data, tmp_path):
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["kind"] == "train"]
     assert steps == list(range(1, STEPS + 1))
+
+
+def test_resume_reads_the_checkpoint_once(data, tmp_path, monkeypatch):
+    out = tmp_path / "stopped"
+    assert main(["train", *tiny(data, out, "--stop-at", "3")]) == 0
+    reads, real = [], ckpt.load_checkpoint
+    monkeypatch.setattr(ckpt, "load_checkpoint", lambda path, **kw: reads.append(path) or real(path, **kw))
+    try:
+        run = Run.resume(out)
+        assert reads == [out / ckpt.CKPT_NAME] and run.payload["step"] == 3
+        assert run.train(progress=False) == STEPS  # the checkpoint read once is the one training continues from
+    finally:
+        runs.unlock_run(out)
 
 
 def test_layer_dropout_and_distillation_resume_to_the_uninterrupted_run(data, tmp_path):
