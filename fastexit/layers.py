@@ -24,7 +24,7 @@ from .config import ModelConfig
 from .kernels import gemm
 
 __all__ = ["Attention", "Block", "ConfidenceHeads", "KVCache", "Linear", "MLP", "QueryGrid", "check_token_ids",
-           "padding_layout"]
+           "pack_left", "padding_layout"]
 
 
 class Linear(nn.Linear):
@@ -50,6 +50,18 @@ class QueryGrid(NamedTuple):
     n_slots: int
     mask: Optional[torch.Tensor]
     positions: Optional[torch.Tensor] = None
+
+
+def pack_left(rows: torch.Tensor, B: int, T: int):
+    """Flat ascending positions rows (n,) of a (B, T) batch packed left per batch row, in
+    order, into a (B, S) grid, S = the largest per-row count (one host sync): (slot (n,)
+    int64 in the flat (B*S) grid, S)."""
+    b = rows // T
+    counts = torch.zeros(B, dtype=torch.int64, device=rows.device).index_add_(0, b, torch.ones_like(rows))
+    # (B,): bincount would read its max on the host (a sync on CUDA), on top of S's below
+    n_slots = int(counts.max())
+    rank = torch.arange(rows.numel(), device=rows.device) - (counts.cumsum(0) - counts)[b]
+    return b * n_slots + rank, n_slots
 
 
 class KVCache:

@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .kernels import compact_indices, gather_rows, replace_rows, scatter_rows, select_rows
-from .layers import KVCache, QueryGrid
+from .layers import KVCache, QueryGrid, pack_left
 
 __all__ = ["Route", "Router", "Routers", "blocks_run", "decode_step", "prefill", "routed_forward",
            "router_at", "routers_of", "rows_forward", "run_block", "set_predictor_shares", "top_k",
@@ -280,10 +280,7 @@ def _key_slot_grid(q_rows: torch.Tensor, rank: torch.Tensor, B: int, T: int, n_k
     """Queries at the flat rows q_rows (n,) (ascending) packed left per batch row into a (B, S)
     grid over packed keys (B, n_keys): query i sees the keys of its row up to its own slot
     rank[i]; its rotary position is its column."""
-    b = q_rows // T
-    counts = torch.zeros(B, dtype=torch.int64, device=q_rows.device).index_add_(0, b, torch.ones_like(q_rows))
-    n_slots = int(counts.max())
-    slot = b * n_slots + torch.arange(q_rows.numel(), device=q_rows.device) - (counts.cumsum(0) - counts)[b]
+    slot, n_slots = pack_left(q_rows, B, T)
     last = torch.zeros(B * n_slots, dtype=torch.int64, device=q_rows.device).index_copy_(0, slot, rank)
     mask = torch.arange(n_keys, device=q_rows.device) <= last.view(B, n_slots, 1)  # (B, S, n_keys)
     return QueryGrid(slot, n_slots, mask.unsqueeze(1), q_rows % T)

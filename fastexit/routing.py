@@ -36,7 +36,7 @@ import torch
 from . import mod
 from .config import CONFIDENCE_KINDS, UniversalConfig, check_exit_layers, check_exit_thresholds
 from .kernels import ExitStats, compact_indices, exit_confidence, gather_rows, scatter_rows
-from .layers import QueryGrid, padding_layout
+from .layers import QueryGrid, pack_left, padding_layout
 from .protocol import require_early_exit
 
 Layers = Union[int, Sequence[int]]
@@ -215,11 +215,7 @@ def _padded_layout(rows: torch.Tensor, shape, real: Optional[torch.Tensor] = Non
     or None: pads are hidden from every query but themselves.
     """
     B, T = shape
-    counts = torch.zeros(B, dtype=torch.int64, device=rows.device).index_add_(0, rows // T, torch.ones_like(rows))
-    # (B,): bincount would read its max on the host (a sync on CUDA), on top of S's below
-    n_slots = int(counts.max())
-    rank = torch.arange(rows.numel(), device=rows.device) - (counts.cumsum(0) - counts)[rows // T]
-    slot = rows // T * n_slots + rank
+    slot, n_slots = pack_left(rows, B, T)
     q_pos = torch.zeros(B * n_slots, dtype=torch.int64, device=rows.device)  # padding: position 0
     q_pos[slot] = rows % T
     key_pos, q_pos = torch.arange(T, device=rows.device), q_pos.view(B, n_slots, 1)
