@@ -341,12 +341,13 @@ def decode_step(block: nn.Module, router: Router, cache: KVCache, x: torch.Tenso
         x = router.gate(x, y, router.scores(x))
         return x, x
     at = torch.full((writers.numel(), 1), pos, dtype=torch.int64, device=x.device)
-    k, v = block.kv(gather_rows(x, writers, backend=backend)[:, None], at)  # (m, H, 1, hd)
+    x_w = gather_rows(x, writers, backend=backend)  # (m, d)
+    k, v = block.kv(x_w[:, None], at)  # (m, H, 1, hd)
     cache.put(writers, pos, k[:, :, 0], v[:, :, 0])
     if every_row:  # the writers are the queries; they read the cache in place (no copy of their rows)
         q_idx = q_rows = writers
         grid = QueryGrid(q_rows, 1, cache.written[:, None, None, :pos + 1], torch.full_like(q_rows, pos))
-        kv = cache.upto(pos + 1)
+        kv, xq = cache.upto(pos + 1), x_w
     else:
         q_idx = compact_indices(chosen.index_select(0, rows), backend=backend)
         if q_idx.numel() == 0:
@@ -354,8 +355,7 @@ def decode_step(block: nn.Module, router: Router, cache: KVCache, x: torch.Tenso
         q_rows = gather_rows(rows, q_idx, backend=backend)
         mask = cache.written.index_select(0, q_rows)[:, None, None, :pos + 1]  # (n_q, 1, 1, pos+1)
         grid = QueryGrid(torch.arange(q_rows.numel(), device=x.device), 1, mask, torch.full_like(q_rows, pos))
-        kv = cache.upto(pos + 1, q_rows)
-    xq = gather_rows(xh, q_idx, backend=backend)
+        kv, xq = cache.upto(pos + 1, q_rows), gather_rows(xh, q_idx, backend=backend)
     yq = block.forward_rows(xq, *kv, grid)
     out = router.gate(xq, yq, router.scores(xq))
     x = scatter_rows(x.clone(), q_rows, out, backend=backend)
