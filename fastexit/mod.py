@@ -325,10 +325,11 @@ def decode_step(block: nn.Module, router: Router, cache: KVCache, x: torch.Tenso
     chosen rows attend over the slots their row's block processed and run it. Returns
     (x, xh) after the block.
 
-    One host sync (the chosen rows' count). A step where no row chose the block costs the
-    predictor alone; where every row runs it, it is the dense cached step with the unwritten
-    slots masked (no gathered copies: at one row, the common case, this is every step that
-    runs the block); otherwise only the chosen rows run, gathered."""
+    One host sync (the chosen rows' count; a second, the running ones', once rows have left at
+    an exit). A step where no row chose the block costs the predictor alone; where every row
+    runs it, it is the dense cached step with the unwritten slots masked (no gathered copies:
+    at one row, the common case, this is every step that runs the block); otherwise only the
+    chosen rows run, gathered."""
     B = x.shape[0]
     chosen = _decide(router, x, None)
     cache.written[:, pos] = chosen
