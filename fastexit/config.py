@@ -464,12 +464,16 @@ class ModelConfig(_FlatConfig):
         return d
 
 
+def _check_capacity(capacity, name: str) -> None:
+    if isinstance(capacity, bool) or not isinstance(capacity, (int, float)) or not 0 < capacity <= 1:  # NaN fails too
+        raise ValueError(f"{name} must be a number in (0, 1], got {capacity!r}")
+
+
 def check_routed_blocks(layers, capacity, n_layers: int, layers_name: str = "layers",
                         capacity_name: str = "capacity") -> None:
     """ValueError naming the argument unless ``layers`` is a non-empty ascending list of
-    distinct layers in 1..n_layers and ``capacity`` a number in (0, 1] (NaN fails too)."""
-    if isinstance(capacity, bool) or not isinstance(capacity, (int, float)) or not 0 < capacity <= 1:
-        raise ValueError(f"{capacity_name} must be a number in (0, 1], got {capacity!r}")
+    distinct layers in 1..n_layers and ``capacity`` a number in (0, 1]."""
+    _check_capacity(capacity, capacity_name)
     if not isinstance(layers, (list, tuple, range)) or not layers \
             or any(isinstance(i, bool) or not isinstance(i, int) or not 1 <= i <= n_layers for i in layers) \
             or any(a >= b for a, b in zip(layers, list(layers)[1:])):
@@ -482,7 +486,7 @@ def check_mod(prefix: str, mod_layers, mod_capacity, n_layers: int) -> None:
     ``mod_layers`` None is the plain model; a capacity below 1 needs routed layers (alone it
     would change nothing)."""
     if mod_layers is None and mod_capacity != 1:
-        check_routed_blocks([1], mod_capacity, 1, capacity_name=f"{prefix}mod_capacity")  # a bad value: its own error
+        _check_capacity(mod_capacity, f"{prefix}mod_capacity")  # a bad value: its own error
         raise ValueError(f"{prefix}mod_capacity={mod_capacity} needs {prefix}mod_layers (the routed blocks); "
                          f"without them every block runs every token")
     if mod_layers is not None:

@@ -140,8 +140,7 @@ def _decode_deeper(model, layers, caches, x, xh, rows, pos: int, mask, backend):
             continue
         cache.write(pos, *block.kv(x.unsqueeze(1)))
         if rows.numel():
-            every = rows.numel() == B  # (a routed block sent every row here): no gathered copy of the cache
-            xh = block.forward_rows(xh, *cache.upto(pos + 1, None if every else rows), grid)  # (n, H, pos+1, hd)
+            xh = block.forward_rows(xh, *cache.upto(pos + 1, rows), grid)  # (n, H, pos+1, hd) keys
             scatter_rows(x, rows, xh, backend=backend)
     return x, xh
 

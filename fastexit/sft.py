@@ -34,4 +34,3 @@ class EarlyExitSFTTrainer(trl.SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         return transformers.Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
                                                  num_items_in_batch=num_items_in_batch)
-

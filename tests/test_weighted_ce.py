@@ -135,7 +135,7 @@ def test_odd_vocab(backend, n_classes):
 
 
 @pytest.mark.parametrize("backend", TRITON_BACKENDS)
-@pytest.mark.parametrize("n_classes", [131])  # under the interpreter: 5 tiles of 32 classes, the last partial
+@pytest.mark.parametrize("n_classes", [ODD_SMALL_VOCAB])  # interpreted: 5 tiles of 32 classes, the last partial
 def test_triton_row_padding_is_never_read_as_logits(monkeypatch, backend, n_classes):
     """The Triton paths' logits rows are padded to an aligned stride. Filled with NaN when the
     buffer is made, the padding must reach neither the loss (it is no logit) nor the gradients
